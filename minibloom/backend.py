@@ -1,0 +1,60 @@
+"""Array backends: where the forward pass runs.
+
+The compute path (``minibloom.model``) only calls array-API functions on the namespace of its inputs
+(``x.__array_namespace__()``), so the same code runs on NumPy, on CuPy (GPU) and on ``array_api_strict``, the
+reference implementation of the Python array API standard that CI uses to keep the other two honest. Loading and
+file parsing always happen in NumPy; a backend only moves finished arrays to its device and back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import MinibloomError
+
+BACKENDS = ("numpy", "cupy", "array_api_strict")
+
+
+class Backend:
+    """``name``, its array namespace ``xp``, and the two crossings ``asarray`` (to device) / ``to_numpy``."""
+
+    def __init__(self, name: str = "numpy"):
+        if name not in BACKENDS:
+            raise MinibloomError(f"backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+        self.name = name
+        if name == "numpy":
+            self.xp = np
+        elif name == "cupy":
+            try:
+                import cupy
+            except ImportError:
+                raise MinibloomError("backend 'cupy': the cupy package is not installed "
+                                     "(pip install 'minibloom[cupy]', needs an NVIDIA GPU)") from None
+            try:
+                n = cupy.cuda.runtime.getDeviceCount()
+            except Exception as e:  # cupy raises its own CUDARuntimeError
+                raise MinibloomError(f"backend 'cupy': no usable GPU ({e})") from None
+            if n == 0:
+                raise MinibloomError("backend 'cupy': no GPU found")
+            self.xp = cupy
+        else:
+            try:
+                import array_api_strict
+            except ImportError:
+                raise MinibloomError("backend 'array_api_strict': pip install array-api-strict") from None
+            self.xp = array_api_strict
+
+    def asarray(self, a):
+        if self.name == "numpy":
+            return np.asarray(a)
+        return self.xp.asarray(np.ascontiguousarray(a))
+
+    def to_numpy(self, a) -> np.ndarray:
+        if self.name == "numpy":
+            return np.asarray(a)
+        if self.name == "cupy":
+            return self.xp.asnumpy(a)
+        return np.asarray(a)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"

@@ -1,0 +1,170 @@
+"""The public face of minibloom: ``load()`` and the ``Bloom`` model object.
+
+``Bloom`` holds a config, the nested parameter dict (HF names) on a backend, and optionally a tokenizer; calling it
+checks the arguments and runs ``minibloom.model.forward``. Loading follows ``transformers``' ``from_pretrained``
+for BLOOM, minus pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import model as M
+from .backend import Backend
+from .config import BloomConfig
+from .errors import MinibloomError
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in DTYPES:
+        raise MinibloomError(f"dtype: {dtype!r} is not supported (use 'float32', or 'float64' for the oracle mode)")
+    return name
+
+
+class Bloom:
+    """A loaded BLOOM model. ``model(input_ids)`` -> NumPy logits [batch, seq, vocab].
+
+    Attributes: ``config`` (BloomConfig), ``params`` (nested dict of arrays under transformers' names),
+    ``dtype`` ("float32" or "float64"), ``backend`` (Backend), ``tokenizer`` (or None), ``path``.
+    """
+
+    def __init__(self, config: BloomConfig, params: dict, dtype: str = "float32", backend: Backend | None = None,
+                 tokenizer: Any = None, path: str | None = None, chat_template: str | None = None):
+        self.config = config
+        self.params = params
+        self.dtype = _dtype_name(dtype)
+        self.backend = backend or Backend("numpy")
+        self.tokenizer = tokenizer
+        self.path = path
+        self.chat_template = chat_template
+
+    # ---- sizes ---------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the (tied) output head, i.e. the last dimension of the logits."""
+        return int(self.params["word_embeddings"]["weight"].shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return self.config.n_params(self.vocab_size)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Bloom({self.path or 'in memory'!s}: {c.n_layer} layers, hidden {c.hidden_size}, {c.n_head} heads, "
+                f"vocab {self.vocab_size}, {self.n_params / 1e6:.1f}M params, {self.dtype}, {self.backend.name})")
+
+    # ---- argument checks -----------------------------------------------------------------------------------
+    def _ids(self, input_ids, name: str = "input_ids") -> np.ndarray:
+        a = np.asarray(input_ids) if not hasattr(input_ids, "__array_namespace__") else self.backend.to_numpy(input_ids)
+        if a.dtype == object or a.dtype.kind not in "iu":
+            if a.dtype.kind == "f" and a.size and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+                raise MinibloomError(f"{name}: token ids must be integers, got dtype {a.dtype}")
+            raise MinibloomError(f"{name}: token ids must be integers, got {a.dtype if a.dtype != object else 'objects'}")
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2:
+            raise MinibloomError(f"{name}: expected shape (batch, seq) or (seq,), got {a.shape}")
+        if a.shape[0] == 0 or a.shape[1] == 0:
+            raise MinibloomError(f"{name}: empty input of shape {a.shape}")
+        if a.min() < 0 or a.max() >= self.vocab_size:
+            bad = a[(a < 0) | (a >= self.vocab_size)].reshape(-1)[0]
+            raise MinibloomError(f"{name}: token id {int(bad)} is out of range [0, {self.vocab_size})")
+        return a.astype(np.int64, copy=False)
+
+    def _mask(self, attention_mask, shape: tuple[int, int]) -> np.ndarray:
+        if attention_mask is None:
+            return np.ones(shape, np.int64)
+        m = np.asarray(attention_mask) if not hasattr(attention_mask, "__array_namespace__") \
+            else self.backend.to_numpy(attention_mask)
+        if m.ndim == 1 and shape[0] == 1:
+            m = m[None, :]
+        if m.shape != shape:
+            raise MinibloomError(f"attention_mask: shape {m.shape} does not match input_ids {shape}")
+        if m.dtype == bool:
+            m = m.astype(np.int64)
+        if m.dtype.kind not in "iuf" or not np.all((m == 0) | (m == 1)):
+            raise MinibloomError("attention_mask: values must be 0 (padding) or 1 (token)")
+        return m.astype(np.int64)
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False,
+                output_attentions: bool = False, logits: str = "all", cache: M.KVCache | None = None,
+                to_numpy: bool = True) -> M.BloomOutput:
+        """Full forward pass with optional per-layer hidden states / attention probabilities (NumPy arrays).
+
+        ``logits``: "all" (default), "last" (only the last position; what generation needs) or "none".
+        With a ``cache``, ``attention_mask`` covers the cached positions too.
+        """
+        if logits not in ("all", "last", "none"):
+            raise MinibloomError(f"logits: must be 'all', 'last' or 'none', got {logits!r}")
+        ids = self._ids(input_ids)
+        past = cache.length if cache is not None else 0
+        mask = self._mask(attention_mask, (ids.shape[0], past + ids.shape[1]))
+        if cache is not None and (past + ids.shape[1] > cache.max_len or cache.k[0].shape[0] != ids.shape[0]):
+            raise MinibloomError(f"cache: holds {cache.max_len} positions of batch {cache.k[0].shape[0]}, "
+                                 f"got {past} + {ids.shape[1]} for batch {ids.shape[0]}")
+        be = self.backend
+        out = M.forward(self.params, be.asarray(ids), be.asarray(mask), self.config, cache=cache,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions, logits=logits)
+        if to_numpy:
+            conv = be.to_numpy
+            out = M.BloomOutput(None if out.logits is None else conv(out.logits),
+                                None if out.hidden_states is None else [conv(h) for h in out.hidden_states],
+                                None if out.attentions is None else [conv(a) for a in out.attentions])
+        return out
+
+    def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
+        """Logits for every position: NumPy array [batch, seq, vocab] in the model's dtype."""
+        return self.forward(input_ids, attention_mask).logits
+
+    def new_cache(self, batch: int, max_len: int) -> M.KVCache:
+        """An empty preallocated KV cache for ``batch`` rows and up to ``max_len`` positions."""
+        c = self.config
+        return M.KVCache(self.backend.xp, c.n_layer, batch, c.n_head, c.head_dim, max_len,
+                         self.params["word_embeddings"]["weight"].dtype)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
+        """Extend ``input_ids`` like ``transformers``' ``generate``; see ``minibloom.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    # ---- text helpers (need a tokenizer) ---------------------------------------------------------------------
+    def encode(self, text: str | Sequence[str]):
+        if self.tokenizer is None:
+            raise MinibloomError(f"{self.path}: this model has no tokenizer.json; pass token ids instead")
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        if self.tokenizer is None:
+            raise MinibloomError(f"{self.path}: this model has no tokenizer.json")
+        return self.tokenizer.decode(ids)
+
+
+def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32", backend: str = "numpy", *,
+         revision: str | None = None, cache_dir: str | None = None, progress: bool | None = None,
+         low_memory: bool = False) -> Bloom:
+    """Load a BLOOM checkpoint.
+
+    ``path_or_repo_id``: a checkpoint directory (config.json + model.safetensors or a sharded index), a
+    ``.safetensors`` file beside its config.json, a ``.gguf`` file, or a hub repo id such as
+    ``"bigscience/bloom-560m"`` (downloaded with huggingface_hub into ``weights/``; only config, tokenizer and
+    safetensors files, never pickles). ``None`` loads the small default model shipped in ``weights/``.
+
+    ``dtype``: "float32" (transformers' numerics) or "float64" (the oracle mode: float64 end to end).
+    ``backend``: "numpy", "cupy" (GPU) or "array_api_strict". ``low_memory``: keep 16-bit weights memory-mapped and
+    widen one layer at a time (for checkpoints bigger than RAM in float32).
+    """
+    from .loading import load_checkpoint
+
+    return load_checkpoint(path_or_repo_id, dtype=_dtype_name(dtype), backend=Backend(backend), revision=revision,
+                           cache_dir=cache_dir, progress=progress, low_memory=low_memory)

@@ -1,0 +1,56 @@
+"""The ``minibloom`` command line. Each subcommand lives in ``minibloom/cli/<name>.py`` and defines
+``add_parser(subparsers)`` (which sets ``func``); module-level imports there stay light so start-up is fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import MinibloomError
+
+COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "check", "compare", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minibloom",
+        description="Run, inspect and check BLOOM models with nothing but NumPy.",
+        epilog="Run 'minibloom COMMAND --help' for each command's options. With no --model, the small Shakespeare "
+               "model shipped in weights/default is used.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"minibloom {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                continue  # command not built yet
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MinibloomError as e:
+        print(f"minibloom {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

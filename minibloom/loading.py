@@ -1,0 +1,101 @@
+"""Where a checkpoint comes from (directory, file, hub id, the built-in default) and how it becomes a ``Bloom``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .backend import Backend
+from .bloom import DTYPES, Bloom
+from .config import BloomConfig
+from .errors import MinibloomError
+from .weights import Checkpoint, read_params, safetensors_files
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = "default"  # weights/default: the small Shakespeare BLOOM trained by scripts/train_default.py
+
+
+def weights_dir() -> str:
+    """Where checkpoints live: $MINIBLOOM_WEIGHTS, else the repository's ``weights/`` (or the installed copy)."""
+    env = os.environ.get("MINIBLOOM_WEIGHTS")
+    if env:
+        return env
+    for d in (os.path.join(REPO_ROOT, "weights"), os.path.join(sys.prefix, "share", "minibloom", "weights")):
+        if os.path.isdir(d):
+            return d
+    return os.path.join(REPO_ROOT, "weights")
+
+
+def default_model_path() -> str:
+    return os.path.join(weights_dir(), DEFAULT_MODEL)
+
+
+def resolve(path_or_repo_id, *, revision=None, cache_dir=None, progress=None) -> str:
+    """A local path for ``path_or_repo_id``: an existing file or directory, a name under ``weights/``, or a hub id."""
+    if path_or_repo_id is None:
+        path = default_model_path()
+        if not os.path.isdir(path):
+            raise MinibloomError(f"default model: {path} is missing (is this a full clone of minibloom?)")
+        return path
+    p = os.fspath(path_or_repo_id)
+    if os.path.exists(p):
+        return p
+    local = os.path.join(weights_dir(), p)
+    if os.path.isdir(local):
+        return local
+    from .hub import download, looks_like_repo_id
+
+    if looks_like_repo_id(p):
+        return download(p, revision=revision, cache_dir=cache_dir, progress=progress)
+    raise MinibloomError(f"{p}: no such file or directory, and not a hub repo id like 'bigscience/bloom-560m'")
+
+
+def load_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=None, cache_dir=None,
+                    progress=None, low_memory: bool = False) -> Bloom:
+    path = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, progress=progress)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from .gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype, backend=backend, progress=progress)
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise MinibloomError(f"{path}: expected a checkpoint directory, a .safetensors file or a .gguf file")
+        directory, files = os.path.dirname(path) or ".", [path]
+    else:
+        directory, files = path, None
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise MinibloomError(f"{directory}: no config.json (a BLOOM checkpoint directory needs one)")
+    cfg = BloomConfig.from_json(config_path)
+    ckpt = Checkpoint(files or safetensors_files(directory))
+    try:
+        np_dtype = DTYPES[dtype]
+        if cfg.quantization_config:
+            from .bnb import read_bnb_params
+
+            params = read_bnb_params(ckpt, cfg, np_dtype, config_path, progress=progress)
+        elif low_memory:
+            from .lowmem import lazy_params
+
+            params = lazy_params(ckpt, cfg, np_dtype, backend)
+        else:
+            params = read_params(ckpt, cfg, np_dtype, progress=progress)
+    except BaseException:
+        ckpt.close()
+        raise
+    if not low_memory or cfg.quantization_config:
+        params = _to_backend(params, backend)
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(directory)
+    return Bloom(cfg, params, dtype=dtype, backend=backend, tokenizer=tok, path=path)
+
+
+def _to_backend(tree, backend: Backend):
+    if backend.name == "numpy":
+        return tree
+    if isinstance(tree, dict):
+        return {k: _to_backend(v, backend) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_to_backend(v, backend) for v in tree]
+    return backend.asarray(tree)

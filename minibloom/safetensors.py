@@ -1,0 +1,245 @@
+"""A small, strict safetensors reader: memory-mapped, BF16-aware, never pickle.
+
+Format (https://github.com/huggingface/safetensors, README "Format"): 8 bytes little-endian u64 ``N``, then ``N`` bytes
+of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the byte
+buffer, which the tensors must tile exactly. ``safetensors.numpy`` rejects BF16, so we read the header ourselves and
+check every dtype, shape and byte range before any data is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MinibloomError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
+DTYPES = {  # safetensors code -> (numpy storage dtype, itemsize)
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_CHUNK_BYTES = 32 * 1024 * 1024  # convert big tensors in pieces so RSS never holds a second full copy
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def parse_header(raw: bytes, file_size: int, path: str = "<bytes>") -> tuple[dict[str, TensorInfo], dict]:
+    """Validate a safetensors header. ``raw`` is at least the first 8 + N bytes of the file (or all of it)."""
+    if file_size < 8 or len(raw) < 8:
+        raise MinibloomError(f"{path}: not a safetensors file (only {file_size} bytes; need an 8-byte header length)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > MAX_HEADER_BYTES:
+        raise MinibloomError(f"{path}: header length {n} is over the {MAX_HEADER_BYTES}-byte limit (corrupt file?)")
+    if 8 + n > file_size:
+        raise MinibloomError(f"{path}: header length {n} runs past the end of the {file_size}-byte file (truncated?)")
+    if len(raw) < 8 + n:
+        raise MinibloomError(f"{path}: truncated header ({len(raw) - 8} of {n} bytes)")
+    try:
+        text = raw[8:8 + n].decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MinibloomError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise MinibloomError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise MinibloomError(f"{path}: __metadata__ must map strings to strings")
+    data_start, data_len = 8 + n, file_size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise MinibloomError(f"{where}: entry is not an object")
+        dt, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dt not in DTYPES:
+            raise MinibloomError(f"{where}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            raise MinibloomError(f"{where}: shape must be a list of integers, got {shape!r}")
+        if any(s < 0 for s in shape):
+            raise MinibloomError(f"{where}: negative dimension in shape {shape}")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise MinibloomError(f"{where}: data_offsets must be [begin, end] integers, got {offs!r}")
+        b, e = offs
+        if b < 0 or e < b:
+            raise MinibloomError(f"{where}: data_offsets {offs} are negative or reversed")
+        if e > data_len:
+            raise MinibloomError(f"{where}: data_offsets {offs} run past the end of the data ({data_len} bytes)")
+        want = DTYPES[dt].itemsize
+        for s in shape:
+            want *= s
+        if want != e - b:
+            raise MinibloomError(f"{where}: shape {shape} x {dt} needs {want} bytes but data_offsets span {e - b}")
+        infos[name] = TensorInfo(name, dt, tuple(shape), data_start + b, data_start + e)
+    # the tensors must tile the data buffer: no overlaps, no holes, nothing trailing
+    pos = data_start
+    for info in sorted(infos.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != pos:
+            what = "overlaps the previous tensor" if info.begin < pos else "leaves a hole before it"
+            raise MinibloomError(f"{path}: tensor {info.name!r} {what} (offset {info.begin - data_start}, "
+                                 f"expected {pos - data_start})")
+        pos = info.end
+    if pos != file_size:
+        raise MinibloomError(f"{path}: {file_size - pos} bytes after the last tensor are not described by the header")
+    return infos, meta
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16) -> float32, exactly: bf16 is the top half of an IEEE float32."""
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafetensorsFile:
+    """One memory-mapped ``.safetensors`` file: ``names``, ``info(name)``, ``get(name, dtype)``.
+
+    ``get`` returns a read-only zero-copy view when the stored dtype is the requested one, otherwise a fresh array
+    converted piece by piece (the mapped pages are released as it goes, so RSS holds one copy of the weights).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self._f = open(self.path, "rb")
+        except OSError as e:
+            raise MinibloomError(f"{self.path}: cannot open ({e.strerror or e})") from None
+        size = os.fstat(self._f.fileno()).st_size
+        head = self._f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                head += self._f.read(n)
+        try:
+            self.tensors, self.metadata = parse_header(head, size, self.path)
+        except MinibloomError:
+            self._f.close()
+            raise
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MinibloomError(f"{self.path}: no tensor named {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes as a read-only array of the storage dtype (BF16 as uint16), zero copy."""
+        t = self.info(name)
+        count = t.nbytes // DTYPES[t.dtype].itemsize
+        if count == 0:
+            return np.zeros(t.shape, DTYPES[t.dtype])
+        return np.frombuffer(self._mm, DTYPES[t.dtype], count, t.begin).reshape(t.shape)
+
+    def get(self, name: str, dtype=None) -> np.ndarray:
+        """Tensor ``name`` as ``dtype`` (default: float32 for BF16, else the stored dtype)."""
+        t = self.info(name)
+        src = self.raw(name)
+        if dtype is None:
+            dtype = np.float32 if t.dtype == "BF16" else src.dtype
+        dtype = np.dtype(dtype)
+        if t.dtype != "BF16" and src.dtype == dtype:
+            return src
+        if t.dtype == "BF16" and dtype.kind != "f":
+            raise MinibloomError(f"{self.path}: tensor {name!r} is BF16 and cannot become {dtype}")
+        out = np.empty(t.shape, dtype)
+        flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+        step = max(1, _CHUNK_BYTES // src.dtype.itemsize)
+        for i in range(0, flat_src.size, step):
+            piece = flat_src[i:i + step]
+            flat_out[i:i + step] = bf16_to_f32(piece) if t.dtype == "BF16" else piece
+            self._release(t.begin + i * src.dtype.itemsize, piece.nbytes)
+        return out
+
+    def _release(self, begin: int, nbytes: int) -> None:
+        """Drop mapped pages we have finished converting from this process's RSS (the page cache keeps them)."""
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = (begin // page) * page
+        stop = ((begin + nbytes) // page) * page
+        if stop > start:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        # views handed out by raw()/get() keep the mapping alive; closing is best effort
+        try:
+            if self._mm is not None:
+                self._mm.close()
+        except BufferError:
+            pass
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None,
+              bf16: tuple[str, ...] = ()) -> None:
+    """Write a safetensors file (used by tests, tools and the trainer). Names in ``bf16`` are stored as BF16."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    codes = {v: k for k, v in DTYPES.items() if k not in ("BF16",)}
+    blobs, pos = [], 0
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if name in bf16:
+            f32 = arr.astype(np.float32)
+            u32 = f32.view(np.uint32).astype(np.uint64)
+            # round to nearest even, like torch's .to(bfloat16)
+            u16 = ((u32 + 0x7FFF + ((u32 >> 16) & 1)) >> 16).astype(np.uint16)
+            data, code = u16.tobytes(), "BF16"
+        else:
+            code = codes.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+            if code is None:
+                raise MinibloomError(f"{path}: cannot store tensor {name!r} of dtype {arr.dtype}")
+            data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [pos, pos + len(data)]}
+        blobs.append(data)
+        pos += len(data)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)

@@ -1,0 +1,204 @@
+"""From checkpoint files to the nested parameter dict the forward pass reads.
+
+Follows transformers' BLOOM key names (``modeling_bloom.py`` module tree) and its loading rules: keys with or without
+the ``transformer.`` prefix (the original bigscience files have none, ``BloomForCausalLM.save_pretrained`` writes it),
+``lm_head.weight`` optional and ignored while the head is tied, vocab size taken from the embedding's shape,
+single ``model.safetensors`` or sharded ``model.safetensors.index.json``. No pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+
+from .config import BloomConfig
+from .errors import MinibloomError
+from .safetensors import FLOAT_CODES, SafetensorsFile
+
+LAYER_TENSORS = (  # per block, with HF names: (name, shape as a function of C)
+    ("input_layernorm.weight", lambda C: (C,)),
+    ("input_layernorm.bias", lambda C: (C,)),
+    ("self_attention.query_key_value.weight", lambda C: (3 * C, C)),
+    ("self_attention.query_key_value.bias", lambda C: (3 * C,)),
+    ("self_attention.dense.weight", lambda C: (C, C)),
+    ("self_attention.dense.bias", lambda C: (C,)),
+    ("post_attention_layernorm.weight", lambda C: (C,)),
+    ("post_attention_layernorm.bias", lambda C: (C,)),
+    ("mlp.dense_h_to_4h.weight", lambda C: (4 * C, C)),
+    ("mlp.dense_h_to_4h.bias", lambda C: (4 * C,)),
+    ("mlp.dense_4h_to_h.weight", lambda C: (C, 4 * C)),
+    ("mlp.dense_4h_to_h.bias", lambda C: (C,)),
+)
+
+
+def expected_shapes(cfg: BloomConfig, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor a BLOOM checkpoint must hold (bare HF names) and its shape."""
+    C = cfg.hidden_size
+    shapes = {
+        "word_embeddings.weight": (vocab, C),
+        "word_embeddings_layernorm.weight": (C,),
+        "word_embeddings_layernorm.bias": (C,),
+        "ln_f.weight": (C,),
+        "ln_f.bias": (C,),
+    }
+    for i in range(cfg.n_layer):
+        for name, shape in LAYER_TENSORS:
+            shapes[f"h.{i}.{name}"] = shape(C)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, C)
+    return shapes
+
+
+def bare_name(key: str) -> str:
+    """``transformer.h.0.mlp...`` -> ``h.0.mlp...`` (the bigscience files already use bare names)."""
+    return key[len("transformer."):] if key.startswith("transformer.") else key
+
+
+def nest(flat: dict) -> dict:
+    """``{"h.0.mlp.dense_h_to_4h.weight": a, ...}`` -> ``{"h": [{"mlp": {"dense_h_to_4h": {"weight": a}}}], ...}``."""
+    out: dict = {}
+    layers: dict[int, dict] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = out
+        if parts[0] == "h":
+            node = layers.setdefault(int(parts[1]), {})
+            parts = parts[2:]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    out["h"] = [layers[i] for i in sorted(layers)]
+    return out
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The weight files of a checkpoint directory: the shards of an index, or ``model.safetensors``."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index, "rb") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MinibloomError(f"{index}: not a usable safetensors index ({e!r})") from None
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
+                raise MinibloomError(f"{index}: shard {shard!r} is not a .safetensors file in this directory")
+            path = os.path.join(directory, shard)
+            if not os.path.isfile(path):
+                raise MinibloomError(f"{index}: shard {shard!r} is missing")
+            files.append(path)
+        return files
+    if os.path.isfile(single):
+        return [single]
+    if any(os.path.isfile(os.path.join(directory, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise MinibloomError(f"{directory}: only pickled PyTorch weights (pytorch_model.bin) here; minibloom never "
+                             "unpickles. Convert them once with transformers: "
+                             "BloomForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True)")
+    raise MinibloomError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+class Checkpoint:
+    """All tensors of a safetensors checkpoint under bare HF names, opened (memory-mapped) but not yet read."""
+
+    def __init__(self, files: list[str]):
+        self.files = [SafetensorsFile(f) for f in files]
+        self.where: dict[str, tuple[SafetensorsFile, str]] = {}
+        for sf in self.files:
+            for key in sf.names:
+                name = bare_name(key)
+                if name in self.where:
+                    raise MinibloomError(f"{sf.path}: tensor {key!r} also appears in {self.where[name][0].path}")
+                self.where[name] = (sf, key)
+
+    def info(self, name: str):
+        sf, key = self.where[name]
+        return sf.info(key)
+
+    def get(self, name: str, dtype=None) -> np.ndarray:
+        sf, key = self.where[name]
+        return sf.get(key, dtype)
+
+    def raw(self, name: str) -> np.ndarray:
+        sf, key = self.where[name]
+        return sf.raw(key)
+
+    def describe(self, name: str) -> str:
+        sf, key = self.where[name]
+        return f"{sf.path}: tensor {key!r}"
+
+    def close(self) -> None:
+        for sf in self.files:
+            sf.close()
+
+
+def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
+    """Check names, dtypes and shapes against the config; return the vocab size (rows of the embedding)."""
+    if "word_embeddings.weight" not in ckpt.where:
+        raise MinibloomError(f"{where}: missing tensor 'word_embeddings.weight' (is this a BLOOM checkpoint?)")
+    emb = ckpt.info("word_embeddings.weight")
+    if len(emb.shape) != 2 or emb.shape[1] != cfg.hidden_size or emb.shape[0] == 0:
+        raise MinibloomError(f"{ckpt.describe('word_embeddings.weight')}: shape {list(emb.shape)} does not match "
+                             f"[vocab, hidden_size={cfg.hidden_size}]")
+    vocab = emb.shape[0]
+    if vocab != cfg.vocab_size:
+        warnings.warn(f"{where}: config vocab_size {cfg.vocab_size} but the embedding has {vocab} rows; using {vocab}",
+                      stacklevel=3)
+    want = expected_shapes(cfg, vocab)
+    missing = [n for n in want if n not in ckpt.where]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MinibloomError(f"{where}: missing tensors {missing[:5]}{more} for a {cfg.n_layer}-layer config")
+    optional = {"lm_head.weight"}
+    extra = [n for n in ckpt.where if n not in want and n not in optional]
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise MinibloomError(f"{where}: unexpected tensors {extra[:5]}{more} (n_layer={cfg.n_layer} in config)")
+    for name, shape in want.items():
+        info = ckpt.info(name)
+        if info.dtype not in FLOAT_CODES:
+            raise MinibloomError(f"{ckpt.describe(name)}: dtype {info.dtype} is not a float type")
+        if tuple(info.shape) != shape:
+            raise MinibloomError(f"{ckpt.describe(name)}: shape {list(info.shape)}, expected {list(shape)} "
+                                 "from the config")
+    return vocab
+
+
+def read_params(ckpt: Checkpoint, cfg: BloomConfig, dtype, progress=None) -> dict:
+    """Read every tensor as ``dtype`` (zero copy when the file already stores it), nested under HF names."""
+    vocab = check_tensors(ckpt, cfg, ckpt.files[0].path)
+    names = list(expected_shapes(cfg, vocab))
+    flat = {}
+    total = sum(ckpt.info(n).nbytes for n in names)
+    bar = _progress(total, "loading weights", progress)
+    for name in names:
+        flat[name] = ckpt.get(name, dtype)
+        bar.update(ckpt.info(name).nbytes)
+    bar.close()
+    return nest(flat)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total_bytes: int, desc: str, progress):
+    """A tqdm byte bar for big jobs when stderr is a terminal (``progress=True`` forces it, ``False`` hides it)."""
+    if progress is False or (progress is None and total_bytes < 256 * 2**20):
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=None if progress is None else False, leave=False)

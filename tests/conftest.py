@@ -1,0 +1,31 @@
+"""Shared fixtures. Checkpoint builders live in ``factory.py``; tolerances in ``minibloom.testing``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+MEASURED: list[tuple[str, str, float]] = []  # (test, quantity, value): printed at the end of the run
+
+
+@pytest.fixture
+def record(request):
+    """``record("fp32 rel err", value)``: keep a measured figure for the end-of-run table (and return it)."""
+
+    def _record(quantity: str, value: float) -> float:
+        MEASURED.append((request.node.name, quantity, float(value)))
+        return value
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured figures")
+        for test, quantity, value in MEASURED:
+            terminalreporter.write_line(f"{test:<60} {quantity:<28} {value:.3e}")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,150 @@
+"""Random BLOOM checkpoints built with transformers, shared by every test that needs an oracle.
+
+Every parameter is randomized — biases and LayerNorm weights too — because transformers' init leaves biases at 0
+and LayerNorm weights at 1, which would hide a loader that swaps or drops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import numpy as np
+
+import minibloom
+
+torch = None
+transformers = None
+
+
+def _import_torch():
+    global torch, transformers
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    return torch, transformers
+
+
+def hf_config(vocab=256, hidden=48, n_layer=3, n_head=6, post_ln=False, tp=1, slow=False, **kw):
+    _import_torch()
+    return transformers.BloomConfig(
+        vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head,
+        apply_residual_connection_post_layernorm=post_ln, pretraining_tp=tp, slow_but_exact=slow,
+        attn_implementation="eager", **kw)
+
+
+def randomize_(model, seed=0, std=0.08):
+    """Give every parameter a random value: matrices N(0, std), biases N(0, std), LayerNorm weights 1 + N(0, 0.2)."""
+    _import_torch()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "layernorm" in name or "ln_f" in name:
+                value = 1.0 + 0.2 * noise if name.endswith("weight") else 0.1 * noise
+            else:
+                value = std * noise
+            p.copy_(value.to(p.dtype))
+    return model
+
+
+def make_model(seed=0, std=0.08, base=False, **cfg_kw):
+    """A random ``BloomForCausalLM`` (or bare ``BloomModel``) in float32, eval mode."""
+    _import_torch()
+    cls = transformers.BloomModel if base else transformers.BloomForCausalLM
+    torch.manual_seed(seed)
+    model = cls(hf_config(**cfg_kw)).eval()
+    return randomize_(model, seed=seed, std=std)
+
+
+def save(model, path, dtype=None, max_shard_size=None, legacy_config=False):
+    """``save_pretrained`` in ``dtype`` (a torch dtype); optionally rewrite config.json in the bigscience spelling."""
+    _import_torch()
+    m = model if dtype is None else model.to(dtype)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    m.save_pretrained(path, **kw)
+    if dtype is not None:
+        model.to(torch.float32)
+    if legacy_config:
+        legacy_config_json(path)
+    return os.fspath(path)
+
+
+def legacy_config_json(path):
+    """Rewrite config.json the way the original bigscience hub files spell it (n_embed, num_attention_heads, ...)."""
+    p = os.path.join(path, "config.json")
+    with open(p) as f:
+        d = json.load(f)
+    d["n_embed"] = d.pop("hidden_size")
+    d["num_attention_heads"] = d.pop("n_head")
+    d["torch_dtype"] = d.pop("dtype", None) or d.pop("torch_dtype", None) or "float32"
+    d.update(offset_alibi=100, masked_softmax_fusion=True, attention_softmax_in_fp32=True, bias_dropout_fusion=True,
+             skip_bias_add=True, skip_bias_add_qkv=False, seq_length=2048, n_inner=None)
+    with open(p, "w") as f:
+        json.dump(d, f, indent=2)
+
+
+def hf_logits(model, ids, mask=None, dtype=None):
+    """transformers' logits as NumPy (``dtype``: a torch dtype to run in, e.g. torch.float64)."""
+    _import_torch()
+    m = model if dtype is None else model.to(dtype)
+    with torch.no_grad():
+        kw = {} if mask is None else {"attention_mask": torch.as_tensor(np.asarray(mask))}
+        out = m(torch.as_tensor(np.asarray(ids)), **kw).logits.numpy()
+    if dtype is not None:
+        model.to(torch.float32)
+    return out
+
+
+def hf_hidden_states(model, ids, mask=None, dtype=None):
+    _import_torch()
+    m = model if dtype is None else model.to(dtype)
+    with torch.no_grad():
+        kw = {} if mask is None else {"attention_mask": torch.as_tensor(np.asarray(mask))}
+        out = m(torch.as_tensor(np.asarray(ids)), output_hidden_states=True, **kw)
+    if dtype is not None:
+        model.to(torch.float32)
+    return [h.numpy() for h in out.hidden_states], out.logits.numpy()
+
+
+@contextlib.contextmanager
+def hf_float64_exact():
+    """Make transformers' BLOOM an exact float64 reference: its softmax runs in float32 and its ALiBi slopes are
+    float32 even in a float64 model (modeling_bloom.py ``F.softmax(..., dtype=torch.float32)`` and
+    ``_get_alibi_slopes``). Inside this context both are float64, the slopes exactly 2^(-8k/n)."""
+    _import_torch()
+    mb = transformers.models.bloom.modeling_bloom
+    F = torch.nn.functional
+
+    class _F:
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        @staticmethod
+        def softmax(x, dim=-1, dtype=None):
+            return F.softmax(x, dim=dim)
+
+    saved = mb.F, mb._get_alibi_slopes
+    mb.F = _F()
+    mb._get_alibi_slopes = lambda n, device: torch.tensor(minibloom.model.alibi_slopes(n, np.float64), device=device)
+    try:
+        yield
+    finally:
+        mb.F, mb._get_alibi_slopes = saved
+
+
+def random_ids(vocab, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+def left_pad(rows, pad_id=3):
+    """Left-pad lists of ids to one length: (ids [B, T], mask [B, T])."""
+    T = max(len(r) for r in rows)
+    ids = np.full((len(rows), T), pad_id, np.int64)
+    mask = np.zeros((len(rows), T), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    return ids, mask
