@@ -63,28 +63,33 @@ class Bloom:
                 f"vocab {self.vocab_size}, {self.n_params / 1e6:.1f}M params, {self.dtype}, {self.backend.name})")
 
     # ---- argument checks -----------------------------------------------------------------------------------
+    def _array(self, a, name: str) -> np.ndarray:
+        if hasattr(a, "__array_namespace__") and not isinstance(a, np.ndarray):
+            a = self.backend.to_numpy(a)
+        try:
+            return np.asarray(a)
+        except (ValueError, TypeError):
+            raise MinibloomError(f"{name}: expected a rectangular array of shape (batch, seq)") from None
+
     def _ids(self, input_ids, name: str = "input_ids") -> np.ndarray:
-        a = np.asarray(input_ids) if not hasattr(input_ids, "__array_namespace__") else self.backend.to_numpy(input_ids)
-        if a.dtype == object or a.dtype.kind not in "iu":
-            if a.dtype.kind == "f" and a.size and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-                raise MinibloomError(f"{name}: token ids must be integers, got dtype {a.dtype}")
-            raise MinibloomError(f"{name}: token ids must be integers, got {a.dtype if a.dtype != object else 'objects'}")
+        a = self._array(input_ids, name)
+        if a.dtype.kind not in "iu":
+            raise MinibloomError(f"{name}: token ids must be integers, got dtype {a.dtype}")
         if a.ndim == 1:
             a = a[None, :]
         if a.ndim != 2:
             raise MinibloomError(f"{name}: expected shape (batch, seq) or (seq,), got {a.shape}")
         if a.shape[0] == 0 or a.shape[1] == 0:
             raise MinibloomError(f"{name}: empty input of shape {a.shape}")
-        if a.min() < 0 or a.max() >= self.vocab_size:
-            bad = a[(a < 0) | (a >= self.vocab_size)].reshape(-1)[0]
-            raise MinibloomError(f"{name}: token id {int(bad)} is out of range [0, {self.vocab_size})")
+        bad = (a < 0) | (a >= self.vocab_size)
+        if bad.any():
+            raise MinibloomError(f"{name}: token id {int(a[bad][0])} is out of range [0, {self.vocab_size})")
         return a.astype(np.int64, copy=False)
 
     def _mask(self, attention_mask, shape: tuple[int, int]) -> np.ndarray:
         if attention_mask is None:
             return np.ones(shape, np.int64)
-        m = np.asarray(attention_mask) if not hasattr(attention_mask, "__array_namespace__") \
-            else self.backend.to_numpy(attention_mask)
+        m = self._array(attention_mask, "attention_mask")
         if m.ndim == 1 and shape[0] == 1:
             m = m[None, :]
         if m.shape != shape:

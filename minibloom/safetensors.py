@@ -81,7 +81,7 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>") -> tuple[dic
         if not isinstance(entry, dict):
             raise MinibloomError(f"{where}: entry is not an object")
         dt, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise MinibloomError(f"{where}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
             raise MinibloomError(f"{where}: shape must be a list of integers, got {shape!r}")
