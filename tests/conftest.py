@@ -29,3 +29,19 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+BLOOM_560M = dict(vocab=250880, hidden=1024, n_layer=24, n_head=16)
+
+
+@pytest.fixture(scope="session")
+def bloom560m_dir(tmp_path_factory):
+    """A random checkpoint of the exact bloom-560m shape, fp16 on disk, built once per session (slow tests only)."""
+    torch = pytest.importorskip("torch")
+    from factory import make_model, save
+
+    path = tmp_path_factory.mktemp("bloom560m") / "bloom-560m-random"
+    model = make_model(seed=560, std=0.02, **BLOOM_560M)
+    save(model, path, dtype=torch.float16)
+    del model
+    return str(path)
