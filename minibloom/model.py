@@ -18,6 +18,7 @@ Shapes, in one notation everywhere:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,7 +28,9 @@ from .config import BloomConfig
 
 
 def _ns(x):
-    return x.__array_namespace__()
+    """The array namespace of ``x`` (NumPy, CuPy, array_api_strict ...)."""
+    f = getattr(x, "__array_namespace__", None)
+    return f() if f is not None else sys.modules[type(x).__module__.split(".")[0]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
