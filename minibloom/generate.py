@@ -178,7 +178,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
     - ``do_sample=False`` (default): greedy, token-identical to transformers' greedy search.
     - ``do_sample=True``: sample after repetition penalty, ``temperature``, ``top_k`` (0/None: off; 50 by default as
       transformers) and ``top_p`` (1.0: off); ``seed`` makes it reproducible.
-    - ``repetition_penalty`` > 1 discourages every token already present (prompt included), greedy or sampled.
+    - ``repetition_penalty`` > 1 discourages every token already present (prompt included, and, as in
+      transformers, the ``<pad>`` ids of a left-padded row), greedy or sampled.
     - ``eos_token_id`` / ``pad_token_id`` default to the model config's (2 and 3 for BLOOM).
     - ``callback(next_ids)`` is called after every step with the [batch] new ids (for streaming); see also
       :func:`stream`.

@@ -1,14 +1,196 @@
-"""Tokenizer glue (placeholder until the tokenizer work lands): loads ``tokenizer.json`` with ``tokenizers``."""
+"""BLOOM's tokenizer: ``tokenizer.json`` run by the ``tokenizers`` library, plus what generation needs around it.
+
+BLOOM's tokenizer is a byte-level BPE (a Split regex pre-tokenizer, then ByteLevel; no normalizer) whose
+post-processor adds nothing: no BOS, no EOS (``"fox</s>"`` ends in 2 only because ``</s>`` is written). Special
+tokens: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3; batches are padded on the LEFT (hub ``tokenizer_config.json``
+``padding_side: "left"``). See the design note ``bloom_math.md`` §4.
+
+``StreamDecoder`` turns a growing list of ids into text pieces that never end inside a UTF-8 character: byte-level
+tokens often carry only part of a multi-byte character (``"日"`` is three tokens), and decoding such a prefix yields
+U+FFFD. It keeps a small window of ids and holds text back until the window decodes cleanly.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import MinibloomError
+
+SPECIAL_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+REPLACEMENT = "\ufffd"
 
 
-def load_tokenizer(directory: str):
+def _token_text(value) -> str | None:
+    """``tokenizer_config.json`` spells special tokens as strings or as ``{"content": ...}`` objects."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MinibloomError(f"{path}: not readable JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with BLOOM's conventions: no implicit special tokens, left padding, special ids.
+
+    ``encode(text) -> list[int]``; ``encode(list_of_texts) -> list[list[int]]``; ``encode_batch(texts)`` -> left-padded
+    ``(ids, attention_mask)`` NumPy arrays; ``decode(ids, skip_special_tokens=False)``; ``stream_decoder()``.
+    ``config`` holds ``tokenizer_config.json`` (``chat_template`` lives there when a model has one).
+    """
+
+    def __init__(self, tokenizer, config: dict | None = None, path: str | None = None):
+        self._tk = tokenizer
+        self.config = dict(config or {})
+        self.path = path
+        self.special_tokens: dict[str, str] = {}
+        for name, default in SPECIAL_DEFAULTS.items():
+            text = _token_text(self.config.get(name)) or default
+            if self._tk.token_to_id(text) is not None:
+                self.special_tokens[name] = text
+
+    # ---- special ids -----------------------------------------------------------------------------------------
+    def _special_id(self, name: str) -> int | None:
+        text = self.special_tokens.get(name)
+        return None if text is None else self._tk.token_to_id(text)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._special_id("unk_token")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        ids = {self._tk.token_to_id(t.content) for t in self._tk.get_added_tokens_decoder().values() if t.special}
+        ids.update(i for i in (self._special_id(n) for n in SPECIAL_DEFAULTS) if i is not None)
+        return sorted(i for i in ids if i is not None)
+
+    @property
+    def vocab_size(self) -> int:
+        """Entries of the vocabulary, added tokens included (250680 for BLOOM; the embedding has 250880 rows)."""
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self):
+        """The ``chat_template`` of ``tokenizer_config.json`` (a Jinja string, a list of named ones, or None)."""
+        return self.config.get("chat_template")
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tk.id_to_token(int(i))
+
+    # ---- text <-> ids ------------------------------------------------------------------------------------------
+    def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
+        """Token ids of ``text`` (no BOS/EOS added; special tokens written in the text, like ``</s>``, are matched)."""
+        if isinstance(text, str):
+            return self._tk.encode(text, add_special_tokens=False).ids
+        if not all(isinstance(t, str) for t in text):
+            raise MinibloomError("text: expected a string or a list of strings")
+        return [e.ids for e in self._tk.encode_batch(list(text), add_special_tokens=False)]
+
+    def encode_batch(self, texts: Sequence[str], pad_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ``(input_ids, attention_mask)`` [batch, longest] for ``texts`` (BLOOM pads on the left)."""
+        rows = self.encode(list(texts))
+        if not rows or any(len(r) == 0 for r in rows):
+            raise MinibloomError("texts: every text must encode to at least one token")
+        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        if pad is None:
+            raise MinibloomError(f"{self.path}: the tokenizer has no <pad> token; pass pad_token_id=")
+        T = max(len(r) for r in rows)
+        ids = np.full((len(rows), T), pad, np.int64)
+        mask = np.zeros((len(rows), T), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r):] = r
+            mask[i, T - len(r):] = 1
+        return ids, mask
+
+    def decode(self, ids, skip_special_tokens: bool = False):
+        """Text of ``ids`` ([seq] -> str, [batch, seq] -> list of str). Special tokens are kept unless skipped."""
+        a = np.asarray(ids)
+        if a.ndim == 2:
+            return [self.decode(row, skip_special_tokens) for row in a]
+        return self._tk.decode([int(i) for i in a.reshape(-1)], skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenization: ``push(id)`` returns the new text that is certainly complete (maybe ``""``).
+
+    Keeps ids from ``prefix`` on; ``read`` marks where the already-returned text ends. The text of
+    ``ids[prefix:]`` minus the text of ``ids[prefix:read]`` is new; it is held back while it ends in U+FFFD (an
+    incomplete UTF-8 character). Decoding a window instead of one token at a time keeps byte-level merges and
+    leading spaces right. ``flush()`` returns whatever is left at the end (a genuinely broken tail included).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self._text(self.ids[self.prefix:self.read])
+        text = self._text(self.ids[self.prefix:])
+        if text.endswith(REPLACEMENT) or len(text) <= len(done):
+            return ""  # wait for the rest of the character
+        new = text[len(done):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return new
+
+    def extend(self, ids: Iterable[int]) -> str:
+        return "".join(self.push(i) for i in ids)
+
+    def flush(self) -> str:
+        """The held-back tail, if any (call once generation has ended)."""
+        done = self._text(self.ids[self.prefix:self.read])
+        text = self._text(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]
+
+
+def load_tokenizer(directory: str) -> Tokenizer | None:
+    """The tokenizer of a checkpoint directory (``tokenizer.json`` + optional ``tokenizer_config.json`` and
+    ``special_tokens_map.json``), or None when there is no ``tokenizer.json``."""
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         return None
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer as _Tokenizer
 
-    return Tokenizer.from_file(path)
+    try:
+        tk = _Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises its own Exception subclass
+        raise MinibloomError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
+    config = _read_json(os.path.join(directory, "special_tokens_map.json"))
+    config.update(_read_json(os.path.join(directory, "tokenizer_config.json")))
+    return Tokenizer(tk, config, path)

@@ -84,8 +84,8 @@ def test_greedy_matches_transformers_left_padded(tmp_path, seed, cfg):
     model = make_model(seed=seed, **cfg)
     path = save(model, tmp_path / "m")
     _, ids, mask = padded_batch(seed=seed, lengths=(7, 3, 5, 1))
-    ref = hf_generate(model, ids, mask, 12, eos=None)
-    got = minibloom.load(path).generate(ids, mask, max_new_tokens=12, eos_token_id=[], pad_token_id=3)
+    ref = hf_generate(model, ids, mask, 12, eos=2)
+    got = minibloom.load(path).generate(ids, mask, max_new_tokens=12)  # eos 2 and pad 3 from the config
     assert got.shape == ref.shape == (4, 7 + 12)
     np.testing.assert_array_equal(got, ref)
     # the continuation must not be trivial (a constant token would hide position/mask bugs)
