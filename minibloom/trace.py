@@ -7,10 +7,10 @@ block ``i - 1``, and ``hidden_states[n_layer]`` the output of the last block *af
 The ``.npz`` format (version 1), written and read with NumPy alone (``np.savez`` / ``np.load(allow_pickle=False)``);
 any other implementation can produce it and ``minibloom diff`` will compare it:
 
-==========================  ====================  ========================================================================
+==========================  ====================  ===================================================================
 key                         shape                 meaning
-==========================  ====================  ========================================================================
-``input_ids``               [B, T] integers       the token ids (required; both traces of a diff must hold the same ones)
+==========================  ====================  ===================================================================
+``input_ids``               [B, T] integers       the token ids (required; both traces of a diff need the same)
 ``attention_mask``          [B, T] 0/1            optional, default all ones; padded positions (0) are not compared
 ``hidden_states.{i}``       [B, T, C] float       i = 0 .. n_layer as above; or one stacked ``hidden_states``
                                                   [n_layer + 1, B, T, C]
@@ -21,7 +21,7 @@ key                         shape                 meaning
                                                   *computed* in: float64, float32, float16, bfloat16, or e.g. q4_0),
                                                   ``quantized`` (bool), ``implementation``, ``model``, ``version``
 ``extra.*``                 anything numeric      ignored by minibloom
-==========================  ====================  ========================================================================
+==========================  ====================  ===================================================================
 
 At least one of ``logits`` / ``hidden_states`` must be present. Arrays may be stored in any float dtype; they are
 compared in float64. No pickled objects are ever read.
@@ -243,8 +243,7 @@ def _as_trace(t, what: str) -> dict:
     if isinstance(t, (str, os.PathLike)):
         return load_trace(t)
     if isinstance(t, dict):
-        if "meta" not in t:
-            t = {**t, "meta": {}}
+        t = {**t, "meta": t.get("meta") or {}}
         raw = {k: v for k, v in t.items() if k not in ("hidden_states", "attentions", "meta") and v is not None}
         for name in ("hidden_states", "attentions"):
             for i, a in enumerate(t.get(name) or []):
@@ -261,6 +260,14 @@ def default_rtol(*metas: dict) -> float:
     from .testing import tolerance_for
 
     return max(tolerance_for(m.get("dtype"), bool(m.get("quantized"))).rel for m in metas)
+
+
+def _computed_dtype(t: dict) -> dict:
+    """The trace's meta, with ``dtype`` taken from its arrays when the writer did not record it."""
+    if t["meta"].get("dtype"):
+        return t["meta"]
+    arrays = (t["hidden_states"] or []) + ([t["logits"]] if t["logits"] is not None else [])
+    return {**t["meta"], "dtype": str(np.result_type(*arrays))}
 
 
 def _errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
@@ -292,7 +299,7 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
     if not np.array_equal(ta["attention_mask"], tb["attention_mask"]):
         raise MinibloomError(f"{names[0]} and {names[1]} have different attention_mask; trace the same inputs")
     if rtol is None:
-        rtol = default_rtol(ta["meta"], tb["meta"])
+        rtol = default_rtol(*(_computed_dtype(t) for t in (ta, tb)))
     if rtol < 0 or atol < 0:
         raise MinibloomError(f"rtol/atol must be >= 0, got rtol={rtol}, atol={atol}")
     real = tb["attention_mask"].astype(bool)  # [B, T]

@@ -111,28 +111,13 @@ def hf_hidden_states(model, ids, mask=None, dtype=None):
 
 @contextlib.contextmanager
 def hf_float64_exact():
-    """Make transformers' BLOOM an exact float64 reference: its softmax runs in float32 and its ALiBi slopes are
-    float32 even in a float64 model (modeling_bloom.py ``F.softmax(..., dtype=torch.float32)`` and
-    ``_get_alibi_slopes``). Inside this context both are float64, the slopes exactly 2^(-8k/n)."""
+    """Make transformers' BLOOM an exact float64 reference (softmax and ALiBi slopes in float64): the context manager
+    lives in ``minibloom.oracle`` so that ``minibloom check`` and the tests patch transformers the same way."""
     _import_torch()
-    mb = transformers.models.bloom.modeling_bloom
-    F = torch.nn.functional
+    from minibloom.oracle import hf_float64_exact as patched
 
-    class _F:
-        def __getattr__(self, name):
-            return getattr(F, name)
-
-        @staticmethod
-        def softmax(x, dim=-1, dtype=None):
-            return F.softmax(x, dim=dim)
-
-    saved = mb.F, mb._get_alibi_slopes
-    mb.F = _F()
-    mb._get_alibi_slopes = lambda n, device: torch.tensor(minibloom.model.alibi_slopes(n, np.float64), device=device)
-    try:
+    with patched():
         yield
-    finally:
-        mb.F, mb._get_alibi_slopes = saved
 
 
 def random_ids(vocab, shape, seed=0):
