@@ -2,12 +2,12 @@
 
 Development script, not part of the package: it imports torch, transformers and tokenizers.
 
-    python scripts/train_default.py --out weights/default                 # the shipped model (about 30 min, 2 cores)
+    python scripts/train_default.py --out weights/default                 # the shipped model (about 20 min, 2 cores)
     python scripts/train_default.py --out /tmp/probe --steps 20 --no-save  # measure steps/s first
 
 What it does, in order:
 
-1. Byte-level BPE tokenizer with BLOOM's pre-tokenizer (docs: /work/shared/design/bloom_math.md section 4):
+1. Byte-level BPE tokenizer with the structure of bigscience/bloom's tokenizer.json:
    Split(" ?[^(\\s|[.,!?…。，、।۔،])]+", isolated) then ByteLevel(add_prefix_space=False, use_regex=False), no normalizer,
    ByteLevel decoder, special tokens <unk> <s> </s> <pad> = ids 0..3, no BOS/EOS added. It is trained on the
    training split only, and its initial alphabet holds all 256 byte characters, so any text encodes.
@@ -15,9 +15,10 @@ What it does, in order:
 3. ``BloomForCausalLM`` trained from a seed with AdamW, linear warmup then cosine decay, random windows of
    ``--ctx`` tokens. The embedding has ``--vocab-rows`` rows (a multiple of 128, like BLOOM's 250680 -> 250880); ids from
    the tokenizer's size up to that are never produced.
-4. Validation: mean cross entropy over consecutive non-overlapping windows of ``--ctx`` tokens that cover the whole
-   held-out split, measured on the weights AS SAVED (rounded to fp16), reported per token (loss, perplexity) and as
-   bits per character (total nats / ln 2 / held-out characters), which compares across tokenizers.
+4. Validation: mean cross entropy of every held-out token after the first, predicted from up to ``--ctx`` tokens
+   before it (consecutive windows; the context restarts every ``--ctx`` tokens), measured on the weights AS SAVED
+   (rounded to fp16), reported per token (loss, perplexity) and as bits per character (total nats / ln 2 /
+   held-out characters), which compares across tokenizers.
 5. Saves config.json, model.safetensors (fp16), tokenizer.json, tokenizer_config.json, generation_config.json,
    metrics.json and README.md (model card) to ``--out``.
 """
@@ -51,12 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=458)
+    p.add_argument("--budget-min", type=float, default=0.0,
+                   help="choose --steps after warmup so training takes about this many minutes (0: use --steps)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout while training")
+    p.add_argument("--no-bf16", action="store_true", help="train in plain fp32 (default: bf16 autocast, fp32 weights)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=0, help="quick validation every N steps (0: only at the end)")
     p.add_argument("--no-save", action="store_true", help="train and report only (for timing probes)")
@@ -140,35 +144,53 @@ def evaluate(model, ids: np.ndarray, ctx: int, batch: int = 16, limit: int | Non
 
 
 def train(model, train_ids: np.ndarray, val_ids: np.ndarray, args) -> dict:
+    """AdamW on random ``ctx``-token windows of ``train_ids``; returns the training figures.
+
+    With ``--budget-min``, the number of steps is chosen at the end of warmup from the measured speed so that training
+    takes about that long; warmup does not depend on the total, so ``--steps <that number>`` reproduces the run."""
     rng = np.random.default_rng(args.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     model.train()
-    t0 = time.time()
-    log_every = max(1, min(50, args.steps // 20))
+    t0 = t5 = time.time()
+    t_eval = 0.0
     running = None
-    for step in range(args.steps):
+    step = 0
+    while step < args.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         starts = rng.integers(0, len(train_ids) - args.ctx - 1, size=args.batch)
         x = torch.as_tensor(np.stack([train_ids[s:s + args.ctx] for s in starts]))
-        out = model(input_ids=x, labels=x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            out = model(input_ids=x, labels=x)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        running = float(out.loss) if running is None else 0.95 * running + 0.05 * float(out.loss)
-        if (step + 1) % log_every == 0 or step == 0:
+        loss = float(out.loss.detach())
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        step += 1
+        if step == 5:
+            t5 = time.time()
+        if args.budget_min and step == args.warmup:
+            rate = (step - 5) / (time.time() - t5)
+            args.steps = max(args.warmup + 1, int(rate * (args.budget_min * 60 - (time.time() - t0)))
+                             + args.warmup)
+            print(f"measured {rate:.3f} steps/s over steps 6..{step}: training for {args.steps} steps "
+                  f"(reproduce with --steps {args.steps})", flush=True)
+        if step % 50 == 0 or step == 1:
             el = time.time() - t0
-            print(f"step {step + 1}/{args.steps}  loss {running:.3f}  lr {lr_at(step, args):.2e}  "
-                  f"{(step + 1) / el:.3f} steps/s  {el / 60:.1f} min", flush=True)
-        if args.eval_every and (step + 1) % args.eval_every == 0:
+            print(f"step {step}/{args.steps}  loss {running:.3f}  lr {lr_at(step - 1, args):.2e}  "
+                  f"{step / el:.3f} steps/s  {el / 60:.1f} min", flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            te = time.time()
             nats, n = evaluate(model, val_ids, args.ctx, limit=32)
+            t_eval += time.time() - te
             print(f"  val loss (first 32 windows) {nats / n:.3f}", flush=True)
     wall = time.time() - t0
-    return {"steps": args.steps, "train_wall_s": round(wall, 1), "steps_per_s": round(args.steps / wall, 4),
+    return {"steps": args.steps, "train_wall_s": round(wall, 1), "steps_per_s": round(args.steps / (wall - t_eval), 4),
             "tokens_seen": int(args.steps * args.batch * args.ctx), "final_train_loss_ema": round(running, 4)}
 
 
@@ -187,6 +209,15 @@ def generation_config() -> dict:
             "top_k": 40, "top_p": 1.0, "max_new_tokens": 200}
 
 
+def reproduce_command(args) -> str:
+    """The command line that repeats this run exactly (all hyperparameters spelled out, fixed step count)."""
+    return (f"python scripts/train_default.py --out weights/default --seed {args.seed} --vocab {args.vocab} "
+            f"--vocab-rows {args.vocab_rows} --hidden {args.hidden} --layers {args.layers} --heads {args.heads} "
+            f"--ctx {args.ctx} --batch {args.batch} --steps {args.steps} --lr {args.lr} --warmup {args.warmup} "
+            f"--min-lr-ratio {args.min_lr_ratio} --weight-decay {args.weight_decay} --dropout {args.dropout} "
+            f"--threads {args.threads}" + (" --no-bf16" if args.no_bf16 else ""))
+
+
 def model_card(m: dict, args) -> str:
     return f"""# minibloom default model: a small BLOOM trained on Tiny Shakespeare
 
@@ -203,18 +234,18 @@ and testing model, not a useful language model.
   embedding has {m['vocab_rows']} rows, like BLOOM pads 250680 to 250880: ids {m['tokenizer_vocab']}..{m['vocab_rows'] - 1} are never produced.
 - **Training**: seed {args.seed}, AdamW (betas 0.9/0.95, weight decay {args.weight_decay}), lr {args.lr} with {args.warmup} warmup
   steps then cosine decay to {args.lr * args.min_lr_ratio:g}, batch {args.batch} x {args.ctx} tokens, dropout {args.dropout},
-  {m['steps']} steps = {m['tokens_seen']:,} tokens ({m['epochs']:.1f} passes over the training split), {m['train_wall_s'] / 60:.1f} min
+  bf16 autocast (fp32 weights) {'off' if args.no_bf16 else 'on'}, {m['steps']} steps = {m['tokens_seen']:,} tokens ({m['epochs']:.1f} passes over the training split), {m['train_wall_s'] / 60:.1f} min
   on {args.threads} CPU threads (torch {m['torch']}, transformers {m['transformers']}).
-- **Validation** (held-out 10%, non-overlapping {args.ctx}-token windows, fp16 weights as saved):
+- **Validation** (held-out 10%, consecutive {args.ctx}-token windows, fp16 weights as saved):
   loss **{m['val_loss']:.4f}** nats/token, perplexity **{m['val_ppl']:.2f}** per token, **{m['val_bpc']:.4f} bits per character**.
   Training split, same measure: loss {m['train_loss']:.4f} ({m['train_bpc']:.4f} bpc).
 
 Reproduce (about {m['train_wall_s'] / 60:.0f} minutes on 2 cores):
 
-    python scripts/train_default.py --out weights/default --seed {args.seed} --steps {m['steps']}
+    {reproduce_command(args)}
 
-Figures are in `metrics.json`. Results are reproducible for a given torch build and thread count; other builds may
-differ in the last digits.
+Figures are in `metrics.json`. The seed fixes the initialisation and every batch; the same torch build and thread
+count should give the same weights, other machines may differ slightly in floating point.
 """
 
 
@@ -283,7 +314,7 @@ def main(argv=None) -> int:
         "corpus_chars": len(text), "split": "by characters: first 90% train, last 10% validation",
         "train_chars": len(train_text), "train_tokens": int(len(train_ids)),
         "val_chars": len(val_text), "val_tokens": int(len(val_ids)), "val_scored_tokens": n,
-        **stats, "epochs": stats["tokens_seen"] / len(train_ids),
+        "command": reproduce_command(args), **stats, "epochs": stats["tokens_seen"] / len(train_ids),
         "val_loss": nats / n, "val_ppl": math.exp(nats / n),
         # bits per character: the held-out split's total cross entropy in bits over its characters (all tokens but
         # the very first are scored)
