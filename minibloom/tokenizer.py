@@ -42,6 +42,18 @@ def _read_json(path: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> ``(input_ids, attention_mask)`` [batch, longest], shorter rows padded on the left (BLOOM's
+    tokenizer pads on the left, so every row's last token sits in the last column)."""
+    T = max(len(r) for r in rows)
+    ids = np.full((len(rows), T), pad_id, np.int64)
+    mask = np.zeros((len(rows), T), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` with BLOOM's conventions: no implicit special tokens, left padding, special ids.
 
@@ -120,13 +132,7 @@ class Tokenizer:
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         if pad is None:
             raise MinibloomError(f"{self.path}: the tokenizer has no <pad> token; pass pad_token_id=")
-        T = max(len(r) for r in rows)
-        ids = np.full((len(rows), T), pad, np.int64)
-        mask = np.zeros((len(rows), T), np.int64)
-        for i, r in enumerate(rows):
-            ids[i, T - len(r):] = r
-            mask[i, T - len(r):] = 1
-        return ids, mask
+        return left_pad(rows, pad)
 
     def decode(self, ids, skip_special_tokens: bool = False):
         """Text of ``ids`` ([seq] -> str, [batch, seq] -> list of str). Special tokens are kept unless skipped."""

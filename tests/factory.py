@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 import minibloom
+from minibloom.tokenizer import left_pad as _left_pad
 
 torch = None
 transformers = None
@@ -126,10 +127,4 @@ def random_ids(vocab, shape, seed=0):
 
 def left_pad(rows, pad_id=3):
     """Left-pad lists of ids to one length: (ids [B, T], mask [B, T])."""
-    T = max(len(r) for r in rows)
-    ids = np.full((len(rows), T), pad_id, np.int64)
-    mask = np.zeros((len(rows), T), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
-        mask[i, T - len(r):] = 1
-    return ids, mask
+    return _left_pad(rows, pad_id)

@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 
 from ..errors import MinibloomError
+from ..tokenizer import left_pad
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -41,17 +42,6 @@ def rows_from_args(args, model) -> list[list[int]] | None:
                 raise MinibloomError(f"--text: {t!r} encodes to no tokens")
         return rows
     return None
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ids -> (ids [B, T], attention_mask [B, T]) with shorter rows left-padded."""
-    T = max(len(r) for r in rows)
-    ids = np.full((len(rows), T), pad_id, np.int64)
-    mask = np.zeros((len(rows), T), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
-        mask[i, T - len(r):] = 1
-    return ids, mask
 
 
 def add_parser(sub) -> None:
