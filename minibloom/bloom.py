@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import fast
 from . import model as M
 from .backend import Backend
 from .config import BloomConfig
@@ -118,8 +119,10 @@ class Bloom:
             raise MinibloomError(f"cache: holds {cache.max_len} positions of batch {cache.k[0].shape[0]}, "
                                  f"got {past} + {ids.shape[1]} for batch {ids.shape[0]}")
         be = self.backend
-        out = M.forward(self.params, be.asarray(ids), be.asarray(mask), self.config, cache=cache,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions, logits=logits)
+        # NumPy runs the fast path (minibloom/fast.py: the same maths in place, tested equal to model.forward)
+        fwd = fast.forward if be.name == "numpy" else M.forward
+        out = fwd(self.params, be.asarray(ids), be.asarray(mask), self.config, cache=cache,
+                  output_hidden_states=output_hidden_states, output_attentions=output_attentions, logits=logits)
         if to_numpy:
             conv = be.to_numpy
             out = M.BloomOutput(None if out.logits is None else conv(out.logits),
@@ -157,7 +160,7 @@ class Bloom:
 
 def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32", backend: str = "numpy", *,
          revision: str | None = None, cache_dir: str | None = None, progress: bool | None = None,
-         low_memory: bool = False) -> Bloom:
+         low_memory: bool = False, keep_quantized: bool = False) -> Bloom:
     """Load a BLOOM checkpoint.
 
     ``path_or_repo_id``: a checkpoint directory (config.json + model.safetensors or a sharded index), a
@@ -167,9 +170,11 @@ def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32
 
     ``dtype``: "float32" (transformers' numerics) or "float64" (the oracle mode: float64 end to end).
     ``backend``: "numpy", "cupy" (GPU) or "array_api_strict". ``low_memory``: keep 16-bit weights memory-mapped and
-    widen one layer at a time (for checkpoints bigger than RAM in float32).
+    widen one layer at a time (for checkpoints bigger than RAM in float32). ``keep_quantized`` (``.gguf`` only): keep
+    quantized layer weights (e.g. Q8_0) as their blocks in RAM and dequantize them while each layer runs.
     """
     from .loading import load_checkpoint
 
     return load_checkpoint(path_or_repo_id, dtype=_dtype_name(dtype), backend=Backend(backend), revision=revision,
-                           cache_dir=cache_dir, progress=progress, low_memory=low_memory)
+                           cache_dir=cache_dir, progress=progress, low_memory=low_memory,
+                           keep_quantized=keep_quantized)

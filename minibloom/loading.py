@@ -51,12 +51,14 @@ def resolve(path_or_repo_id, *, revision=None, cache_dir=None, progress=None) ->
 
 
 def load_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=None, cache_dir=None,
-                    progress=None, low_memory: bool = False) -> Bloom:
+                    progress=None, low_memory: bool = False, keep_quantized: bool = False) -> Bloom:
     path = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, progress=progress)
     if os.path.isfile(path) and path.endswith(".gguf"):
         from .gguf import load_gguf
 
-        return load_gguf(path, dtype=dtype, backend=backend, progress=progress)
+        return load_gguf(path, dtype=dtype, backend=backend, progress=progress, keep_quantized=keep_quantized)
+    if keep_quantized:
+        raise MinibloomError(f"keep_quantized: only .gguf files keep their quantized blocks, not {path}")
     if os.path.isfile(path):
         if not path.endswith(".safetensors"):
             raise MinibloomError(f"{path}: expected a checkpoint directory, a .safetensors file or a .gguf file")

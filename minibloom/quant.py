@@ -10,8 +10,7 @@ drops them when it returns, so at most one sub-module of one layer is ever held 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

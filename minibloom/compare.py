@@ -1,0 +1,92 @@
+"""How far one model's logits move from another's: the quantization report behind ``minibloom compare``.
+
+Over a prompt set, with model A as the reference (e.g. the float32 source) and B the candidate (e.g. its GGUF Q4_0):
+
+    max_abs  = max |zA - zB|                 max_rel = max_abs / max |zA|        mean_abs = mean |zA - zB|
+    KL(A||B) = sum_v pA(v) (log pA(v) - log pB(v))   per position, in float64 (nats), then mean and max
+    top1     = share of positions where argmax zA == argmax zB
+
+(the KL of llama.cpp's ``llama-perplexity --kl-divergence``, on the same positions and prompts for both models).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import MinibloomError
+
+
+@dataclass
+class CompareReport:
+    a: str
+    b: str
+    prompts: int
+    positions: int
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    kl_mean: float
+    kl_max: float
+    top1: float
+
+    def table(self) -> str:
+        rows = [("reference (A)", self.a), ("candidate (B)", self.b),
+                ("prompts x positions", f"{self.prompts} prompts, {self.positions} positions"),
+                ("max |A-B|", f"{self.max_abs:.4g}"), ("max |A-B| / max |A|", f"{self.max_rel:.3e}"),
+                ("mean |A-B|", f"{self.mean_abs:.4g}"), ("KL(A||B) mean (nats)", f"{self.kl_mean:.3e}"),
+                ("KL(A||B) max (nats)", f"{self.kl_max:.3e}"), ("top-1 agreement", f"{100 * self.top1:.2f} %")]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> np.ndarray:
+    """KL(P || Q) per position (all axes but the last), float64, from logits."""
+    lp, lq = log_softmax64(logits_p), log_softmax64(logits_q)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+
+
+def random_prompts(vocab: int, n: int = 4, length: int = 64, seed: int = 0) -> np.ndarray:
+    """``n`` prompts of ``length`` uniformly random token ids [n, length]."""
+    if n <= 0 or length <= 0:
+        raise MinibloomError(f"prompts: need a positive count and length, got {n} x {length}")
+    return np.random.default_rng(seed).integers(0, vocab, (n, length))
+
+
+def compare_models(a, b, prompts, progress: bool = False) -> CompareReport:
+    """Compare ``Bloom`` models ``a`` (reference) and ``b`` over ``prompts`` (an id array [N, T] or a list of
+    1-D id lists), one prompt at a time so memory holds two [T, V] logit arrays at most."""
+    if a.vocab_size != b.vocab_size:
+        raise MinibloomError(f"compare: vocab sizes differ ({a.path}: {a.vocab_size}, {b.path}: {b.vocab_size})")
+    rows = [np.asarray(p) for p in prompts]
+    if not rows:
+        raise MinibloomError("prompts: the prompt set is empty")
+    max_abs = max_ref = sum_abs = 0.0
+    kls, agree, count = [], 0, 0
+    for ids in rows:
+        za = np.asarray(a(ids[None]), np.float64)[0]
+        zb = np.asarray(b(ids[None]), np.float64)[0]
+        d = np.abs(za - zb)
+        max_abs, max_ref = max(max_abs, float(d.max())), max(max_ref, float(np.abs(za).max()))
+        sum_abs += float(d.sum())
+        kls.append(kl_divergence(za, zb))
+        agree += int((za.argmax(-1) == zb.argmax(-1)).sum())
+        count += za.shape[0]
+        if progress:
+            print(f"  prompt {len(kls)}/{len(rows)} done", flush=True)
+    kl = np.concatenate(kls)
+    return CompareReport(a=str(a.path), b=str(b.path), prompts=len(rows), positions=count, max_abs=max_abs,
+                         max_rel=max_abs / max_ref if max_ref else max_abs, mean_abs=sum_abs / (count * a.vocab_size),
+                         kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1=agree / count)
