@@ -1,0 +1,427 @@
+"""minibloom vs transformers on a random bloom-560m-shaped checkpoint, with the machine's own limits measured alongside.
+
+    python benchmarks/bench.py                    # or: minibloom bench
+    python benchmarks/bench.py --rounds 5 --dir /tmp/minibloom-bench
+
+What it does (issue 8 of minibloom, "performance"):
+
+1. builds the checkpoint once (float32, exact bloom-560m shape, random values; ``benchmarks/checkpoint.py``);
+2. starts two long-lived worker processes, one per engine, each loading the model once (load time measured there);
+3. runs every measurement in rounds, engines alternating (the order flips each round) and the machine's limits
+   measured in the same rounds (a large NumPy sgemv for the memory-bandwidth roofline, a large sgemm for the
+   compute floor); keeps the best of the rounds; a shared, noisy machine affects both engines alike, so the ratios
+   are the meaningful figures;
+4. measures cold start (fresh ``python`` process: imports, load, one generated token) and peak RSS of a session in
+   fresh processes, alternating too;
+5. prints every figure for both engines, their ratio, minibloom's decode as a fraction of the bandwidth roofline and
+   its forward passes as a fraction of the sgemm floor, and each target of the issue with PASS/FAIL.
+
+Both engines run greedy decoding through their ``generate`` (minibloom: ``Bloom.generate``; transformers:
+``model.generate(do_sample=False)``), with no eos stop so every run produces the same number of tokens.
+Thread counts are whatever the environment says (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS ...); the header prints what
+each library actually uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+DEFAULT_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "minibloom-bench", "bloom-560m-f32")
+
+PROMPT, NEW, LONG, BATCH = 16, 64, 512, 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker side: one process per engine, commands as JSON lines on stdin, answers on stdout
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM (ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(5, vocab, (batch, length))
+
+
+class MinibloomEngine:
+    def __init__(self, path: str):
+        import minibloom
+
+        t = time.perf_counter()
+        self.model = minibloom.load(path, progress=False)
+        self.load_s = time.perf_counter() - t
+        self.vocab = self.model.vocab_size
+
+    def generate(self, ids: np.ndarray, new: int) -> np.ndarray:
+        return self.model.generate(ids, max_new_tokens=new, eos_token_id=[])
+
+    def forward_all(self, ids: np.ndarray):
+        return self.model(ids)
+
+    def first_token(self, ids: np.ndarray):
+        return self.generate(ids, 1)
+
+
+class TransformersEngine:
+    def __init__(self, path: str):
+        import torch
+        import transformers
+
+        self.torch = torch
+        t = time.perf_counter()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.load_s = time.perf_counter() - t
+        self.vocab = self.model.config.vocab_size
+        torch.set_grad_enabled(False)
+
+    def generate(self, ids: np.ndarray, new: int):
+        t = self.torch.as_tensor(ids)
+        return self.model.generate(t, attention_mask=self.torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=3, eos_token_id=None)
+
+    def forward_all(self, ids: np.ndarray):
+        return self.model(self.torch.as_tensor(ids)).logits
+
+    def first_token(self, ids: np.ndarray):
+        return self.generate(ids, 1)
+
+
+def worker(engine: str, path: str) -> None:
+    eng = (MinibloomEngine if engine == "minibloom" else TransformersEngine)(path)
+    out = sys.stdout
+    out.write(json.dumps({"load_s": eng.load_s}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "quit":
+            break
+        if op == "threads":
+            from threadpoolctl import threadpool_info
+
+            info = [{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")} for d in threadpool_info()]
+            if engine == "transformers":
+                info.append({"torch.get_num_threads": eng.torch.get_num_threads()})
+            out.write(json.dumps({"threads": info}) + "\n")
+            out.flush()
+            continue
+        t = time.perf_counter()
+        if op == "decode":
+            eng.generate(_ids(cmd["batch"], PROMPT, eng.vocab), NEW)
+        elif op == "forward_all":
+            eng.forward_all(_ids(1, LONG, eng.vocab))
+        elif op == "ttft":
+            eng.first_token(_ids(1, LONG, eng.vocab))
+        elif op == "warmup":
+            eng.generate(_ids(1, 4, eng.vocab), 2)
+        dt = time.perf_counter() - t
+        out.write(json.dumps({"s": dt, "maxrss": peak_rss()}) + "\n")
+        out.flush()
+
+
+class Worker:
+    def __init__(self, engine: str, path: str):
+        self.engine = engine
+        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", engine, "--dir", path],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.load_s = self._read()["load_s"]
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.engine} worker died (exit code {self.p.wait()})")
+        return json.loads(line)
+
+    def ask(self, op: str, **kw) -> dict:
+        self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write('{"op": "quit"}\n')
+            self.p.stdin.flush()
+        except BrokenPipeError:
+            pass
+        self.p.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine's limits, measured in the same run
+
+
+def _best(f, n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+class Limits:
+    """Large sgemv (bytes/s: the decode roofline) and large sgemm (FLOP/s: the forward floor), float32 NumPy."""
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.W = rng.standard_normal((250880, 1024), dtype=np.float32)  # the size of bloom-560m's head: 1 GB
+        self.x = rng.standard_normal((1, 1024), dtype=np.float32)
+        self.A = rng.standard_normal((2048, 4096), dtype=np.float32)
+        self.B = rng.standard_normal((4096, 4096), dtype=np.float32)
+        self.gbps, self.gflops = 0.0, 0.0
+
+    def measure(self) -> None:
+        t = _best(lambda: self.x @ self.W.T, 3)
+        self.gbps = max(self.gbps, self.W.nbytes / t / 1e9)
+        t = _best(lambda: self.A @ self.B.T, 2)
+        self.gflops = max(self.gflops, 2 * self.A.shape[0] * self.A.shape[1] * self.B.shape[0] / t / 1e9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fresh-process measurements: cold start to first token, peak RSS of a session
+
+COLD = {
+    "minibloom": """
+import minibloom, numpy as np
+m = minibloom.load({path!r}, progress=False)
+ids = np.arange(100, 116)[None, :]
+print("TOKEN", int(m.generate(ids, max_new_tokens=1)[0, -1]), flush=True)
+""",
+    "transformers": """
+import torch, transformers
+m = transformers.AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32)
+ids = torch.arange(100, 116)[None, :]
+with torch.no_grad():
+    out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=3)
+print("TOKEN", int(out[0, -1]), flush=True)
+""",
+}
+
+SESSION = """
+import sys, time, numpy as np
+sys.path.insert(0, {here!r})
+from bench import _ids, peak_rss, MinibloomEngine, TransformersEngine
+eng = ({cls})({path!r})
+eng.first_token(_ids(1, {long}, eng.vocab))       # 512-token prompt -> first token
+eng.generate(_ids(1, {prompt}, eng.vocab), {new})  # batch-1 decode
+a = peak_rss()
+eng.forward_all(_ids(1, {long}, eng.vocab))       # plus one 512-token forward keeping all logits
+b = peak_rss()
+print("RSS", a, b, flush=True)
+"""
+
+
+def cold_start(engine: str, path: str) -> float:
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", COLD[engine].format(path=path)], stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("TOKEN"):
+            dt = time.perf_counter() - t
+            break
+    else:
+        raise RuntimeError(f"{engine}: cold-start script failed (exit code {p.wait()})")
+    p.wait()
+    return dt
+
+
+def session_rss(engine: str, path: str) -> tuple[int, int]:
+    cls = "MinibloomEngine" if engine == "minibloom" else "TransformersEngine"
+    code = SESSION.format(here=HERE, cls=cls, path=path, long=LONG, prompt=PROMPT, new=NEW)
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True).stdout
+    a, b = out.split("RSS")[1].split()
+    return int(a), int(b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _page_cache_warm(path: str) -> None:
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+def machine() -> str:
+    """CPU model, cores, RAM and the thread settings in the environment."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        ram = float("nan")
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                     "OPENBLAS_CORETYPE") if k in os.environ)
+    return f"{cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM, numpy {np.__version__}; {env or 'no thread variables set'}"
+
+
+def run(directory: str = DEFAULT_DIR, rounds: int = 3, cold_rounds: int = 3, skip_transformers: bool = False) -> dict:
+    from checkpoint import ensure_checkpoint
+
+    print(f"checkpoint: {ensure_checkpoint(directory)}", flush=True)
+    print(f"machine: {machine()}", flush=True)
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+    C, L, V = cfg["hidden_size"], cfg["n_layer"], cfg["vocab_size"]
+    n_params = V * C + 4 * C + L * (12 * C * C + 13 * C)
+    weight_bytes = 4 * n_params
+    _page_cache_warm(directory)
+
+    engines = ["minibloom"] + ([] if skip_transformers else ["transformers"])
+    workers = {e: Worker(e, directory) for e in engines}
+    best: dict[tuple[str, str], float] = {}
+    load = {e: w.load_s for e, w in workers.items()}
+    limits = Limits()
+    try:
+        for e, w in workers.items():
+            print(f"{e} threads: {w.ask('threads')['threads']}", flush=True)
+            w.ask("warmup")
+        ops = [("decode1", "decode", {"batch": 1}), ("forward_all", "forward_all", {}), ("ttft", "ttft", {}),
+               ("decode8", "decode", {"batch": BATCH})]
+        for r in range(rounds):
+            limits.measure()
+            order = engines if r % 2 == 0 else engines[::-1]
+            for key, op, kw in ops:
+                for e in order:
+                    s = workers[e].ask(op, **kw)["s"]
+                    best[(e, key)] = min(best.get((e, key), float("inf")), s)
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{e[:2]} {k} {best[(e, k)]:.2f}s"
+                                                          for k, _, _ in ops for e in engines), flush=True)
+        limits.measure()
+    finally:
+        for w in workers.values():
+            w.close()
+    del limits.W  # 1 GB; not needed for the fresh-process measurements
+
+    cold: dict[str, float] = {}
+    for r in range(cold_rounds):
+        for e in (engines if r % 2 == 0 else engines[::-1]):
+            cold[e] = min(cold.get(e, float("inf")), cold_start(e, directory))
+    rss = {e: session_rss(e, directory) for e in engines}
+
+    res = {"C": C, "L": L, "V": V, "n_params": n_params, "weight_bytes": weight_bytes, "gbps": limits.gbps,
+           "gflops": limits.gflops, "best": {f"{e}:{k}": v for (e, k), v in best.items()}, "load": load,
+           "cold": cold, "rss": rss, "rounds": rounds}
+    report(res, engines)
+    return res
+
+
+def report(res: dict, engines: list[str]) -> None:
+    b = res["best"]
+    roof_tps = res["gbps"] * 1e9 / res["weight_bytes"]
+    n, VC = res["n_params"], res["V"] * res["C"]
+    flops_all = 2 * LONG * n
+    flops_last = 2 * LONG * (n - VC) + 2 * VC
+    floor_all = flops_all / (res["gflops"] * 1e9)
+    floor_last = flops_last / (res["gflops"] * 1e9)
+    hf = "transformers" in engines
+
+    def val(e, k):
+        return b.get(f"{e}:{k}")
+
+    rows = [  # label, minibloom value, transformers value, unit, higher is better
+        ("batch-1 decode (64 after 16)", NEW / val("minibloom", "decode1"),
+         NEW / val("transformers", "decode1") if hf else None, "tok/s", True),
+        ("512-token forward, all logits", val("minibloom", "forward_all"), val("transformers", "forward_all"), "s",
+         False),
+        ("time to first token, 512 prompt", val("minibloom", "ttft"), val("transformers", "ttft"), "s", False),
+        (f"batch-{BATCH} decode throughput", BATCH * NEW / val("minibloom", "decode8"),
+         BATCH * NEW / val("transformers", "decode8") if hf else None, "tok/s", True),
+        ("cold start to first token", res["cold"]["minibloom"], res["cold"].get("transformers"), "s", False),
+        ("load (warm page cache)", res["load"]["minibloom"], res["load"].get("transformers"), "s", False),
+        ("peak RSS: load+512 prompt+decode", res["rss"]["minibloom"][0] / 1e9,
+         res["rss"]["transformers"][0] / 1e9 if hf else None, "GB", False),
+        ("peak RSS: ... + all-logits forward", res["rss"]["minibloom"][1] / 1e9,
+         res["rss"]["transformers"][1] / 1e9 if hf else None, "GB", False),
+    ]
+    print()
+    print(f"bloom-560m shape ({res['n_params'] / 1e6:.1f} M params, {res['weight_bytes'] / 1e9:.2f} GB fp32), "
+          f"best of {res['rounds']} rounds, {os.cpu_count()} CPUs")
+    print(f"measured limits: sgemv {res['gbps']:.1f} GB/s -> decode roofline {roof_tps:.2f} tok/s; "
+          f"sgemm {res['gflops']:.0f} GFLOP/s -> all-logits floor {floor_all:.2f} s, last-logits floor "
+          f"{floor_last:.2f} s")
+    print()
+    print(f"| {'measurement':<36} | {'minibloom':>10} | {'transformers':>12} | {'ratio (mb better if >1)':>23} |")
+    print(f"|{'-' * 38}|{'-' * 12}:|{'-' * 14}:|{'-' * 25}:|")
+    ratios = {}
+    for label, m, t, unit, higher in rows:
+        ratio = (m / t if higher else t / m) if t else None
+        ratios[label] = ratio
+        mv, tv = f"{m:.2f} {unit}", f"{t:.2f} {unit}" if t else "-"
+        print(f"| {label:<36} | {mv:>10} | {tv:>12} | {(f'{ratio:.2f}x' if ratio else '-'):>23} |")
+    mb_tps = NEW / val("minibloom", "decode1")
+    frac_decode = mb_tps / roof_tps
+    frac_fwd = floor_all / val("minibloom", "forward_all")
+    ttft_over_floor = val("minibloom", "ttft") / floor_last
+    rss_ratio = res["rss"]["minibloom"][0] / res["weight_bytes"]
+    print()
+    print(f"minibloom decode = {frac_decode:.1%} of the sgemv roofline; all-logits forward = {frac_fwd:.1%} of the "
+          f"sgemm floor; time to first token = {ttft_over_floor:.2f}x the last-logits floor; "
+          f"session peak RSS = {rss_ratio:.2f}x the fp32 weight bytes")
+    print()
+    targets = [
+        ("decode >= 90% of roofline", frac_decode >= 0.90, f"{frac_decode:.1%}"),
+        ("decode >= 1.2x transformers", hf and ratios[rows[0][0]] >= 1.2, f"{ratios[rows[0][0]] or 0:.2f}x"),
+        ("all-logits forward >= 90% of sgemm floor", frac_fwd >= 0.90, f"{frac_fwd:.1%}"),
+        ("all-logits forward >= 1.15x transformers", hf and ratios[rows[1][0]] >= 1.15,
+         f"{ratios[rows[1][0]] or 0:.2f}x"),
+        ("TTFT <= 1.2x last-logits floor", ttft_over_floor <= 1.2, f"{ttft_over_floor:.2f}x"),
+        ("TTFT <= 0.85x transformers", hf and 1 / ratios[rows[2][0]] <= 0.85,
+         f"{1 / ratios[rows[2][0]] if ratios[rows[2][0]] else 0:.2f}x"),
+        ("cold start <= 0.5x transformers", hf and 1 / ratios[rows[4][0]] <= 0.5,
+         f"{1 / ratios[rows[4][0]] if ratios[rows[4][0]] else 0:.2f}x"),
+        ("session peak RSS <= 1.25x fp32 weights", rss_ratio <= 1.25, f"{rss_ratio:.2f}x"),
+        ("load <= 3 s (warm page cache)", res["load"]["minibloom"] <= 3.0, f"{res['load']['minibloom']:.2f} s"),
+    ]
+    print("| target | measured | |")
+    print("|---|---:|---|")
+    for name, ok, shown in targets:
+        print(f"| {name} | {shown} | {'PASS' if ok else 'FAIL'} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default=DEFAULT_DIR, help="where the random checkpoint is (built there if missing)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the in-process measurements (best is kept)")
+    ap.add_argument("--cold-rounds", type=int, default=3, help="fresh-process cold starts per engine")
+    ap.add_argument("--skip-transformers", action="store_true", help="measure minibloom and the limits only")
+    ap.add_argument("--json", help="also write the raw figures to this file")
+    ap.add_argument("--worker", choices=["minibloom", "transformers"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.dir)
+        return 0
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        print(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; it can pick a slower kernel "
+              "(see docs/readme/performance.md)", flush=True)
+    res = run(args.dir, args.rounds, args.cold_rounds, args.skip_transformers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

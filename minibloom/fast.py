@@ -1,0 +1,185 @@
+"""The NumPy fast path of ``minibloom.model.forward``: the same maths, fewer passes over memory.
+
+``minibloom.model`` is the teaching path and stays the definition; this module computes the same function for the
+NumPy backend (``Bloom.forward`` uses it there; ``tests/test_fast.py`` holds the two equal: float64 to 1e-12,
+float32 to float32 rounding). What changes is only how the arrays are handled:
+
+- elementwise work (LayerNorm, GeLU, bias and residual adds, softmax) is done in place, in the teaching path's
+  order of operations, so the float32 results are bitwise the same and no [T, 4C] / [H, T, S] temporaries pile up;
+- attention runs per batch row and block of queries, and a block of a row without padding only looks at the keys
+  it can see (causal: keys up to its last query), which skips the masked upper half of the prompt's score matrix.
+  The skipped cells are exact zeros after the softmax, so only the order of the softmax sum changes (rounding).
+  Rows with padding see every key, as in the teaching path (a fully masked pad query is uniform over all S keys);
+- only the logits asked for are computed (``logits="last"`` multiplies one row per sequence by the head);
+- products with a few rows (batched decoding) put the weight first, ``(W @ x.T).T``, which OpenBLAS runs much faster
+  than ``x @ W.T`` (``matmul_t``).
+
+Configurations it does not cover run the teaching path: ``output_attentions=True`` and HF's
+``pretraining_tp``/``slow_but_exact`` sliced products. So does any call made while a function of
+``minibloom.model`` has been replaced (tests and tools patch ``model.linear`` or ``model.block`` to simulate a kernel
+or a bug in minibloom; the patch must then take effect).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import model as M
+from .config import BloomConfig
+
+SCORE_BLOCK_ELEMS = 1 << 20  # H x queries x keys per attention block (4 MB in float32): few BLAS calls, cache-sized
+GELU_BLOCK_ELEMS = 1 << 16  # elements per block of the in-place GeLU (256 KB in float32)
+SKINNY_ROWS = 128  # up to this many rows, x @ W.T is computed as (W @ x.T).T (see matmul_t)
+
+
+def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
+    """``model.layer_norm`` with one temporary: (x - mean) / sqrt(var + eps) * weight + bias."""  # [N, C]
+    xc = x - np.mean(x, axis=-1, keepdims=True)
+    sq = xc * xc
+    var = np.mean(sq, axis=-1, keepdims=True)
+    np.add(var, eps, out=var)
+    np.sqrt(var, out=var)
+    np.divide(xc, var, out=xc)
+    np.multiply(xc, weight, out=xc)
+    np.add(xc, bias, out=xc)
+    return xc
+
+
+def gelu_(x: np.ndarray) -> np.ndarray:
+    """``model.gelu`` in place, in its order of operations: x*0.5 * (1 + tanh(0.79788456*x * (1 + 0.044715*x*x))).
+
+    Works through ``x`` [N, F] a block of rows at a time, so its two temporaries stay small and in cache.
+    """
+    rows = max(1, GELU_BLOCK_ELEMS // x.shape[-1])
+    for r in range(0, x.shape[0], rows):
+        xb = x[r:r + rows]
+        t = np.multiply(xb, 0.044715)
+        np.multiply(t, xb, out=t)
+        np.add(t, 1.0, out=t)
+        u = np.multiply(xb, 0.79788456)
+        np.multiply(u, t, out=u)
+        np.tanh(u, out=u)
+        np.add(u, 1.0, out=u)
+        np.multiply(xb, 0.5, out=xb)
+        np.multiply(xb, u, out=xb)
+    return x
+
+
+def matmul_t(x2: np.ndarray, w) -> np.ndarray:
+    """x2 [N, in] @ w.T for w [out, in] -> [N, out], C-ordered.
+
+    With a few rows (decoding: N = batch) it is computed as (w @ x2.T).T: OpenBLAS then splits the long ``out``
+    dimension, not the N rows, which is 1.5x faster on one thread and several times faster on two (measured with
+    N = 2 .. 128 for bloom-560m's shapes). Same products and sums; only BLAS's blocking (so rounding) may differ.
+    """
+    if 1 < x2.shape[0] <= SKINNY_ROWS and isinstance(w, np.ndarray):
+        return np.ascontiguousarray((w @ x2.T).T)
+    return x2 @ w.mT
+
+
+def linear(x2: np.ndarray, p: dict) -> np.ndarray:
+    """x2 [N, in] @ W.T + b, the bias added in place."""  # -> [N, out]
+    y = matmul_t(x2, p["weight"])
+    np.add(y, p["bias"], out=y)
+    return y
+
+
+def attention(x2, p, alibi, allowed, full_rows, B: int, T: int, n_head: int, cache=None, layer: int = 0):
+    """BloomAttention on x2 [B*T, C] -> [B*T, C] (``model.attention`` without returning the probabilities)."""
+    C = x2.shape[1]
+    H, D = n_head, C // n_head
+    qkv = np.reshape(linear(x2, p["query_key_value"]), (B, T, H, 3, D))
+    q = qkv[:, :, :, 0, :].transpose(0, 2, 1, 3)  # [B, H, T, D] views
+    k = qkv[:, :, :, 1, :].transpose(0, 2, 1, 3)
+    v = qkv[:, :, :, 2, :].transpose(0, 2, 1, 3)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # [B, H, S, D]
+    S = k.shape[2]
+    past = S - T
+    scale = 1.0 / math.sqrt(D)
+    lowest = np.finfo(x2.dtype).min
+    ctx = np.empty((B, T, H, D), x2.dtype)
+    step = max(1, min(T, SCORE_BLOCK_ELEMS // (H * S)))
+    for b in range(B):
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            s = past + t1 if full_rows[b] else S  # keys this block can see (all of them when the row has padding)
+            scores = q[b, :, t0:t1, :] @ k[b, :, :s, :].transpose(0, 2, 1)  # [H, t, s]
+            np.multiply(scores, scale, out=scores)
+            np.add(scores, alibi[b, :, :, :s], out=scores)
+            np.copyto(scores, lowest, where=~allowed[b, :, t0:t1, :s])
+            np.subtract(scores, np.max(scores, axis=-1, keepdims=True), out=scores)
+            np.exp(scores, out=scores)
+            np.divide(scores, np.sum(scores, axis=-1, keepdims=True), out=scores)
+            np.matmul(scores, v[b, :, :s, :], out=ctx[b, t0:t1].transpose(1, 0, 2))  # [H, t, D]
+    return linear(np.reshape(ctx, (B * T, C)), p["dense"])
+
+
+def block(x2, p, alibi, allowed, full_rows, B: int, T: int, cfg: BloomConfig, cache=None, layer: int = 0):
+    """BloomBlock on x2 [B*T, C] (``model.block``); returns a new array, ``x2`` is left as it was."""
+    eps = cfg.layer_norm_epsilon
+    post = cfg.apply_residual_connection_post_layernorm
+    # each sub-module is read once: lazy layers (low-memory, quantized) widen its weights on every access
+    ln = p["input_layernorm"]
+    ln1 = layer_norm(x2, ln["weight"], ln["bias"], eps)
+    a = attention(ln1, p["self_attention"], alibi, allowed, full_rows, B, T, cfg.n_head, cache, layer)
+    np.add(a, ln1 if post else x2, out=a)  # x = residual + attention
+    ln = p["post_attention_layernorm"]
+    ln2 = layer_norm(a, ln["weight"], ln["bias"], eps)
+    mlp = p["mlp"]
+    h = gelu_(linear(ln2, mlp["dense_h_to_4h"]))
+    out = linear(h, mlp["dense_4h_to_h"])
+    del h, mlp
+    np.add(out, ln2 if post else a, out=out)
+    return out
+
+
+_TEACHING = {name: getattr(M, name) for name in ("layer_norm", "gelu", "softmax", "linear", "alibi_bias", "causal_mask",
+                                                  "attention", "mlp", "block", "forward")}
+
+
+def supported(cfg: BloomConfig, output_attentions: bool = False) -> bool:
+    """Whether ``forward`` below covers this call (otherwise use ``model.forward``)."""
+    patched = any(getattr(M, name) is not f for name, f in _TEACHING.items())
+    return not (output_attentions or patched or (cfg.slow_but_exact and cfg.pretraining_tp > 1))
+
+
+def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache=None, output_hidden_states: bool = False,
+            output_attentions: bool = False, logits: str = "all") -> M.BloomOutput:
+    """``model.forward`` for NumPy arrays (same arguments, same ``BloomOutput``)."""
+    if not supported(cfg, output_attentions):
+        return M.forward(params, input_ids, attention_mask, cfg, cache=cache, output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, logits=logits)
+    E = params["word_embeddings"]["weight"]  # [V, C]
+    B, T = input_ids.shape
+    x = np.take(E, np.reshape(input_ids, (-1,)), axis=0)  # [B*T, C]
+    eln = params["word_embeddings_layernorm"]
+    x = layer_norm(x, eln["weight"], eln["bias"], cfg.layer_norm_epsilon)
+    dtype = x.dtype
+    slopes = M._slopes_on(np, cfg.n_head, "float64" if dtype == np.float64 else "float32")
+    alibi = M.alibi_bias(attention_mask, slopes).astype(dtype, copy=False)  # [B, H, 1, S]
+    allowed = M.causal_mask(attention_mask, T)  # [B, 1, T, S]
+    full_rows = np.all(attention_mask != 0, axis=-1)  # [B]: rows without padding
+    C = x.shape[1]
+    hidden = [x]
+    for i, p in enumerate(params["h"]):
+        x = block(x, p, alibi, allowed, full_rows, B, T, cfg, cache, i)
+        if output_hidden_states:
+            hidden.append(x)
+    if cache is not None:
+        cache.length += T
+    x = layer_norm(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.layer_norm_epsilon)
+    if output_hidden_states:
+        hidden[-1] = x
+        hidden = [np.reshape(h, (B, T, C)) for h in hidden]
+    x = np.reshape(x, (B, T, C))
+    if logits == "last":
+        x = x[:, -1:, :]
+    head = params["lm_head"]["weight"] if "lm_head" in params else E  # tied to the embedding unless stored
+    out = None
+    if logits != "none":
+        Bx, Tx, _ = x.shape
+        out = np.reshape(matmul_t(np.reshape(x, (-1, C)), head), (Bx, Tx, head.shape[0]))  # [B, T, V]
+    return M.BloomOutput(out, hidden if output_hidden_states else None, None)
