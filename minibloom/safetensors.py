@@ -164,24 +164,46 @@ class SafetensorsFile:
         return np.frombuffer(self._mm, DTYPES[t.dtype], count, t.begin).reshape(t.shape)
 
     def get(self, name: str, dtype=None) -> np.ndarray:
-        """Tensor ``name`` as ``dtype`` (default: float32 for BF16, else the stored dtype)."""
+        """Tensor ``name`` as ``dtype`` (default: float32 for BF16, else the stored dtype), in fresh memory.
+
+        The bytes are read (``preadv``) straight from the page cache into a new array, converting in 32 MiB pieces, so
+        RSS never holds a second copy of the weights. Fresh anonymous memory, unlike a file mapping, can be backed by
+        huge pages, and a decode step streams every weight once: that alone is ~25% of decode speed. ``raw()`` gives
+        the zero-copy mapped view instead.
+        """
         t = self.info(name)
-        src = self.raw(name)
+        store = DTYPES[t.dtype]
         if dtype is None:
-            dtype = np.float32 if t.dtype == "BF16" else src.dtype
+            dtype = np.float32 if t.dtype == "BF16" else store
         dtype = np.dtype(dtype)
-        if t.dtype != "BF16" and src.dtype == dtype:
-            return src
         if t.dtype == "BF16" and dtype.kind != "f":
             raise MinibloomError(f"{self.path}: tensor {name!r} is BF16 and cannot become {dtype}")
         out = np.empty(t.shape, dtype)
-        flat_src, flat_out = src.reshape(-1), out.reshape(-1)
-        step = max(1, _CHUNK_BYTES // src.dtype.itemsize)
-        for i in range(0, flat_src.size, step):
-            piece = flat_src[i:i + step]
-            flat_out[i:i + step] = bf16_to_f32(piece) if t.dtype == "BF16" else piece
-            self._release(t.begin + i * src.dtype.itemsize, piece.nbytes)
+        flat = out.reshape(-1)
+        if t.dtype != "BF16" and store == dtype:
+            self._read(t.begin, flat)
+            return out
+        step = max(1, _CHUNK_BYTES // store.itemsize)
+        buf = np.empty(min(step, flat.size), store)
+        for i in range(0, flat.size, step):
+            piece = buf[:min(step, flat.size - i)]
+            self._read(t.begin + i * store.itemsize, piece)
+            flat[i:i + piece.size] = bf16_to_f32(piece) if t.dtype == "BF16" else piece
         return out
+
+    def _read(self, offset: int, into: np.ndarray) -> None:
+        """Fill the contiguous array ``into`` with the file's bytes from ``offset``."""
+        mv = memoryview(into).cast("B")
+        done = 0
+        while done < len(mv):
+            if hasattr(os, "preadv"):
+                n = os.preadv(self._f.fileno(), [mv[done:]], offset + done)
+            else:  # no preadv (Windows): seek + readinto
+                self._f.seek(offset + done)
+                n = self._f.readinto(mv[done:])
+            if not n:
+                raise MinibloomError(f"{self.path}: file ended while reading (changed or truncated after opening?)")
+            done += n
 
     def _release(self, begin: int, nbytes: int) -> None:
         """Drop mapped pages we have finished converting from this process's RSS (the page cache keeps them)."""
