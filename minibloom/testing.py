@@ -2,7 +2,7 @@
 
 Tolerance policy: errors are measured relative to the scale of the reference, ``max|a - b| / max|ref|``, because
 logit magnitudes vary by orders of magnitude between random test models and trained checkpoints. The numbers are
-measured (see README "Tolerances"), each with a wide margin over what was observed:
+measured (see README "Use minibloom as an oracle in your CI"), each with a wide margin over what was observed:
 
 - ``FP32``: float32 vs transformers float32. Observed 2e-7 .. 2e-6 on random checkpoints (tiny and 560m shape).
 - ``FP64_VS_HF``: float64 vs transformers float64 with its float32 softmax and float32 ALiBi slopes patched to
@@ -159,7 +159,7 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
 # (tests/test_gguf.py shape, 8 random seeds, max|a-b|/max|ref| vs transformers float32 on the source):
 # F32 3.6e-7, F16 2.4e-4, BF16 2.2e-3, Q8_0 6.7e-3, Q5_0 4.7e-2, Q5_1 4.4e-2, Q4_0 1.1e-1, Q4_1 9.1e-2;
 # bloom-560m shape (scripts/quant_report.py, vs transformers on the source): F16 2.4e-4, BF16 1.9e-3, Q8_0 6.0e-3,
-# Q5_0 5.0e-2, Q5_1 4.6e-2, Q4_0 1.06e-1, Q4_1 8.8e-2 (docs/readme/quantized.md). Limits keep a ~3x margin over
+# Q5_0 5.0e-2, Q5_1 4.6e-2, Q4_0 1.06e-1, Q4_1 8.8e-2 (README, "Quantized BLOOM"). Limits keep a ~3x margin over
 # the worst seen.
 GGUF_VS_SOURCE = {
     "f32": FP32,

@@ -1,4 +1,4 @@
-"""The README section "Use minibloom as an oracle in your CI" (docs/readme/oracle.md) runs as written.
+"""The README section "Use minibloom as an oracle in your CI" runs as written.
 
 Its ```python blocks starting with ``# file: NAME`` are saved under that name, its ```bash blocks are run with bash,
 in order, in a scratch directory that sees the repository's ``tests/`` (the examples use tests/golden/tiny), so the
@@ -16,19 +16,28 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC = os.path.join(ROOT, "docs", "readme", "oracle.md")
+README = os.path.join(ROOT, "README.md")
+TITLE = "## Use minibloom as an oracle in your CI"
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
 
 
+def section() -> str:
+    """The README's oracle section: from its title to the next level-2 heading."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(TITLE)
+    end = text.find("\n## ", start + len(TITLE))
+    return text[start:end if end != -1 else len(text)]
+
+
 def blocks():
-    with open(DOC) as f:
-        return [(lang, body) for lang, body in BLOCK.findall(f.read())]
+    return [(lang, body) for lang, body in BLOCK.findall(section())]
 
 
 def test_the_section_has_runnable_blocks():
     langs = [lang for lang, _ in blocks()]
     assert langs.count("python") >= 2 and langs.count("bash") >= 2
-    assert open(DOC).readline().startswith("## Use minibloom as an oracle in your CI")
+    assert section().startswith(TITLE)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("minibloom") is None,
@@ -69,7 +78,7 @@ def test_the_documented_failure_output_is_what_diff_prints(tmp_path):
     mine["logits"][0, 2:] *= 1.01
     mine["meta"] = {"dtype": "float32"}
     report = diff_traces(save_trace(mine, tmp_path / "broken.npz"), trace(tiny, ids, dtype="float64"))
-    doc = open(DOC).read()
+    doc = section()
     assert not report.passed and report.first_divergence.name == "block 0"
     for r in report.rows:  # same verdicts and, to the printed digits, the same max rel errors
         line = next(ln for ln in doc.splitlines() if ln.startswith(f"{r.name:<22} "))
