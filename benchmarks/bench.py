@@ -415,7 +415,7 @@ def main(argv=None) -> int:
         return 0
     if os.environ.get("OPENBLAS_CORETYPE"):
         print(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; it can pick a slower kernel "
-              "(see README, "Performance")", flush=True)
+              "(see the README's Performance section)", flush=True)
     res = run(args.dir, args.rounds, args.cold_rounds, args.skip_transformers)
     if args.json:
         with open(args.json, "w") as f:
