@@ -17,7 +17,6 @@ logit is still one dot product over C). Only the NumPy backend is supported (the
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,24 +27,6 @@ from .safetensors import bf16_to_f32
 from .weights import LAYER_TENSORS, Checkpoint, check_tensors, nest
 
 HEAD_BLOCK_BYTES = 64 * 2**20  # widened bytes per block of the output head
-
-
-def _release(ckpt: Checkpoint, name: str, lo: int = 0, hi: int | None = None) -> None:
-    """Give the mapped pages of tensor ``name`` (bytes ``lo:hi`` of it) back to the page cache (drops them from RSS)."""
-    sf, key = ckpt.where[name]
-    info = sf.info(key)
-    hi = info.nbytes if hi is None else hi
-    mm = getattr(sf, "_mm", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        return
-    page = mmap.PAGESIZE
-    start = ((info.begin + lo) + page - 1) // page * page  # whole pages inside the range only
-    stop = (info.begin + hi) // page * page
-    if stop > start:
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
-        except (OSError, ValueError):
-            pass
 
 
 def _widen(raw: np.ndarray, stored: str, dtype) -> np.ndarray:
@@ -102,7 +83,7 @@ class LazyMatrix:
             hi = min(V, lo + step)
             block = _widen(self.raw[lo:hi], self.stored, self.dtype)  # [rows, C]
             np.matmul(x, block.T, out=out[:, lo:hi])
-            _release(self.ckpt, self.name, lo * C * itemsize, hi * C * itemsize)
+            self.ckpt.release(self.name, lo * C * itemsize, hi * C * itemsize)
         return out
 
 
@@ -148,7 +129,7 @@ class LazyLayers(Sequence):
         for i in range(len(self)):
             yield self[i]
             for name in self.names(i):  # the caller has moved on: drop this layer's mapped pages from our RSS
-                _release(self.ckpt, name)
+                self.ckpt.release(name)
 
     def __repr__(self) -> str:
         return f"LazyLayers({len(self)} layers, widened to {self.dtype} on access)"

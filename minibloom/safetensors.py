@@ -219,13 +219,16 @@ class SafetensorsFile:
                 raise MinibloomError(f"{self.path}: file ended while reading (changed or truncated after opening?)")
             done += n
 
-    def _release(self, begin: int, nbytes: int) -> None:
-        """Drop mapped pages we have finished converting from this process's RSS (the page cache keeps them)."""
+    def release(self, name: str, lo: int = 0, hi: int | None = None) -> None:
+        """Drop the mapped pages of tensor ``name`` (its bytes ``lo:hi``) from this process's RSS once ``raw()``
+        views of them are no longer needed; the page cache keeps them, so reading them again is cheap."""
+        t = self.info(name)
+        hi = t.nbytes if hi is None else hi
         if self._mm is None or not hasattr(self._mm, "madvise"):
             return
         page = mmap.PAGESIZE
-        start = (begin // page) * page
-        stop = ((begin + nbytes) // page) * page
+        start = (t.begin + lo + page - 1) // page * page  # whole pages inside the range only
+        stop = (t.begin + hi) // page * page
         if stop > start:
             try:
                 self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)

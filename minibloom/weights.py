@@ -129,6 +129,10 @@ class Checkpoint:
         sf, key = self.where[name]
         return sf.raw(key)
 
+    def release(self, name: str, lo: int = 0, hi: int | None = None) -> None:
+        sf, key = self.where[name]
+        sf.release(key, lo, hi)
+
     def describe(self, name: str) -> str:
         sf, key = self.where[name]
         return f"{sf.path}: tensor {key!r}"
