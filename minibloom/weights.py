@@ -52,6 +52,18 @@ def expected_shapes(cfg: BloomConfig, vocab: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def random_params(cfg: BloomConfig, vocab: int, rng: np.random.Generator, std: float = 0.02) -> dict:
+    """A random BLOOM (nested params, float64) for experiments: every tensor N(0, std^2), LayerNorm weights 1 + that.
+
+    ``minibloom.Bloom(cfg, random_params(cfg, V, rng), dtype="float64")`` is a model without any checkpoint file.
+    """
+    flat = {}
+    for name, shape in expected_shapes(cfg, vocab).items():
+        base = 1.0 if name.endswith("layernorm.weight") or name == "ln_f.weight" else 0.0
+        flat[name] = base + std * rng.standard_normal(shape)
+    return nest(flat)
+
+
 def bare_name(key: str) -> str:
     """``transformer.h.0.mlp...`` -> ``h.0.mlp...`` (the bigscience files already use bare names)."""
     return key[len("transformer."):] if key.startswith("transformer.") else key

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import minibloom
 from minibloom import model as M
 from minibloom.config import BloomConfig
-from minibloom.weights import expected_shapes, nest
+from minibloom.weights import expected_shapes, random_params
 
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7, 3.2)})
@@ -39,15 +39,8 @@ cfg = BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=8)
 V = 512
 
 
-def random_params(cfg, vocab, rng, std=0.02):
-    """Every tensor of a BLOOM checkpoint, filled with N(0, std^2) (LayerNorm weights around 1)."""
-    flat = {}
-    for name, shape in expected_shapes(cfg, vocab).items():
-        base = 1.0 if name.endswith("layernorm.weight") or name == "ln_f.weight" else 0.0
-        flat[name] = base + std * rng.standard_normal(shape)
-    return nest(flat)
-
-
+# `random_params` (in `minibloom.weights`) fills every tensor of `expected_shapes(cfg, V)` with N(0, std^2) noise
+# (LayerNorm weights around 1) and nests them under transformers' names: a checkpoint without a file.
 params = random_params(cfg, V, rng)
 model = minibloom.Bloom(cfg, params, dtype="float64")
 model

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import minibloom
 from minibloom import model as M
 from minibloom.config import BloomConfig
-from minibloom.weights import expected_shapes, nest
+from minibloom.weights import random_params
 
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7, 3.2)})
@@ -222,16 +222,7 @@ print(M.causal_mask(padded_mask, 8)[0, 0].astype(int))
 cfg = BloomConfig(vocab_size=256, hidden_size=48, n_layer=2, n_head=6)
 
 
-def random_params(cfg, vocab, rng, std=0.05):
-    """Every tensor of a BLOOM checkpoint, filled with N(0, std^2) (LayerNorm weights around 1)."""
-    flat = {}
-    for name, shape in expected_shapes(cfg, vocab).items():
-        base = 1.0 if name.endswith("layernorm.weight") or name == "ln_f.weight" else 0.0
-        flat[name] = base + std * rng.standard_normal(shape)
-    return nest(flat)
-
-
-model = minibloom.Bloom(cfg, random_params(cfg, 256, rng), dtype="float64")
+model = minibloom.Bloom(cfg, random_params(cfg, 256, rng, std=0.05), dtype="float64")
 ids = rng.integers(4, 256, size=5)
 alone = model(ids[None, :])[0]  # [5, V]
 pad = cfg.pad_token_id
