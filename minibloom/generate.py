@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import MinibloomError
+from .model import softmax
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,17 +52,12 @@ def apply_top_p(scores: np.ndarray, p: float) -> np.ndarray:
     """Nucleus filtering: drop the least likely tokens whose total probability is at most 1 - p (keep >= 1 token)."""
     order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers sorts
     sorted_scores = np.take_along_axis(scores, order, axis=-1)
-    cum = np.cumsum(softmax_np(sorted_scores), axis=-1)
+    cum = np.cumsum(softmax(sorted_scores), axis=-1)
     drop_sorted = cum <= (1.0 - p)
     drop_sorted[:, -1] = False  # the most likely token always stays
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, axis=-1)
     return np.where(drop, -np.inf, scores)
-
-
-def softmax_np(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -148,7 +144,7 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, d
                     scores = apply_top_k(scores, top_k)
                 if top_p is not None and float(top_p) < 1.0:
                     scores = apply_top_p(scores, float(top_p))
-                nxt = sample(softmax_np(scores), rng)
+                nxt = sample(softmax(scores), rng)
             else:
                 nxt = np.argmax(scores, axis=-1).astype(np.int64)
         nxt = np.where(unfinished, nxt, pad)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import minibloom
 from minibloom import chat
 from minibloom import generate as G
+from minibloom import model as M
 from minibloom.testing import FP32, assert_rel_close
 
 rng = np.random.default_rng(0)
@@ -167,7 +168,7 @@ fig.tight_layout()
 # %%
 ctx = np.array([tok.encode("JULIET:\nO Romeo, Romeo! wherefore art thou")])
 z = model(ctx)[0, -1].astype(np.float64)  # [V]
-p = G.softmax_np(z[None])[0]
+p = M.softmax(z[None])[0]
 order = np.argsort(-p)
 print("most likely next tokens:", [(tok.decode([i]), round(float(p[i]), 3)) for i in order[:6]])
 
@@ -178,7 +179,7 @@ def top_k_by_hand(z, k):
 
 
 def top_p_by_hand(z, top_p):
-    probs = G.softmax_np(z[None])[0]
+    probs = M.softmax(z[None])[0]
     idx = np.argsort(-probs, kind="stable")
     before = np.cumsum(probs[idx]) - probs[idx]  # mass of the strictly more likely tokens
     keep = np.zeros(z.shape, bool)
@@ -197,7 +198,7 @@ print("kept by top-k 40:", np.isfinite(top_k_by_hand(z, 40)).sum(),
 fig, ax = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 2]})
 show = order[:25]
 for tau, style in ((0.5, "o-"), (1.0, "s-"), (1.5, "^-")):
-    ax[0].plot(range(25), G.softmax_np(z[None] / tau)[0][show], style, ms=3, label=f"temperature {tau}")
+    ax[0].plot(range(25), M.softmax(z[None] / tau)[0][show], style, ms=3, label=f"temperature {tau}")
 ax[0].set_xticks(range(25), [repr(tok.decode([i]))[1:-1] for i in show], rotation=90, fontsize=7)
 ax[0].set_ylabel("probability")
 ax[0].legend(fontsize=8)
