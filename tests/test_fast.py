@@ -76,15 +76,29 @@ def test_float32_elementwise_pieces_are_bitwise_equal(rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_logits_last_and_none(path, dtype):
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_last_and_none(path, dtype, padded, small_blocks):
+    # the fast path runs the last layer's attention output and MLP on the last position only
     m = minibloom.load(path, dtype=dtype)
-    ids = random_ids(256, (2, 9), seed=4)
-    mask = np.ones(ids.shape, np.int64)
+    if padded:
+        ids, mask = left_pad([random_ids(256, 9, seed=4).tolist(), random_ids(256, 4, seed=6).tolist()])
+    else:
+        ids = random_ids(256, (2, 9), seed=4)
+        mask = np.ones(ids.shape, np.int64)
     full = M.forward(m.params, ids, mask, m.config).logits
     last = fast.forward(m.params, ids, mask, m.config, logits="last").logits
     assert last.shape == (2, 1, full.shape[-1])
     assert_rel_close(last, full[:, -1:], FP64_SELF if dtype == "float64" else FP32, "last logits")
     assert fast.forward(m.params, ids, mask, m.config, logits="none").logits is None
+    # the keys and values of every position still reach the cache: the next step sees them
+    cache_fast = M.KVCache(np, m.config.n_layer, 2, m.config.n_head, m.config.hidden_size // m.config.n_head, 10,
+                           m.params["ln_f"]["weight"].dtype)
+    cache_ref = M.KVCache(np, m.config.n_layer, 2, m.config.n_head, m.config.hidden_size // m.config.n_head, 10,
+                          m.params["ln_f"]["weight"].dtype)
+    fast.forward(m.params, ids, mask, m.config, cache=cache_fast, logits="last")
+    M.forward(m.params, ids, mask, m.config, cache=cache_ref)
+    for a, b in zip(cache_fast.k + cache_fast.v, cache_ref.k + cache_ref.v):
+        assert_rel_close(a, b, FP64_SELF if dtype == "float64" else FP32, "cached keys/values")
 
 
 def test_cached_decode_equals_teaching_path(path, small_blocks):
