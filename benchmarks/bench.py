@@ -177,8 +177,27 @@ def _best(f, n: int) -> float:
     return best
 
 
+def _sustained(f, seconds: float) -> tuple[float, int]:
+    """(total time, calls) of back-to-back calls of ``f`` for at least ``seconds``."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        f()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return dt, n
+
+
 class Limits:
-    """Large sgemv (bytes/s: the decode roofline) and large sgemm (FLOP/s: the forward floor), float32 NumPy."""
+    """Large sgemv (bytes/s: the decode roofline) and large sgemm (FLOP/s: the forward floor), float32 NumPy.
+
+    Each is measured two ways per round: the best single call (35 ms for the sgemv, 0.35 s for the sgemm), and the
+    rate sustained over about a second of back-to-back calls. The second is the one to hold minibloom's figures
+    against: they are rates sustained over seconds too (64 decoded tokens take ~5 s), and on a shared machine a
+    single short call catches quiet moments a long run cannot (here the best sgemv call ran at up to 39 GB/s, while
+    rates held for a second stayed near the ~30 GB/s the issue quotes). Both are printed; the best over the rounds
+    is kept for each, as for minibloom's figures.
+    """
 
     def __init__(self):
         rng = np.random.default_rng(0)
@@ -186,13 +205,18 @@ class Limits:
         self.x = rng.standard_normal((1, 1024), dtype=np.float32)
         self.A = rng.standard_normal((2048, 4096), dtype=np.float32)
         self.B = rng.standard_normal((4096, 4096), dtype=np.float32)
-        self.gbps, self.gflops = 0.0, 0.0
+        self.gbps, self.gflops = 0.0, 0.0  # sustained
+        self.gbps_peak, self.gflops_peak = 0.0, 0.0  # best single call
 
     def measure(self) -> None:
-        t = _best(lambda: self.x @ self.W.T, 3)
-        self.gbps = max(self.gbps, self.W.nbytes / t / 1e9)
-        t = _best(lambda: self.A @ self.B.T, 2)
-        self.gflops = max(self.gflops, 2 * self.A.shape[0] * self.A.shape[1] * self.B.shape[0] / t / 1e9)
+        gemv, gemm = (lambda: self.x @ self.W.T), (lambda: self.A @ self.B.T)
+        flop = 2 * self.A.shape[0] * self.A.shape[1] * self.B.shape[0]
+        self.gbps_peak = max(self.gbps_peak, self.W.nbytes / _best(gemv, 3) / 1e9)
+        dt, n = _sustained(gemv, 1.0)
+        self.gbps = max(self.gbps, n * self.W.nbytes / dt / 1e9)
+        self.gflops_peak = max(self.gflops_peak, flop / _best(gemm, 2) / 1e9)
+        dt, n = _sustained(gemm, 1.5)
+        self.gflops = max(self.gflops, n * flop / dt / 1e9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +346,8 @@ def run(directory: str = DEFAULT_DIR, rounds: int = 3, cold_rounds: int = 3, ski
     rss = {e: session_rss(e, directory) for e in engines}
 
     res = {"C": C, "L": L, "V": V, "n_params": n_params, "weight_bytes": weight_bytes, "gbps": limits.gbps,
-           "gflops": limits.gflops, "best": {f"{e}:{k}": v for (e, k), v in best.items()}, "load": load,
+           "gflops": limits.gflops, "gbps_peak": limits.gbps_peak, "gflops_peak": limits.gflops_peak,
+           "best": {f"{e}:{k}": v for (e, k), v in best.items()}, "load": load,
            "cold": cold, "rss": rss, "rounds": rounds}
     report(res, engines)
     return res
@@ -359,9 +384,14 @@ def report(res: dict, engines: list[str]) -> None:
     print()
     print(f"bloom-560m shape ({res['n_params'] / 1e6:.1f} M params, {res['weight_bytes'] / 1e9:.2f} GB fp32), "
           f"best of {res['rounds']} rounds, {os.cpu_count()} CPUs")
-    print(f"measured limits: sgemv {res['gbps']:.1f} GB/s -> decode roofline {roof_tps:.2f} tok/s; "
-          f"sgemm {res['gflops']:.0f} GFLOP/s -> all-logits floor {floor_all:.2f} s, last-logits floor "
+    print(f"measured limits, sustained for ~1 s: sgemv {res['gbps']:.1f} GB/s -> decode roofline {roof_tps:.2f} "
+          f"tok/s; sgemm {res['gflops']:.0f} GFLOP/s -> all-logits floor {floor_all:.2f} s, last-logits floor "
           f"{floor_last:.2f} s")
+    peak = res.get("gbps_peak")
+    if peak:
+        print(f"best single calls: sgemv {peak:.1f} GB/s -> {peak * 1e9 / res['weight_bytes']:.2f} tok/s; sgemm "
+              f"{res['gflops_peak']:.0f} GFLOP/s -> floors {flops_all / (res['gflops_peak'] * 1e9):.2f} s and "
+              f"{flops_last / (res['gflops_peak'] * 1e9):.2f} s")
     print()
     print(f"| {'measurement':<36} | {'minibloom':>10} | {'transformers':>12} | {'ratio (mb better if >1)':>23} |")
     print(f"|{'-' * 38}|{'-' * 12}:|{'-' * 14}:|{'-' * 25}:|")
@@ -380,6 +410,10 @@ def report(res: dict, engines: list[str]) -> None:
     print(f"minibloom decode = {frac_decode:.1%} of the sgemv roofline; all-logits forward = {frac_fwd:.1%} of the "
           f"sgemm floor; time to first token = {ttft_over_floor:.2f}x the last-logits floor; "
           f"session peak RSS = {rss_ratio:.2f}x the fp32 weight bytes")
+    if peak:
+        print(f"against the best single calls instead: decode {mb_tps / (peak * 1e9 / res['weight_bytes']):.1%}, "
+              f"all-logits forward {flops_all / (res['gflops_peak'] * 1e9) / val('minibloom', 'forward_all'):.1%}, "
+              f"time to first token {val('minibloom', 'ttft') / (flops_last / (res['gflops_peak'] * 1e9)):.2f}x")
     print()
     targets = [
         ("decode >= 90% of roofline", frac_decode >= 0.90, f"{frac_decode:.1%}"),

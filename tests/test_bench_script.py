@@ -26,3 +26,38 @@ def test_minibloom_bench_help():
     with pytest.raises(SystemExit) as e:
         main(["bench", "--help"])
     assert e.value.code == 0
+
+
+def test_report_judges_targets_against_the_measured_limits(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    C, L, V = 1024, 24, 250880
+    n = V * C + 4 * C + L * (12 * C * C + 13 * C)
+    wb = 4 * n
+    gbps, gflops = 30.0, 200.0
+    roof = gbps * 1e9 / wb  # tok/s
+    floor_all = 2 * bench.LONG * n / (gflops * 1e9)
+    floor_last = (2 * bench.LONG * (n - V * C) + 2 * V * C) / (gflops * 1e9)
+    best = {"minibloom:decode1": bench.NEW / (0.95 * roof), "transformers:decode1": bench.NEW / (0.5 * roof),
+            "minibloom:forward_all": floor_all / 0.80, "transformers:forward_all": floor_all / 0.80 * 1.2,
+            "minibloom:ttft": 1.1 * floor_last, "transformers:ttft": 1.1 * floor_last / 0.8,
+            "minibloom:decode8": 10.0, "transformers:decode8": 20.0}
+    res = {"C": C, "L": L, "V": V, "n_params": n, "weight_bytes": wb, "gbps": gbps, "gflops": gflops,
+           "gbps_peak": 40.0, "gflops_peak": 220.0, "best": best, "load": {"minibloom": 3.5, "transformers": 2.0},
+           "cold": {"minibloom": 1.0, "transformers": 4.0}, "rss": {"minibloom": (int(1.1 * wb), int(1.3 * wb)),
+                                                                 "transformers": (3 * 10**9, 4 * 10**9)},
+           "rounds": 3}
+    bench.report(res, ["minibloom", "transformers"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.splitlines()
+            if line.startswith("| ") and line.rstrip().endswith(("PASS |", "FAIL |"))}
+    assert rows == {
+        "decode >= 90% of roofline": "PASS", "decode >= 1.2x transformers": "PASS",
+        "all-logits forward >= 90% of sgemm floor": "FAIL", "all-logits forward >= 1.15x transformers": "PASS",
+        "TTFT <= 1.2x last-logits floor": "PASS", "TTFT <= 0.85x transformers": "PASS",
+        "cold start <= 0.5x transformers": "PASS", "session peak RSS <= 1.25x fp32 weights": "PASS",
+        "load <= 3 s (warm page cache)": "FAIL"}
+    assert "95.0%" in out and "best single calls" in out
