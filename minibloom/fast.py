@@ -41,6 +41,8 @@ SKINNY_ROWS = 128  # up to this many rows, x @ W.T is computed as (W @ x.T).T (s
 def _mean(x: np.ndarray) -> np.ndarray:
     """``np.mean(x, axis=-1, keepdims=True)`` (same sum, same division) without its Python-level bookkeeping, which
     costs more than the arithmetic on the single rows of decoding."""
+    if x.dtype == np.float16:  # np.mean sums float16 in float32
+        return np.mean(x, axis=-1, keepdims=True)
     s = np.add.reduce(x, axis=-1, keepdims=True)
     np.divide(s, x.shape[-1], out=s)
     return s

@@ -60,6 +60,9 @@ def test_float32_elementwise_pieces_are_bitwise_equal(rng):
     x = rng.standard_normal((5, 48)).astype(np.float32) * 3
     w, b = rng.standard_normal(48).astype(np.float32), rng.standard_normal(48).astype(np.float32)
     np.testing.assert_array_equal(fast.layer_norm(x, w, b, 1e-5), M.layer_norm(x, w, b, 1e-5))
+    for dtype in (np.float16, np.float64):  # float16: NumPy's mean sums in float32, and so must the fast path
+        xd, wd, bd = (a.astype(dtype) for a in (np.tile(x, (1, 40)), np.tile(w, 40), np.tile(b, 40)))
+        np.testing.assert_array_equal(fast.layer_norm(xd, wd, bd, 1e-5), M.layer_norm(xd, wd, bd, 1e-5))
     np.testing.assert_array_equal(fast.gelu_(x.copy()), M.gelu(x))
     big = rng.standard_normal((37, 48)).astype(np.float32) * 3
     blocks_before = fast.GELU_BLOCK_ELEMS
