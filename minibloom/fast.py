@@ -26,6 +26,7 @@ or a bug in minibloom; the patch must then take effect).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -62,7 +63,8 @@ def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
 
 
 def gelu_(x: np.ndarray, bias=None) -> np.ndarray:
-    """``model.gelu(x + bias)`` in place, in its order of operations: x*0.5 * (1 + tanh(0.79788456*x * (1 + 0.044715*x*x))).
+    """``model.gelu(x + bias)`` in place, in its order of operations:
+    x*0.5 * (1 + tanh(0.79788456*x * (1 + 0.044715*x*x))).
 
     Works through ``x`` [N, F] a block of rows at a time, so the bias add and the two temporaries stay in cache.
     """
@@ -102,15 +104,10 @@ def linear(x2: np.ndarray, p: dict) -> np.ndarray:
     return y
 
 
+@lru_cache(maxsize=64)
 def _upper(t: int) -> np.ndarray:
     """[t, t] bool, True strictly above the diagonal: the keys after each query in a causal square."""
-    m = _UPPER.get(t)
-    if m is None:
-        m = _UPPER[t] = np.triu(np.ones((t, t), bool), 1)
-    return m
-
-
-_UPPER: dict[int, np.ndarray] = {}
+    return np.triu(np.ones((t, t), bool), 1)
 
 
 def attend(q, k, v, bias, out, scale: float, allowed=None) -> None:

@@ -94,10 +94,7 @@ def test_logits_last_and_none(path, dtype, padded, small_blocks):
     assert_rel_close(last, full[:, -1:], FP64_SELF if dtype == "float64" else FP32, "last logits")
     assert fast.forward(m.params, ids, mask, m.config, logits="none").logits is None
     # the keys and values of every position still reach the cache: the next step sees them
-    cache_fast = M.KVCache(np, m.config.n_layer, 2, m.config.n_head, m.config.hidden_size // m.config.n_head, 10,
-                           m.params["ln_f"]["weight"].dtype)
-    cache_ref = M.KVCache(np, m.config.n_layer, 2, m.config.n_head, m.config.hidden_size // m.config.n_head, 10,
-                          m.params["ln_f"]["weight"].dtype)
+    cache_fast, cache_ref = m.new_cache(2, 10), m.new_cache(2, 10)
     fast.forward(m.params, ids, mask, m.config, cache=cache_fast, logits="last")
     M.forward(m.params, ids, mask, m.config, cache=cache_ref)
     for a, b in zip(cache_fast.k + cache_fast.v, cache_ref.k + cache_ref.v):
