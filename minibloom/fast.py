@@ -13,7 +13,8 @@ float32 to float32 rounding). What changes is only how the arrays are handled:
   scale goes on q and the softmax's division on the [t, D] result (``attend``): two fewer passes over the scores,
   again only a matter of rounding. Rows with padding see every key, as in the teaching path (a fully masked pad
   query is uniform over all S keys);
-- only the logits asked for are computed (``logits="last"`` multiplies one row per sequence by the head);
+- only the logits asked for are computed (``logits="last"`` multiplies one row per sequence by the head); many
+  logits go into memory reused from earlier calls' logits once those are gone (``BufferPool``);
 - products with a few rows (batched decoding) put the weight first, ``(W @ x.T).T``, which OpenBLAS runs much faster
   than ``x @ W.T`` (``matmul_t``).
 
@@ -26,17 +27,21 @@ or a bug in minibloom; the patch must then take effect).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from functools import lru_cache
 
 import numpy as np
 
 from . import model as M
 from .config import BloomConfig
+from .safetensors import anonymous_memory
 
 SCORE_BLOCK_ELEMS = 1 << 18  # heads x queries x keys per attention block (1 MB in float32: stays in L2)
 HEADS_PER_BLOCK = 4  # heads per attention block (fewer, larger BLAS calls than one head at a time)
 GELU_BLOCK_ELEMS = 1 << 16  # elements per block of the in-place GeLU (256 KB in float32)
 SKINNY_ROWS = 128  # up to this many rows, x @ W.T is computed as (W @ x.T).T (see matmul_t)
+POOL_MIN_BYTES = 64 << 20  # logits arrays from this size on reuse the memory of earlier ones (see BufferPool)
 
 
 def _mean(x: np.ndarray) -> np.ndarray:
@@ -102,6 +107,55 @@ def linear(x2: np.ndarray, p: dict) -> np.ndarray:
     y = matmul_t(x2, p["weight"])
     np.add(y, p["bias"], out=y)
     return y
+
+
+class BufferPool:
+    """Memory for big output arrays (all the logits of a long prompt), reused once an earlier array is gone.
+
+    Fresh memory is paid for on first touch: the kernel faults it in page by page, and on a virtual machine that
+    hands freed memory back to its host (free page reporting, as on the 2-core machines of issue 8) the host must
+    back it again too. For bloom-560m's 512 x 250880 float32 logits (514 MB) that measured 0.16-1.1 s there,
+    against 1.4 s for the head's product itself. The pool keeps the memory of the last such array once nothing
+    refers to it any more (no view, no buffer export: ``weakref.finalize`` on the array that owns the mapping, which
+    every view keeps alive) and hands it to the next request of a similar size. It holds at most one spare buffer;
+    ``clear()`` drops it.
+    """
+
+    def __init__(self, min_bytes: int):
+        self.min_bytes = min_bytes
+        self._spare = None
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised C-ordered array, in pooled memory if it is at least ``min_bytes``."""
+        dtype = np.dtype(dtype)
+        n = math.prod(shape)
+        nbytes = n * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return np.empty(shape, dtype)
+        with self._lock:
+            buf = self._spare
+            if buf is not None and nbytes <= len(buf) <= 2 * nbytes:  # the spare fits (not much too big either)
+                self._spare = None
+            else:
+                buf = None
+        if buf is None:
+            buf = anonymous_memory(nbytes)
+        owner = np.frombuffer(buf, dtype, n)
+        weakref.finalize(owner, self._give_back, buf).atexit = False
+        return owner.reshape(shape)
+
+    def _give_back(self, buf) -> None:
+        with self._lock:
+            self._spare = buf
+
+    def clear(self) -> None:
+        """Forget the spare buffer (its memory goes back to the system)."""
+        with self._lock:
+            self._spare = None
+
+
+BUFFERS = BufferPool(POOL_MIN_BYTES)
 
 
 @lru_cache(maxsize=64)
@@ -253,5 +307,10 @@ def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache=None, out
     out = None
     if logits != "none":
         Bx, Tx, _ = x.shape
-        out = np.reshape(matmul_t(np.reshape(x, (-1, C)), head), (Bx, Tx, head.shape[0]))  # [B, T, V]
+        x2 = np.reshape(x, (-1, C))
+        if x2.shape[0] > SKINNY_ROWS and isinstance(head, np.ndarray):  # many logits: into reused memory
+            out = np.matmul(x2, head.mT, out=BUFFERS.empty((x2.shape[0], head.shape[0]), x2.dtype))
+        else:
+            out = matmul_t(x2, head)
+        out = np.reshape(out, (Bx, Tx, head.shape[0]))  # [B, T, V]
     return M.BloomOutput(out, hidden if output_hidden_states else None, None)

@@ -130,9 +130,13 @@ def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < (1 << 20):
         return np.empty(shape, dtype)
+    return np.frombuffer(anonymous_memory(nbytes), dtype).reshape(shape)
+
+
+def anonymous_memory(nbytes: int) -> mmap.mmap:
+    """``nbytes`` of private anonymous memory in 4 KiB pages (``mmap(-1, n)`` alone would be MAP_SHARED)."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    buf = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)  # Windows: no flags argument
-    return np.frombuffer(buf, dtype).reshape(shape)
+    return mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)  # Windows: no flags argument
 
 
 class SafetensorsFile:

@@ -101,6 +101,37 @@ def test_logits_last_and_none(path, dtype, padded, small_blocks):
         assert_rel_close(a, b, FP64_SELF if dtype == "float64" else FP32, "cached keys/values")
 
 
+def test_many_logits_reuse_memory_only_once_released(path, monkeypatch):
+    # every logits array of this tiny model counts as "many" (over SKINNY_ROWS rows, over the pool's minimum)
+    monkeypatch.setattr(fast, "SKINNY_ROWS", 4)
+    monkeypatch.setattr(fast, "BUFFERS", fast.BufferPool(min_bytes=1))
+    m = minibloom.load(path)
+    ids = random_ids(256, (2, 17), seed=9)
+    mask = np.ones(ids.shape, np.int64)
+
+    def logits():
+        return fast.forward(m.params, ids, mask, m.config).logits
+
+    ref = M.forward(m.params, ids, mask, m.config).logits
+    a = logits()
+    assert_rel_close(a, ref, FP32, "logits in pooled memory")
+    with monkeypatch.context() as mp:  # the same product into fresh memory: bitwise the same
+        mp.setattr(fast.BUFFERS, "min_bytes", 1 << 62)
+        assert np.array_equal(logits(), a)
+    address, expected = a.ctypes.data, a.copy()
+    view = a[1, 3:5]  # a view keeps the memory taken: the next logits must not land there
+    del a
+    b = logits()
+    assert b.ctypes.data != address
+    assert np.array_equal(view, expected[1, 3:5]) and np.array_equal(b, expected)
+    del view  # now the first array is gone entirely: its memory is reused, and filled anew
+    c = logits()
+    assert c.ctypes.data == address and np.array_equal(c, expected)
+    del c
+    assert fast.BUFFERS.empty((3,), np.float32).ctypes.data != address  # a much smaller request: its own memory
+    assert logits().ctypes.data == address  # ... and the spare is still there for the next one that fits
+
+
 def test_cached_decode_equals_teaching_path(path, small_blocks):
     m = minibloom.load(path, dtype="float64")
     ids, mask = left_pad([random_ids(256, 10, seed=5).tolist(), random_ids(256, 7, seed=6).tolist()])
