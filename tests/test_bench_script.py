@@ -61,3 +61,18 @@ def test_report_judges_targets_against_the_measured_limits(capsys):
         "cold start <= 0.5x transformers": "PASS", "session peak RSS <= 1.25x fp32 weights": "PASS",
         "load <= 3 s (warm page cache)": "FAIL"}
     assert "95.0%" in out and "best single calls" in out
+
+    # without transformers (--skip-transformers) its targets are not measured, neither passed nor failed
+    mine = {k: v for k, v in best.items() if k.startswith("minibloom:")}
+    alone = dict(res, best=mine, load={"minibloom": 0.5}, cold={"minibloom": 1.0},
+                 rss={"minibloom": res["rss"]["minibloom"]})
+    bench.report(alone, ["minibloom"])
+    out = capsys.readouterr().out
+    verdicts = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.splitlines()
+                if line.startswith("| ") and line.rstrip().endswith(("PASS |", "FAIL |", "not measured |"))}
+    assert verdicts == {
+        "decode >= 90% of roofline": "PASS", "decode >= 1.2x transformers": "not measured",
+        "all-logits forward >= 90% of sgemm floor": "FAIL", "all-logits forward >= 1.15x transformers": "not measured",
+        "TTFT <= 1.2x last-logits floor": "PASS", "TTFT <= 0.85x transformers": "not measured",
+        "cold start <= 0.5x transformers": "not measured", "session peak RSS <= 1.25x fp32 weights": "PASS",
+        "load <= 3 s (warm page cache)": "PASS"}
