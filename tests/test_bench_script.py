@@ -52,14 +52,13 @@ def test_report_judges_targets_against_the_measured_limits(capsys):
            "rounds": 3}
     bench.report(res, ["minibloom", "transformers"])
     out = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.splitlines()
-            if line.startswith("| ") and line.rstrip().endswith(("PASS |", "FAIL |"))}
-    assert rows == {
+    expected = {
         "decode >= 90% of roofline": "PASS", "decode >= 1.2x transformers": "PASS",
         "all-logits forward >= 90% of sgemm floor": "FAIL", "all-logits forward >= 1.15x transformers": "PASS",
         "TTFT <= 1.2x last-logits floor": "PASS", "TTFT <= 0.85x transformers": "PASS",
         "cold start <= 0.5x transformers": "PASS", "session peak RSS <= 1.25x fp32 weights": "PASS",
         "load <= 3 s (warm page cache)": "FAIL"}
+    assert _verdicts(out) == expected
     assert "95.0%" in out and "best single calls" in out
 
     # without transformers (--skip-transformers) its targets are not measured, neither passed nor failed
@@ -67,12 +66,12 @@ def test_report_judges_targets_against_the_measured_limits(capsys):
     alone = dict(res, best=mine, load={"minibloom": 0.5}, cold={"minibloom": 1.0},
                  rss={"minibloom": res["rss"]["minibloom"]})
     bench.report(alone, ["minibloom"])
-    out = capsys.readouterr().out
-    verdicts = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.splitlines()
-                if line.startswith("| ") and line.rstrip().endswith(("PASS |", "FAIL |", "not measured |"))}
-    assert verdicts == {
-        "decode >= 90% of roofline": "PASS", "decode >= 1.2x transformers": "not measured",
-        "all-logits forward >= 90% of sgemm floor": "FAIL", "all-logits forward >= 1.15x transformers": "not measured",
-        "TTFT <= 1.2x last-logits floor": "PASS", "TTFT <= 0.85x transformers": "not measured",
-        "cold start <= 0.5x transformers": "not measured", "session peak RSS <= 1.25x fp32 weights": "PASS",
-        "load <= 3 s (warm page cache)": "PASS"}
+    expected = {name: "not measured" if "transformers" in name else verdict for name, verdict in expected.items()}
+    expected["load <= 3 s (warm page cache)"] = "PASS"  # 0.5 s this time
+    assert _verdicts(capsys.readouterr().out) == expected
+
+
+def _verdicts(out: str) -> dict[str, str]:
+    """The report's target table: {target: PASS / FAIL / not measured}."""
+    return {line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.splitlines()
+            if line.startswith("| ") and line.rstrip().endswith(("PASS |", "FAIL |", "not measured |"))}
