@@ -9,12 +9,14 @@ What it does (issue 8 of minibloom, "performance"):
 2. starts two long-lived worker processes, one per engine, each loading the model once (load time measured there);
 3. runs every measurement in rounds, engines alternating (the order flips each round) and the machine's limits
    measured in the same rounds (a large NumPy sgemv for the memory-bandwidth roofline, a large sgemm for the
-   compute floor); keeps the best of the rounds; a shared, noisy machine affects both engines alike, so the ratios
-   are the meaningful figures;
+   compute floor), and minibloom's two 512-token forward passes reduced to their matrix products (what they would
+   take if nothing else cost time); keeps the best of the rounds; a shared, noisy machine affects both engines
+   alike, so the ratios are the meaningful figures;
 4. measures cold start (fresh ``python`` process: imports, load, one generated token) and peak RSS of a session in
    fresh processes, alternating too;
 5. prints every figure for both engines, their ratio, minibloom's decode as a fraction of the bandwidth roofline and
-   its forward passes as a fraction of the sgemm floor, and each target of the issue with PASS/FAIL.
+   its forward passes as a fraction of the sgemm floor, how much of each pass is products and how close to the
+   floor it could come with the rest split perfectly over both cores, and each target of the issue with PASS/FAIL.
 
 Both engines run greedy decoding through their ``generate`` (minibloom: ``Bloom.generate``; transformers:
 ``model.generate(do_sample=False)``), with no eos stop so every run produces the same number of tokens.
@@ -25,6 +27,7 @@ each library actually uses.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -79,6 +82,36 @@ class MinibloomEngine:
     def first_token(self, ids: np.ndarray):
         return self.generate(ids, 1)
 
+    @functools.lru_cache(maxsize=1)
+    def product_inputs(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Random activations [T, C] and [T, 4C] for ``products`` (made once: the worker's ``warmup`` makes them
+        before anything is timed)."""
+        C = self.model.params["word_embeddings"]["weight"].shape[1]
+        rng = np.random.default_rng(0)
+        return rng.standard_normal((length, C), dtype=np.float32), rng.standard_normal((length, 4 * C), np.float32)
+
+    def products(self, length: int, logits: str) -> None:
+        """Only the matrix products of a ``length``-token forward pass, back to back, on the model's own weights: each
+        layer's four linear maps for every position (the last layer's last three for one position when only the last
+        logits are wanted, as ``fast.forward`` does), then the head for every position (into pooled memory, as there)
+        or for the last one. What the pass would take if attention, LayerNorm, GeLU and the adds took no time."""
+        from minibloom import fast
+
+        P = self.model.params
+        x, h = self.product_inputs(length)
+        for i, p in enumerate(P["h"]):
+            attn, mlp = p["self_attention"], p["mlp"]
+            fast.matmul_t(x, attn["query_key_value"]["weight"])  # keys and values are made for every position
+            n = 1 if logits == "last" and i == len(P["h"]) - 1 else length
+            fast.matmul_t(x[:n], attn["dense"]["weight"])
+            fast.matmul_t(x[:n], mlp["dense_h_to_4h"]["weight"])
+            fast.matmul_t(h[:n], mlp["dense_4h_to_h"]["weight"])
+        head = P["lm_head"]["weight"] if "lm_head" in P else P["word_embeddings"]["weight"]  # [V, C]
+        if logits == "all":
+            np.matmul(x, head.mT, out=fast.BUFFERS.empty((length, head.shape[0]), x.dtype))
+        else:
+            fast.matmul_t(x[-1:], head)
+
 
 class TransformersEngine:
     def __init__(self, path: str):
@@ -130,8 +163,12 @@ def worker(engine: str, path: str) -> None:
             eng.forward_all(_ids(1, LONG, eng.vocab))
         elif op == "ttft":
             eng.first_token(_ids(1, LONG, eng.vocab))
+        elif op == "products":
+            eng.products(LONG, cmd["logits"])
         elif op == "warmup":
             eng.generate(_ids(1, 4, eng.vocab), 2)
+            if engine == "minibloom":
+                eng.product_inputs(LONG)
         dt = time.perf_counter() - t
         out.write(json.dumps({"s": dt, "maxrss": peak_rss()}) + "\n")
         out.flush()
@@ -298,7 +335,8 @@ def machine() -> str:
         ram = float("nan")
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                                      "OPENBLAS_CORETYPE") if k in os.environ)
-    return f"{cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM, numpy {np.__version__}; {env or 'no thread variables set'}"
+    env = env or "no thread variables set"
+    return f"{cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM, numpy {np.__version__}; {env}"
 
 
 def run(directory: str = DEFAULT_DIR, rounds: int = 3, cold_rounds: int = 3, skip_transformers: bool = False) -> dict:
@@ -316,6 +354,10 @@ def run(directory: str = DEFAULT_DIR, rounds: int = 3, cold_rounds: int = 3, ski
     engines = ["minibloom"] + ([] if skip_transformers else ["transformers"])
     workers = {e: Worker(e, directory) for e in engines}
     best: dict[tuple[str, str], float] = {}
+
+    def keep(engine: str, key: str, seconds: float) -> None:
+        best[(engine, key)] = min(best.get((engine, key), float("inf")), seconds)
+
     load = {e: w.load_s for e, w in workers.items()}
     limits = Limits()
     try:
@@ -329,10 +371,11 @@ def run(directory: str = DEFAULT_DIR, rounds: int = 3, cold_rounds: int = 3, ski
             order = engines if r % 2 == 0 else engines[::-1]
             for key, op, kw in ops:
                 for e in order:
-                    s = workers[e].ask(op, **kw)["s"]
-                    best[(e, key)] = min(best.get((e, key), float("inf")), s)
-            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{e[:2]} {k} {best[(e, k)]:.2f}s"
-                                                          for k, _, _ in ops for e in engines), flush=True)
+                    keep(e, key, workers[e].ask(op, **kw)["s"])
+            for logits in ("last", "all"):  # the same passes' matrix products alone (minibloom's weights)
+                keep("minibloom", f"products_{logits}", workers["minibloom"].ask("products", logits=logits)["s"])
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{e[:2]} {k} {v:.2f}s" for (e, k), v in best.items()),
+                  flush=True)
         limits.measure()
     finally:
         for w in workers.values():
@@ -351,6 +394,19 @@ def run(directory: str = DEFAULT_DIR, rounds: int = 3, cold_rounds: int = 3, ski
            "cold": cold, "rss": rss, "rounds": rounds}
     report(res, engines)
     return res
+
+
+def products_breakdown(ttft: float, products_last: float, floor_last: float, forward: float, products_all: float,
+                       floor_all: float) -> str:
+    """Where the two forward passes' time goes against the floors: their matrix products alone (timed back to back
+    in the same run), and the rest (attention, LayerNorm, GeLU, adds), which runs on one core while OpenBLAS's other
+    thread waits. The bound assumes that rest split perfectly over both cores and the products as fast as alone."""
+    rest_last, rest_all = ttft - products_last, forward - products_all
+    return (f"matrix products alone: first token {products_last:.2f} s ({products_last / floor_last:.2f}x the floor) "
+            f"+ {rest_last:.2f} s of the rest; all-logits forward {products_all:.2f} s "
+            f"({floor_all / products_all:.1%} of the floor) + {rest_all:.2f} s. With the rest split perfectly over "
+            f"both cores: first token >= {(products_last + rest_last / 2) / floor_last:.2f}x the floor, all-logits "
+            f"forward <= {floor_all / (products_all + rest_all / 2):.1%} of it")
 
 
 def report(res: dict, engines: list[str]) -> None:
@@ -416,6 +472,9 @@ def report(res: dict, engines: list[str]) -> None:
         print(f"against the best single calls instead: decode {mb_tps / peak_roof:.1%}, all-logits forward "
               f"{peak_floor_all / val('minibloom', 'forward_all'):.1%}, time to first token "
               f"{val('minibloom', 'ttft') / peak_floor_last:.2f}x")
+    if "minibloom:products_last" in b:
+        print(products_breakdown(val("minibloom", "ttft"), b["minibloom:products_last"], floor_last,
+                                 val("minibloom", "forward_all"), b["minibloom:products_all"], floor_all))
     print()
 
     def vs_hf(row: int, limit: float, inverse: bool):

@@ -44,7 +44,8 @@ def test_report_judges_targets_against_the_measured_limits(capsys):
     best = {"minibloom:decode1": bench.NEW / (0.95 * roof), "transformers:decode1": bench.NEW / (0.5 * roof),
             "minibloom:forward_all": floor_all / 0.80, "transformers:forward_all": floor_all / 0.80 * 1.2,
             "minibloom:ttft": 1.1 * floor_last, "transformers:ttft": 1.1 * floor_last / 0.8,
-            "minibloom:decode8": 10.0, "transformers:decode8": 20.0}
+            "minibloom:decode8": 10.0, "transformers:decode8": 20.0,
+            "minibloom:products_last": 1.04 * floor_last, "minibloom:products_all": 1.05 * floor_all}
     res = {"C": C, "L": L, "V": V, "n_params": n, "weight_bytes": wb, "gbps": gbps, "gflops": gflops,
            "gbps_peak": 40.0, "gflops_peak": 220.0, "best": best, "load": {"minibloom": 3.5, "transformers": 2.0},
            "cold": {"minibloom": 1.0, "transformers": 4.0}, "rss": {"minibloom": (int(1.1 * wb), int(1.3 * wb)),
@@ -60,6 +61,9 @@ def test_report_judges_targets_against_the_measured_limits(capsys):
         "load <= 3 s (warm page cache)": "FAIL"}
     assert _verdicts(out) == expected
     assert "95.0%" in out and "best single calls" in out
+    # products alone 1.04x / 1.05x the floors; the rest (0.06 and 0.20 floors) halved: 1.07x and 1 / 1.15 = 87.0%
+    assert "(1.04x the floor)" in out and "(95.2% of the floor)" in out
+    assert "first token >= 1.07x the floor" in out and "forward <= 87.0% of it" in out
 
     # without transformers (--skip-transformers) its targets are not measured, neither passed nor failed
     mine = {k: v for k, v in best.items() if k.startswith("minibloom:")}
