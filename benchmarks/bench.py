@@ -93,8 +93,9 @@ class MinibloomEngine:
     def products(self, length: int, logits: str) -> None:
         """Only the matrix products of a ``length``-token forward pass, back to back, on the model's own weights: each
         layer's four linear maps for every position (the last layer's last three for one position when only the last
-        logits are wanted, as ``fast.forward`` does), then the head for every position (into pooled memory, as there)
-        or for the last one. What the pass would take if attention, LayerNorm, GeLU and the adds took no time."""
+        logits are wanted, as ``fast.forward`` does), then the head for every position or for the last one (with
+        ``fast.forward``'s own ``logits_product``). What the pass would take if attention, LayerNorm, GeLU and the
+        adds took no time."""
         from minibloom import fast
 
         P = self.model.params
@@ -107,10 +108,7 @@ class MinibloomEngine:
             fast.matmul_t(x[:n], mlp["dense_h_to_4h"]["weight"])
             fast.matmul_t(h[:n], mlp["dense_4h_to_h"]["weight"])
         head = P["lm_head"]["weight"] if "lm_head" in P else P["word_embeddings"]["weight"]  # [V, C]
-        if logits == "all":
-            np.matmul(x, head.mT, out=fast.BUFFERS.empty((length, head.shape[0]), x.dtype))
-        else:
-            fast.matmul_t(x[-1:], head)
+        fast.logits_product(x if logits == "all" else x[-1:], head)
 
 
 class TransformersEngine:

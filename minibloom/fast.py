@@ -258,6 +258,13 @@ def block(x2, p, alibi, allowed, full_rows, B: int, T: int, cfg: BloomConfig, ca
     return out
 
 
+def logits_product(x2: np.ndarray, head) -> np.ndarray:
+    """x2 [N, C] @ head.T for the head [V, C] -> logits [N, V]; many rows go into reused memory (``BUFFERS``)."""
+    if x2.shape[0] > SKINNY_ROWS and isinstance(head, np.ndarray):
+        return np.matmul(x2, head.mT, out=BUFFERS.empty((x2.shape[0], head.shape[0]), x2.dtype))
+    return matmul_t(x2, head)
+
+
 _TEACHING = {name: getattr(M, name) for name in ("layer_norm", "gelu", "softmax", "linear", "alibi_bias", "causal_mask",
                                                   "attention", "mlp", "block", "forward")}
 
@@ -307,10 +314,5 @@ def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache=None, out
     out = None
     if logits != "none":
         Bx, Tx, _ = x.shape
-        x2 = np.reshape(x, (-1, C))
-        if x2.shape[0] > SKINNY_ROWS and isinstance(head, np.ndarray):  # many logits: into reused memory
-            out = np.matmul(x2, head.mT, out=BUFFERS.empty((x2.shape[0], head.shape[0]), x2.dtype))
-        else:
-            out = matmul_t(x2, head)
-        out = np.reshape(out, (Bx, Tx, head.shape[0]))  # [B, T, V]
+        out = np.reshape(logits_product(np.reshape(x, (-1, C)), head), (Bx, Tx, head.shape[0]))  # [B, T, V]
     return M.BloomOutput(out, hidden if output_hidden_states else None, None)
