@@ -1,33 +1,151 @@
-"""Tolerances and assertions for checking BLOOM logits against minibloom (the project's own tests use these too).
+"""Verdict policies and assertions for checking BLOOM logits against minibloom (the project's own tests use these too).
 
-Tolerance policy: errors are measured relative to the scale of the reference, ``max|a - b| / max|ref|``, because
-logit magnitudes vary by orders of magnitude between random test models and trained checkpoints. The numbers are
-measured (see README "Use minibloom as an oracle in your CI"), each with a wide margin over what was observed:
+Errors are measured over the positions the attention mask says are real, relative to the scale of the reference
+(``max|a - b| / max|ref|``), because logit magnitudes vary by orders of magnitude between random test models and
+trained checkpoints. One number is not enough for low precision: a policy (``Policy``) bounds up to five figures,
 
-- ``FP32``: float32 vs transformers float32. Observed 2e-7 .. 2e-6 on random checkpoints (tiny and 560m shape).
-- ``FP64_VS_HF``: float64 vs transformers float64 with its float32 softmax and float32 ALiBi slopes patched to
-  float64 (``tests/factory.py::hf_float64_exact``). Observed ~1e-15.
-- ``FP64_SELF``: float64 paths of minibloom against each other (KV cache vs full pass, batch vs single row).
-- ``FP16``, ``BF16``, ``QUANTIZED``: other implementations in lower precision against minibloom float64 (measured
-  below); ``tolerance_for(dtype)`` picks the policy, ``assert_logits_close`` applies it.
+- ``rel``: max|actual - reference| / max|reference| over the logits;
+- ``kl_mean`` / ``kl_max``: KL(reference || actual) of the next-token distributions, mean and max over positions;
+- ``top1``: the least share of positions whose argmax token must agree;
+- ``hidden_rel``: the same relative error for every hidden state of a trace (``minibloom diff``).
+
+The limits per implementation kind (float32, float16, int8-dynamic, q8_0, nf4, ...) are *measured*: ``minibloom
+calibrate`` (``minibloom/calibrate.py``) runs correct ports of every kind and a matrix of planted port bugs on random
+and trained checkpoints and writes ``minibloom/policies.json``, which is read here; each limit sits between the worst
+correct port and the bugs (README, "Choosing a policy"). ``FP64_VS_HF`` and ``FP64_SELF`` are exact-arithmetic
+bounds, not calibrated: float64 against transformers in float64 with its float32 softmax and slopes patched (~1e-15
+observed), and float64 paths of minibloom against each other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from .errors import MinibloomError
 
 
 @dataclass(frozen=True)
 class Tolerance:
+    """A verdict policy. ``rel`` always applies; the other parts apply when set (None = not checked)."""
+
     rel: float  # on max|a - b| / max|ref|
     what: str
+    kind: str = ""
+    kl_mean: float | None = None  # nats
+    kl_max: float | None = None
+    top1: float | None = None  # minimum share of agreeing argmax tokens
+    hidden_rel: float | None = None  # per hidden state in a trace (default: rel)
+    reference: str = ""  # "same file" or "unquantized"
 
 
-FP32 = Tolerance(1e-4, "float32 vs transformers float32")
-FP64_VS_HF = Tolerance(1e-10, "float64 vs transformers float64 (softmax and slopes patched to float64)")
-FP64_SELF = Tolerance(1e-12, "float64 vs float64 within minibloom")
+Policy = Tolerance
+
+FP64_VS_HF = Tolerance(1e-10, "float64 vs transformers float64 (softmax and slopes patched to float64)", "float64",
+                       reference="same file")
+FP64_SELF = Tolerance(1e-12, "float64 vs float64 within minibloom", "float64")
+
+POLICY_FILE = os.path.join(os.path.dirname(__file__), "policies.json")
+_WHAT = {
+    "float32": "float32 implementation (BLAS order) vs minibloom float64",
+    "float32-gelu-table": "float32 with ggml's fp16 GeLU table and fp16 KV cache (llama.cpp f32) vs minibloom float64",
+    "float16": "float16 weights and activations vs minibloom float64 on the unquantized checkpoint",
+    "bfloat16": "bfloat16 weights and activations vs minibloom float64 on the unquantized checkpoint",
+    "int8-weight-only": "int8 weights, float activations vs minibloom float64 on the unquantized checkpoint",
+    "int8-dynamic": "int8 weights and dynamically quantized activations (CTranslate2 int8, ONNX Runtime dynamic "
+                    "int8) vs minibloom float64 on the unquantized checkpoint",
+    "q8_0": "ggml Q8_0 kernels vs minibloom float64 on the same GGUF file",
+    "q4_0": "ggml Q4_0 (and Q4_1 / Q5_x) kernels vs minibloom float64 on the same GGUF file",
+    "q4_k": "ggml k-quant kernels (Q4_K ...) vs minibloom float64 on the same GGUF file",
+    "nf4": "bitsandbytes 4-bit kernels vs minibloom float64 on the same bnb checkpoint",
+}
+
+
+def _load_policies(path: str = POLICY_FILE) -> dict[str, Tolerance]:
+    with open(path) as f:
+        doc = json.load(f)
+    out = {}
+    for kind, p in doc["policies"].items():
+        out[kind] = Tolerance(float(p["rel"]), _WHAT.get(kind, kind), kind, float(p["kl_mean"]), float(p["kl_max"]),
+                              float(p["top1"]), float(p["hidden_rel"]), p["reference"])
+    return out
+
+
+POLICIES: dict[str, Tolerance] = {"float64": FP64_VS_HF, **_load_policies()}
+FP32 = POLICIES["float32"]
+FP16 = POLICIES["float16"]
+BF16 = POLICIES["bfloat16"]
+QUANTIZED = POLICIES["q4_k"] if POLICIES["q4_k"].rel >= POLICIES["q4_0"].rel else POLICIES["q4_0"]
+
+_ALIASES = {
+    "fp64": "float64", "double": "float64", "f64": "float64",
+    "fp32": "float32", "float": "float32", "f32": "float32", "single": "float32",
+    "fp16": "float16", "half": "float16", "f16": "float16", "int8_float16": "int8-dynamic",
+    "bf16": "bfloat16", "int8_bfloat16": "int8-dynamic",
+    "int8": "int8-dynamic", "int8_float32": "int8-dynamic", "qint8": "int8-dynamic", "quint8": "int8-dynamic",
+    "int8-dynamic": "int8-dynamic", "int8_dynamic": "int8-dynamic", "dynamic-int8": "int8-dynamic",
+    "int8-weight-only": "int8-weight-only", "int8_weight_only": "int8-weight-only", "w8a16": "int8-weight-only",
+    "ggml-f32": "float32-gelu-table", "llama.cpp-f32": "float32-gelu-table",
+    "fp4": "nf4", "int4": "nf4", "bnb4": "nf4", "bnb-4bit": "nf4", "bnb_4bit": "nf4",
+}
+
+
+def _kind_name(name: str, implementation: str | None = None) -> str | None:
+    """Canonical kind for a dtype / quantization name, or None when unknown."""
+    n = name.strip().lower().replace("torch.", "")
+    n = _ALIASES.get(n, n)
+    if n in POLICIES:
+        if n == "float32" and implementation and any(w in implementation.lower() for w in ("llama", "ggml", "gguf")):
+            return "float32-gelu-table"
+        return n
+    if n.startswith("q8"):
+        return "q8_0"
+    if n.startswith(("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq")):
+        return "q4_k"
+    if n.startswith(("q4", "q5")):
+        return "q4_0"
+    if n.startswith("nf4"):
+        return "nf4"
+    return None
+
+
+def policy_for(kind, implementation: str | None = None) -> Tolerance:
+    """The verdict policy for ``kind``: a kind name (``KINDS`` of ``minibloom.calibrate``: "float32", "float16",
+    "int8-dynamic", "q8_0", "nf4", ...), an alias ("fp16", "bf16", "int8", "Q4_K_M", CTranslate2's "int8_float16"),
+    or a NumPy / torch dtype. ``implementation`` (a trace's ``meta["implementation"]``) names the engine: a float32
+    llama.cpp / ggml port gets the ``float32-gelu-table`` policy. Raises ``MinibloomError`` for an unknown name."""
+    if isinstance(kind, Tolerance):
+        return kind
+    name = "" if kind is None else (kind if isinstance(kind, str) else str(getattr(kind, "name", None) or kind))
+    canon = _kind_name(name, implementation)
+    if canon is None:
+        raise MinibloomError(f"kind: {name!r} names no verdict policy; use one of {', '.join(POLICIES)} "
+                             "(or an alias such as fp16, bf16, int8, q4_k_m)")
+    return POLICIES[canon]
+
+
+def tolerance_for(dtype, quantized: bool = False) -> Tolerance:
+    """The policy for numbers computed in ``dtype`` (a name like "float16", "bf16", "q4_0", "nf4", or a NumPy /
+    torch dtype); ``quantized`` with a float dtype means kernels on quantized weights (``QUANTIZED``); a name that
+    names no policy -> ``FP32``."""
+    try:
+        pol = policy_for(dtype)
+    except MinibloomError:
+        pol = FP32
+    if quantized and pol.kind in ("float32", "float16", "bfloat16", "float64", ""):
+        return QUANTIZED
+    return pol
+
+
+def _as_policy(tol) -> Tolerance:
+    if isinstance(tol, Tolerance):
+        return tol
+    if isinstance(tol, str):
+        return policy_for(tol)
+    return Tolerance(float(tol), f"max relative error {float(tol):.1e}", "custom")
 
 
 def rel_error(actual, reference) -> float:
@@ -41,46 +159,135 @@ def rel_error(actual, reference) -> float:
 
 
 def assert_rel_close(actual, reference, tol: Tolerance | float, what: str = "") -> float:
-    """Fail unless ``rel_error(actual, reference) <= tol``; return the error (so tests can report it)."""
-    limit = tol.rel if isinstance(tol, Tolerance) else float(tol)
+    """Fail unless ``rel_error(actual, reference) <= tol`` (a policy's ``rel`` part); return the error."""
+    limit = _as_policy(tol).rel
     err = rel_error(actual, reference)
     if not np.isfinite(err) or err > limit:
         a = np.asarray(actual, dtype=np.float64)
         r = np.asarray(reference, dtype=np.float64)
-        idx = np.unravel_index(np.argmax(np.abs(a - r)), r.shape) if r.size else ()
+        idx = tuple(int(i) for i in np.unravel_index(np.argmax(np.abs(a - r)), r.shape)) if r.size else ()
         raise AssertionError(f"{what or 'arrays'}: relative max error {err:.3e} > {limit:.1e} "
-                             f"(max|ref| {np.max(np.abs(r)):.4g}; worst at {idx}: {a[idx]!r} vs {r[idx]!r})")
+                             f"(max|ref| {float(np.max(np.abs(r))):.4g}; worst at {idx}: {float(a[idx]):.6g} vs "
+                             f"{float(r[idx]):.6g})")
     return err
 
 
-# ---- tolerances for lower precisions and quantized weights ---------------------------------------------------
-# Measured with scripts/measure_tolerances.py against minibloom float64 on random checkpoints (every parameter
-# randomized) from 3 layers x 64 to the bloom-560m shape; the worst figure of each is quoted, and the limits keep a
-# margin of ~4x over it (errors grow with depth, and trained weights have outlier features).
-# FP16 / BF16: transformers run in that dtype (weights rounded too). Worst observed: 6.7e-3 / 5.2e-2 (560m shape).
-FP16 = Tolerance(3e-2, "float16 weights and activations vs minibloom float64")
-BF16 = Tolerance(2.5e-1, "bfloat16 weights and activations vs minibloom float64")
-# QUANTIZED: a quantized kernel vs minibloom float64 running the *same* quantized checkpoint (minibloom dequantizes
-# GGUF / bitsandbytes blocks exactly): what remains is the kernel's own rounding, e.g. llama.cpp quantizing the
-# activations to Q8_0 blocks for its dot products. Worst observed: 8.4e-2 (Q8_0 weights, 560m shape), 6.7e-2 (Q4_0).
-# Against the *unquantized* model the error is the quantization itself (model dependent, 0.07 for Q8_0 and 0.64 for
-# Q4_0 on the random 560m shape): no tolerance makes sense there; compare top-1 tokens or perplexity instead.
-QUANTIZED = Tolerance(3e-1, "quantized kernel vs minibloom float64 on the same quantized weights")
-
-_BY_DTYPE = {"float64": FP64_VS_HF, "float32": FP32, "float16": FP16, "bfloat16": BF16}
-_ALIASES = {"fp64": "float64", "double": "float64", "f64": "float64", "fp32": "float32", "float": "float32",
-            "f32": "float32", "fp16": "float16", "half": "float16", "f16": "float16", "bf16": "bfloat16"}
+# ---- logits verdicts -------------------------------------------------------------------------------------------
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def tolerance_for(dtype, quantized: bool = False) -> Tolerance:
-    """The policy tolerance for numbers computed in ``dtype`` (a name like "float16", "bf16", "q4_0", "nf4", or a
-    NumPy / torch dtype); ``QUANTIZED`` when ``quantized`` or the name is a quantization format; unknown ->
-    ``FP32``."""
-    name = str(dtype).lower().replace("torch.", "") if dtype is not None else ""
-    name = _ALIASES.get(name, name)
-    if quantized or name.startswith(("q", "nf4", "fp4", "int4", "int8", "iq")):
-        return QUANTIZED
-    return _BY_DTYPE.get(name, FP32)
+def logit_metrics(actual, reference, attention_mask=None) -> dict:
+    """Figures of ``actual`` against ``reference`` (both [B, T, V]) over the positions where ``attention_mask`` is 1:
+    ``rel``, ``kl_mean`` and ``kl_max`` (KL(reference || actual), nats, float64), ``top1`` (share of equal argmax),
+    ``positions``, and ``worst`` = (row, position, vocab index) of the largest |actual - reference|."""
+    a = np.asarray(actual, np.float64)
+    r = np.asarray(reference, np.float64)
+    if a.shape != r.shape or a.ndim != 3:
+        raise MinibloomError(f"logits: shape {a.shape} against the reference's {r.shape} (want equal [B, T, V])")
+    real = np.ones(a.shape[:2], bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if real.shape != a.shape[:2]:
+        raise MinibloomError(f"attention_mask: shape {real.shape} does not match the logits' [B, T] {a.shape[:2]}")
+    rows, cols = np.nonzero(real)
+    if rows.size == 0:
+        raise MinibloomError("attention_mask: no real position to compare")
+    ar, rr = a[rows, cols], r[rows, cols]  # [N, V]
+    if not np.all(np.isfinite(ar)):
+        n, v = np.argwhere(~np.isfinite(ar))[0]
+        nan = float("nan")
+        return {"rel": nan, "kl_mean": nan, "kl_max": nan, "top1": 0.0, "positions": int(rows.size),
+                "worst": (int(rows[n]), int(cols[n]), int(v))}
+    d = np.abs(ar - rr)
+    n, v = np.unravel_index(int(np.argmax(d)), d.shape)
+    scale = float(np.max(np.abs(rr)))
+    lp, lq = _log_softmax(rr), _log_softmax(ar)
+    kl = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+    return {"rel": float(d[n, v]) / scale if scale > 0 else float(d[n, v]), "kl_mean": float(kl.mean()),
+            "kl_max": float(kl.max()), "top1": float(np.mean(ar.argmax(-1) == rr.argmax(-1))),
+            "positions": int(rows.size), "worst": (int(rows[n]), int(cols[n]), int(v))}
+
+
+@dataclass
+class Verdict:
+    """A policy applied to one candidate's logits: the figures, which parts failed, and where it is worst."""
+
+    policy: Tolerance
+    rel: float
+    kl_mean: float
+    kl_max: float
+    top1: float
+    positions: int
+    worst: tuple  # (row, position, vocab index)
+    worst_values: tuple  # (actual, reference) at ``worst``
+    input_id: int | None = None  # the input token at (row, position)
+    failed: list[str] = field(default_factory=list)
+    what: str = "logits"
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def parts(self) -> list[tuple[str, str, bool]]:
+        """(part, "measured vs limit", passed) for every part the policy checks."""
+        p = self.policy
+        out = [("rel", f"max|A-B|/max|B| {self.rel:.3e} <= {p.rel:.2g}", "rel" not in self.failed)]
+        if p.kl_mean is not None:
+            out.append(("kl_mean", f"KL mean {self.kl_mean:.3e} <= {p.kl_mean:.2g}", "kl_mean" not in self.failed))
+        if p.kl_max is not None:
+            out.append(("kl_max", f"KL max {self.kl_max:.3e} <= {p.kl_max:.2g}", "kl_max" not in self.failed))
+        if p.top1 is not None:
+            out.append(("top1", f"top-1 agreement {100 * self.top1:.2f}% >= {100 * p.top1:.1f}%",
+                        "top1" not in self.failed))
+        return out
+
+    def message(self) -> str:
+        row, pos, tok = self.worst
+        a, r = self.worst_values
+        inp = "" if self.input_id is None else f" (input token {self.input_id})"
+        head = (f"{self.what}: {'PASS' if self.passed else 'FAIL'} under policy {self.policy.kind or 'custom'!r} "
+                f"({self.policy.what}) over {self.positions} real positions")
+        lines = [head] + [f"  {'ok  ' if ok else 'FAIL'} {text}" for _, text, ok in self.parts()]
+        lines.append(f"  worst logit: row {row}, position {pos}{inp}, token {tok}: {a:.6g} vs {r:.6g} (reference)")
+        lines.append(f"  KL mean {self.kl_mean:.3e}, KL max {self.kl_max:.3e} nats; "
+                     f"top-1 token agreement: {100 * self.top1:.2f}% of positions")
+        return "\n".join(lines)
+
+
+def check_logits(actual, reference, attention_mask=None, policy=None, input_ids=None,
+                 what: str = "logits") -> Verdict:
+    """Judge a candidate's logits against reference logits (arrays [B, T, V] or [T, V]; any array type, torch
+    bfloat16 too) at the positions ``attention_mask`` marks real (any layout: left, right or inner padding).
+
+    ``policy``: a ``Policy``, a kind name ("float16", "int8", "q8_0", ...), a number (a relative bound alone), or
+    None for the policy of ``actual``'s dtype. This is the entry point for logits that minibloom did not compute:
+    an engine's output saved to disk, or another framework's tensors.
+    """
+    a, dtype = _numpy_of(actual)
+    r, _ = _numpy_of(reference)
+    if a.ndim == 2:
+        a = a[None]
+    if r.ndim == 2:
+        r = r[None]
+    mask = None if attention_mask is None else np.asarray(attention_mask)
+    if mask is not None and mask.ndim == 1:
+        mask = mask[None]
+    pol = policy_for(dtype) if policy is None else _as_policy(policy)
+    m = logit_metrics(a, r, mask)
+    failed = []
+    if not m["rel"] <= pol.rel:
+        failed.append("rel")
+    for part in ("kl_mean", "kl_max"):
+        limit = getattr(pol, part)
+        if limit is not None and not m[part] <= limit:
+            failed.append(part)
+    if pol.top1 is not None and not m["top1"] >= pol.top1:
+        failed.append("top1")
+    row, pos, tok = m["worst"]
+    ids = None if input_ids is None else np.asarray(input_ids).reshape(a.shape[:2])
+    return Verdict(pol, m["rel"], m["kl_mean"], m["kl_max"], m["top1"], m["positions"], m["worst"],
+                   (float(a[row, pos, tok]), float(r[row, pos, tok])),
+                   None if ids is None else int(ids[row, pos]), failed, what)
 
 
 def _numpy_of(actual) -> tuple[np.ndarray, str]:
@@ -124,16 +331,17 @@ def reference_logits(model, input_ids, attention_mask=None) -> np.ndarray:
     return reference_model(model)(input_ids, attention_mask)
 
 
-def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tolerance | float | None = None,
-                        what: str = "logits") -> float:
+def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tolerance | float | str | None = None,
+                        what: str = "logits", *, kind: str | None = None) -> float:
     """Check another implementation's logits against minibloom's float64 logits for the same checkpoint and ids.
 
     ``actual``: [batch, seq, vocab] (or [seq, vocab] for one row), any array type and dtype (torch bfloat16 too).
-    ``model``: a ``minibloom.Bloom``, a checkpoint directory / file, or a hub id. Only positions where
-    ``attention_mask`` is 1 are compared. ``tol``: a ``Tolerance`` or a number (relative to ``max|reference|``);
-    by default the policy for ``actual``'s dtype (``tolerance_for``). Quantized weights cannot be seen in the
-    logits' dtype: pass ``tol=QUANTIZED`` (and ``model`` = the same quantized checkpoint). Returns the measured
-    relative error.
+    ``model``: a ``minibloom.Bloom``, a checkpoint directory / file, or a hub id: the *unquantized* checkpoint for
+    ports whose engine cast or quantized the weights itself (float16, bfloat16, CTranslate2 / ONNX Runtime int8), the
+    *same* GGUF / bitsandbytes file for ports of a quantized file. Only positions where ``attention_mask`` is 1 are
+    compared. ``kind`` (or ``tol``: a policy, a kind name or a bare relative bound) selects the policy; by default
+    the one for ``actual``'s dtype — quantized weights cannot be seen in the logits' dtype, so name their kind
+    ("q8_0", "int8", "nf4", ...). Raises ``AssertionError`` with every part of the verdict; returns the relative error.
     """
     a, dtype = _numpy_of(actual)
     ref = reference_logits(model, input_ids, attention_mask)
@@ -141,16 +349,14 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
         a = a[None]
     if a.shape != ref.shape:
         raise AssertionError(f"{what}: shape {a.shape} but the reference logits for these input_ids are {ref.shape}")
-    tol = tolerance_for(dtype) if tol is None else tol
-    if attention_mask is not None:
-        real = np.asarray(attention_mask).reshape(ref.shape[:2]).astype(bool)
-        a, ref = a[real], ref[real]
-    try:
-        return assert_rel_close(a, ref, tol, f"{what} ({dtype}) vs minibloom float64")
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n  to find the first layer that differs, write a trace of your implementation "
-                             "(format: minibloom.trace) and compare it with `minibloom trace --dtype float64` "
-                             "using `minibloom diff`") from None
+    pol = policy_for(kind) if kind is not None else (policy_for(dtype) if tol is None else _as_policy(tol))
+    mask = None if attention_mask is None else np.asarray(attention_mask).reshape(ref.shape[:2])
+    verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64")
+    if not verdict.passed:
+        raise AssertionError(verdict.message() + "\n  to find the first layer that differs, write a trace of your "
+                             "implementation (format: minibloom.trace) and compare it with `minibloom trace --dtype "
+                             "float64` using `minibloom diff`")
+    return verdict.rel
 
 
 # ---- GGUF files vs the unquantized source, per ggml type ---------------------------------------------------------
@@ -173,3 +379,20 @@ GGUF_VS_SOURCE = {
 }
 BNB_VS_DEQUANT = Tolerance(2e-4, "bitsandbytes 4-bit checkpoint vs transformers float32 on bnb's own dequantized "
                                  "weights")
+
+
+def verify_trace(candidate, model, kind: str | None = None):
+    """Judge another engine's trace (a ``.npz`` path or a trace dict; logits alone are enough) against minibloom's
+    float64 run of ``model`` on the same input ids and mask: the ``minibloom.trace.DiffReport`` of ``diff_traces``,
+    under the policy of ``kind`` (default: the candidate's ``meta`` kind / dtype)."""
+    from .trace import _as_trace, diff_traces, trace
+
+    cand = _as_trace(candidate, str(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate")
+    if kind is not None:
+        policy_for(kind)  # a bad name fails here, naming the kinds
+        cand["meta"] = {**cand["meta"], "kind": kind}
+    ref = trace(reference_model(model), cand["input_ids"], cand["attention_mask"])
+    ref["meta"]["model"] = str(getattr(model, "path", None) or model)
+    if cand["hidden_states"] is None:
+        ref["hidden_states"] = None
+    return diff_traces(cand, ref)

@@ -42,17 +42,60 @@ def _read_json(path: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+PADDING_SIDES = ("left", "right")
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ids -> ``(input_ids, attention_mask)`` [batch, longest], shorter rows padded on the left (BLOOM's
-    tokenizer pads on the left, so every row's last token sits in the last column)."""
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> ``(input_ids, attention_mask)`` [batch, longest], shorter rows padded with ``pad_id`` on
+    ``side``: "left" (BLOOM's tokenizer: every row's last token sits in the last column) or "right" (every row starts
+    in column 0; the pads come after its last token). The mask is 1 on real tokens and 0 on pads."""
+    if side not in PADDING_SIDES:
+        raise MinibloomError(f"padding side: expected 'left' or 'right', got {side!r}")
+    if len(rows) == 0:
+        raise MinibloomError("rows: nothing to pad (no rows)")
     T = max(len(r) for r in rows)
     ids = np.full((len(rows), T), pad_id, np.int64)
     mask = np.zeros((len(rows), T), np.int64)
     for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
-        mask[i, T - len(r):] = 1
+        cols = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        ids[i, cols] = r
+        mask[i, cols] = 1
     return ids, mask
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> ``(input_ids, attention_mask)`` [batch, longest], shorter rows padded on the left (BLOOM's
+    tokenizer pads on the left, so every row's last token sits in the last column)."""
+    return pad_rows(rows, pad_id, "left")
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> ``(input_ids, attention_mask)`` [batch, longest], shorter rows padded on the right (every row
+    starts in column 0; its real positions see the same ALiBi positions and keys as the row alone)."""
+    return pad_rows(rows, pad_id, "right")
+
+
+def _row_side(row: np.ndarray) -> str:
+    real = np.flatnonzero(row)
+    if real.size == row.size:
+        return "none"
+    if real.size == 0 or real[-1] - real[0] + 1 != real.size:
+        return "mixed"  # no real token, or a hole between real tokens
+    if real[-1] == row.size - 1:
+        return "left"
+    return "right" if real[0] == 0 else "mixed"  # pads on both sides: mixed
+
+
+def padding_side(attention_mask) -> str:
+    """Which side an attention mask ([seq] or [batch, seq] of 0/1) pads on: "none" (all ones), "left" or "right"
+    (every padded row's real tokens are one run that ends in the last / starts in the first column), else "mixed"
+    (rows padded on different sides, on both sides, with holes, or with no real token). The inverse of ``pad_rows``."""
+    m = np.atleast_2d(np.asarray(attention_mask))
+    sides = {_row_side(row) for row in m} - {"none"}
+    if not sides:
+        return "none"
+    return sides.pop() if len(sides) == 1 else "mixed"
+
 
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` with BLOOM's conventions: no implicit special tokens, left padding, special ids.
@@ -124,15 +167,17 @@ class Tokenizer:
             raise MinibloomError("text: expected a string or a list of strings")
         return [e.ids for e in self._tk.encode_batch(list(text), add_special_tokens=False)]
 
-    def encode_batch(self, texts: Sequence[str], pad_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ``(input_ids, attention_mask)`` [batch, longest] for ``texts`` (BLOOM pads on the left)."""
+    def encode_batch(self, texts: Sequence[str], pad_token_id: int | None = None, *,
+                     padding_side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+        """Padded ``(input_ids, attention_mask)`` [batch, longest] for ``texts``: on the left by default (BLOOM's
+        ``padding_side``), on the right with ``padding_side="right"``."""
         rows = self.encode(list(texts))
         if not rows or any(len(r) == 0 for r in rows):
             raise MinibloomError("texts: every text must encode to at least one token")
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         if pad is None:
             raise MinibloomError(f"{self.path}: the tokenizer has no <pad> token; pass pad_token_id=")
-        return left_pad(rows, pad)
+        return pad_rows(rows, pad, padding_side)
 
     def decode(self, ids, skip_special_tokens: bool = False):
         """Text of ``ids`` ([seq] -> str, [batch, seq] -> list of str). Special tokens are kept unless skipped."""

@@ -204,6 +204,8 @@ class DiffReport:
     names: tuple[str, str] = ("A", "B")
     notes: list[str] = field(default_factory=list)
     top1_agreement: float | None = None  # fraction of real positions where argmax(logits) agree
+    policy: object = None  # the minibloom.testing.Policy applied
+    verdict: object = None  # the logits' minibloom.testing.Verdict (None without logits in both traces)
 
     @property
     def passed(self) -> bool:
@@ -216,14 +218,21 @@ class DiffReport:
 
     def table(self) -> str:
         """The report as a fixed-width text table followed by the verdict."""
-        lines = [f"A: {self.names[0]}", f"B: {self.names[1]} (reference)",
-                 f"tolerance: max|A - B| <= {self.atol:.1e} + {self.rtol:.1e} * max|B|, per layer", ""]
+        pol = self.policy
+        lines = [f"A: {self.names[0]}", f"B: {self.names[1]} (reference)"]
+        if pol is not None and pol.kind != "custom":
+            lines.append(f"policy: {pol.kind} ({pol.what}); hidden states: max|A - B| <= {self.rtol:.2g} * max|B|")
+        else:
+            lines.append(f"tolerance: max|A - B| <= {self.atol:.1e} + {self.rtol:.1e} * max|B|, per layer")
+        lines.append("")
         lines.append(f"{'layer':<22} {'max abs err':>12} {'mean abs err':>12} {'max rel err':>12}  result")
         for r in self.rows:
             lines.append(f"{r.name:<22} {r.max_abs:>12.3e} {r.mean_abs:>12.3e} {r.max_rel:>12.3e}  "
                          f"{'ok' if r.passed else 'FAIL'}")
         lines += [""] + [f"note: {n}" for n in self.notes]
-        if self.top1_agreement is not None:
+        if self.verdict is not None:
+            lines += self.verdict.message().splitlines()
+        elif self.top1_agreement is not None:
             lines.append(f"top-1 token agreement: {100 * self.top1_agreement:.2f}% of positions")
         first = self.first_divergence
         lines.append("all layers agree" if first is None else f"first divergence: {first.name} ({first.key})")
@@ -254,12 +263,33 @@ def _as_trace(t, what: str) -> dict:
     raise MinibloomError(f"{what}: expected a trace dict or a path to a .npz trace, got {type(t).__name__}")
 
 
-def default_rtol(*metas: dict) -> float:
-    """The tolerance for comparing traces computed in these precisions: the policy of the least precise one
-    (``minibloom.testing.tolerance_for``)."""
-    from .testing import tolerance_for
+def diff_policy(candidate: dict, reference: dict):
+    """The verdict policy (``minibloom.testing``) for candidate trace meta ``candidate`` against ``reference``.
 
-    return max(tolerance_for(m.get("dtype"), bool(m.get("quantized"))).rel for m in metas)
+    The candidate's ``meta["kind"]`` or ``meta["dtype"]`` names its precision and selects the policy; an engine named
+    in ``meta["implementation"]`` refines it (llama.cpp / ggml float32 -> ``float32-gelu-table``), and so does a
+    reference traced from a GGUF file (a float32 port of a GGUF file is a ggml port). A reference computed in lower
+    precision than the candidate (not float64) makes the looser of the two policies apply. An unknown name falls back
+    to float32 (with a note).
+    """
+    from .testing import POLICIES, FP32, policy_for
+
+    def pol(meta: dict):
+        impl = str(meta.get("implementation") or "")
+        name = meta.get("kind") or meta.get("dtype")
+        try:
+            return policy_for(name, impl)
+        except MinibloomError:
+            return None
+
+    p = pol(candidate) or FP32
+    ref_model = str(reference.get("model") or "")
+    if p.kind == "float32" and ref_model.endswith(".gguf") and not candidate.get("kind"):
+        p = POLICIES["float32-gelu-table"]
+    r = pol(reference)
+    if r is not None and r.kind != "float64" and r.rel > p.rel:
+        p = r
+    return p
 
 
 def _computed_dtype(t: dict) -> dict:
@@ -283,27 +313,131 @@ def _errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return max_abs, float(np.mean(d)), (max_abs / scale if scale > 0 else max_abs)
 
 
+def explain_input_mismatch(ta: dict, tb: dict, names: tuple[str, str]) -> str | None:
+    """Why traces ``ta`` and ``tb`` (validated dicts) cannot be compared position by position, in words a user can act
+    on; None when they can: the same attention_mask and the same ids at every real position (pad ids may differ: a
+    pad never reaches a real position's output). Cases, most specific first: the same real tokens laid out
+    differently (left vs right padding, other lengths), the same ids with another mask (which rows), different shapes
+    (batch / seq), different ids (the first row and position that differ, and both ids)."""
+    from .tokenizer import padding_side
+
+    na, nb = names
+    ia, ib = ta["input_ids"], tb["input_ids"]
+    ma, mb = ta["attention_mask"], tb["attention_mask"]
+    (Ba, Ta), (Bb, Tb) = (tuple(int(n) for n in x.shape) for x in (ia, ib))  # plain ints in every message
+    same_shape = (Ba, Ta) == (Bb, Tb)
+
+    if same_shape and np.array_equal(ma, mb):
+        differ = np.argwhere((ia != ib) & (mb != 0))  # [N, 2] real positions whose ids differ
+        if len(differ) == 0:
+            return None
+        r, c = (int(i) for i in differ[0])
+        return (f"{na} and {nb} were made from different input_ids: row {r}, position {c} holds token "
+                f"{int(ia[r, c])} in {na} but {int(ib[r, c])} in {nb} ({len(differ)} real position(s) differ); "
+                "trace both from the same ids")
+
+    def real_tokens(ids, mask):
+        return [[int(t) for t in ids[i][mask[i] != 0]] for i in range(ids.shape[0])]
+
+    ra, rb = real_tokens(ia, ma), real_tokens(ib, mb)
+    sa, sb = padding_side(ma), padding_side(mb)
+    words = {"none": "not padded", "left": "left-padded", "right": "right-padded",
+             "mixed": "padded in a mixed layout (rows padded on different sides or with holes)"}
+
+    def layout(B, T, side):
+        return f"{B} row(s) x {T} positions, {words[side]}"
+
+    if ra == rb:  # the same tokens in every row, laid out differently
+        shortest_layout = Ta == max((len(x) for x in ra), default=0)  # what `minibloom trace --padding` would make
+        if sa in ("left", "right") and shortest_layout:
+            how = f"make the reference with `minibloom trace --padding {sa}` (same --ids / --text)"
+        elif sa == "none":
+            how = "make the reference without padding (`minibloom trace` pads no row when all are equally long)"
+        else:
+            how = (f"make the reference with {na}'s attention_mask: save it (np.save('mask.npy', mask)) and run "
+                   "`minibloom trace --mask mask.npy` with every --ids row in full, pad ids included")
+        if sa != sb and same_shape:
+            what = f"{na} is {words[sa]}, {nb} is {words[sb]}"
+        else:
+            what = f"{na} is {layout(Ba, Ta, sa)}, {nb} is {layout(Bb, Tb, sb)}"
+        return (f"{what}: both hold the same real tokens, but diff compares position by position, so their "
+                f"layouts must match; {how}, or trace {na} with {nb}'s layout")
+
+    if same_shape and np.array_equal(ia, ib):  # the same ids, another mask
+        rows = [i for i in range(Ba) if not np.array_equal(ma[i], mb[i])]
+        r = rows[0]
+        shown = ", ".join(str(i) for i in rows[:8]) + (", ..." if len(rows) > 8 else "")
+        msg = (f"{na} and {nb} were made from the same input_ids but a different attention_mask: row(s) {shown} "
+               f"differ (row {r}: {len(ra[r])} real token(s) in {na}, {len(rb[r])} in {nb})")
+        for name, m in ((na, ma), (nb, mb)):
+            if m.all():
+                msg += f" ({name} has no padding at all: was its attention_mask left out? It defaults to all ones)"
+        return msg + "; trace both with the same mask (`minibloom trace --mask FILE`)"
+
+    if not same_shape:
+        dims = []
+        if Ba != Bb:
+            dims.append(f"batch {Ba} vs {Bb}")
+        if Ta != Tb:
+            dims.append(f"seq {Ta} vs {Tb}")
+        msg = (f"{na} and {nb} were made from different input_ids of different shapes ({', '.join(dims)}): "
+               f"{na} is {layout(Ba, Ta, sa)}, {nb} is {layout(Bb, Tb, sb)}")
+    else:
+        msg = f"{na} and {nb} were made from different input_ids and different attention_mask"
+        if sa != sb:
+            msg += f" ({na} is {words[sa]}, {nb} is {words[sb]})"
+    for r in range(min(Ba, Bb)):  # the first row whose real tokens differ
+        xa, xb = ra[r], rb[r]
+        if xa == xb:
+            continue
+        k = next((k for k, (u, v) in enumerate(zip(xa, xb)) if u != v), None)
+        if k is None:
+            msg += (f"; row {r} has {len(xa)} real token(s) in {na}, {len(xb)} in {nb} (the first "
+                    f"{min(len(xa), len(xb))} agree)")
+        else:
+            ca, cb = (int(np.flatnonzero(m[r])[k]) for m in (ma, mb))
+            where = f"position {ca}" if ca == cb else f"position {ca} in {na}, {cb} in {nb}"
+            msg += f"; row {r} differs first at its real token {k} ({where}): {xa[k]} in {na}, {xb[k]} in {nb}"
+        break
+    return msg + "; trace both from the same ids"
+
+
 def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffReport:
     """Compare trace ``a`` against the reference trace ``b`` (dicts or .npz paths), layer by layer.
 
-    A layer passes when ``max|a - b| <= atol + rtol * max|b|`` over the real (attention_mask == 1) positions.
-    ``rtol=None`` takes the tolerance policy of the less precise trace's ``meta["dtype"]`` (minibloom.testing).
+    Only the real (attention_mask == 1) positions are compared. By default the candidate's policy applies
+    (``diff_policy``: its ``meta`` kind or dtype): each hidden state passes when ``max|a - b| <= hidden_rel *
+    max|b|``, the logits when every part of the policy holds (relative error, KL mean / max, top-1 agreement).
+    With ``rtol`` / ``atol`` given, every layer and the logits pass when ``max|a - b| <= atol + rtol * max|b|``.
     Raises ``MinibloomError`` when the traces cannot be compared (different inputs, shapes, layer counts).
     """
     names = (os.fspath(a) if isinstance(a, (str, os.PathLike)) else "A",
              os.fspath(b) if isinstance(b, (str, os.PathLike)) else "B")
     ta, tb = _as_trace(a, names[0]), _as_trace(b, names[1])
-    if ta["input_ids"].shape != tb["input_ids"].shape or not np.array_equal(ta["input_ids"], tb["input_ids"]):
-        raise MinibloomError(f"{names[0]} and {names[1]} were made from different input_ids "
-                             f"(shapes {ta['input_ids'].shape} and {tb['input_ids'].shape}); trace the same ids")
-    if not np.array_equal(ta["attention_mask"], tb["attention_mask"]):
-        raise MinibloomError(f"{names[0]} and {names[1]} have different attention_mask; trace the same inputs")
-    if rtol is None:
-        rtol = default_rtol(*(_computed_dtype(t) for t in (ta, tb)))
-    if rtol < 0 or atol < 0:
-        raise MinibloomError(f"rtol/atol must be >= 0, got rtol={rtol}, atol={atol}")
-    real = tb["attention_mask"].astype(bool)  # [B, T]
+    mismatch = explain_input_mismatch(ta, tb, names)
+    if mismatch is not None:
+        raise MinibloomError(mismatch)
+    from .testing import Tolerance, check_logits
+
     notes: list[str] = []
+    for value, name in ((rtol, "rtol"), (atol, "atol")):
+        if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+            raise MinibloomError(f"{name}: must be a finite number >= 0, got {value!r}")
+    meta_a, meta_b = _computed_dtype(ta), _computed_dtype(tb)
+    if rtol is None and atol == 0:
+        policy = diff_policy(meta_a, meta_b)
+        rtol = policy.hidden_rel or policy.rel
+        if policy.kind == "float32" and meta_a.get("dtype") and meta_a.get("kind") is None:
+            from .testing import _kind_name
+
+            if _kind_name(str(meta_a["dtype"])) is None:
+                notes.append(f"{names[0]}: dtype {meta_a['dtype']!r} names no policy; the float32 policy applies "
+                             "(set meta 'kind', or pass --rtol)")
+    else:
+        default = diff_policy(meta_a, meta_b)
+        rtol = (default.hidden_rel or default.rel) if rtol is None else float(rtol)
+        policy = Tolerance(rtol, f"max|A - B| <= {atol:.1e} + {rtol:.1e} * max|B|", "custom")
+    real = tb["attention_mask"].astype(bool)  # [B, T]
     if not real.all():
         notes.append(f"{int((~real).sum())} padded positions (attention_mask == 0) are not compared")
 
@@ -340,11 +474,18 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
         for i in range(len(aa)):
             rows.append(row(f"block {i} attention", f"attentions.{i}",
                             np.moveaxis(aa[i], 1, 2)[real], np.moveaxis(ab[i], 1, 2)[real]))
-    top1 = None
+    top1 = verdict = None
     la, lb = ta["logits"], tb["logits"]
     if la is not None and lb is not None:
-        rows.append(row("logits", "logits", la[real], lb[real]))
-        top1 = float(np.mean(np.argmax(la[real], -1) == np.argmax(lb[real], -1))) if real.any() else None
+        if la.shape != lb.shape:
+            raise MinibloomError(f"logits: shape {la.shape} in {names[0]} but {lb.shape} in {names[1]}")
+        logit_row = row("logits", "logits", la[real], lb[real])
+        if real.any():
+            verdict = check_logits(la, lb, real, policy, ta["input_ids"], "logits")
+            top1 = verdict.top1
+            if policy.kind != "custom":  # the policy's parts decide (rel, KL, top-1); a custom bound: the row alone
+                logit_row.passed = verdict.passed
+        rows.append(logit_row)
     elif (la is None) != (lb is None):
         notes.append(f"logits only in {names[0] if lb is None else names[1]}: not compared")
     if not rows:
@@ -353,4 +494,4 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
         if t["meta"].get("dtype"):
             notes.append(f"{nm}: computed in {t['meta']['dtype']}" + (" (quantized)" if t["meta"].get("quantized")
                                                                       else ""))
-    return DiffReport(rows, float(rtol), float(atol), names, notes, top1)
+    return DiffReport(rows, float(rtol), float(atol), names, notes, top1, policy, verdict)

@@ -5,12 +5,21 @@ Development script, not part of the package: it imports torch, transformers and 
     python scripts/train_default.py --out weights/default                 # the shipped model (about 20 min, 2 cores)
     python scripts/train_default.py --out /tmp/probe --steps 20 --no-save  # measure steps/s first
 
+The same script trains the oracle-calibration model weights/calib-12h (a second trained BLOOM whose 12 heads and
+post-LayerNorm residuals exercise what the default model cannot: ALiBi slopes for a head count that is not a power of
+two, ``apply_residual_connection_post_layernorm``), reusing the default model's tokenizer; its exact command is in
+weights/calib-12h/README.md:
+
+    python scripts/train_default.py --out weights/calib-12h --tokenizer weights/default --heads 12 --post-ln \
+        --calibration ...
+
 What it does, in order:
 
 1. Byte-level BPE tokenizer with the structure of bigscience/bloom's tokenizer.json:
    Split(" ?[^(\\s|[.,!?…。，、।۔،])]+", isolated) then ByteLevel(add_prefix_space=False, use_regex=False), no normalizer,
    ByteLevel decoder, special tokens <unk> <s> </s> <pad> = ids 0..3, no BOS/EOS added. It is trained on the
-   training split only, and its initial alphabet holds all 256 byte characters, so any text encodes.
+   training split only, and its initial alphabet holds all 256 byte characters, so any text encodes. With
+   ``--tokenizer PATH`` an existing tokenizer is loaded instead (and its files are copied verbatim into ``--out``).
 2. Split BY CHARACTERS: the first 90% of the corpus trains, the last 10% is held out for validation.
 3. ``BloomForCausalLM`` trained from a seed with AdamW, linear warmup then cosine decay, random windows of
    ``--ctx`` tokens. The embedding has ``--vocab-rows`` rows (a multiple of 128, like BLOOM's 250680 -> 250880); ids from
@@ -30,6 +39,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -46,10 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="weights/default")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--vocab", type=int, default=2000, help="BPE vocabulary size (tokenizer)")
+    p.add_argument("--tokenizer", default=None,
+                   help="reuse this tokenizer (a checkpoint folder holding tokenizer.json, or the file itself) instead "
+                        "of training one; --vocab is then unused")
     p.add_argument("--vocab-rows", type=int, default=2048, help="embedding rows (>= --vocab, multiple of 128)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--post-ln", action="store_true",
+                   help="apply_residual_connection_post_layernorm=True (residuals taken after the LayerNorms)")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=458)
@@ -64,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=0, help="quick validation every N steps (0: only at the end)")
     p.add_argument("--no-save", action="store_true", help="train and report only (for timing probes)")
+    p.add_argument("--calibration", action="store_true",
+                   help="write the model card of an oracle-calibration model instead of the default model's")
     return p.parse_args(argv)
 
 
@@ -90,6 +107,19 @@ def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     return tok
 
 
+def tokenizer_file(path: str) -> str:
+    """The tokenizer.json that ``--tokenizer`` names: the path itself, or ``tokenizer.json`` in that folder."""
+    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """An existing BLOOM-style tokenizer (``--tokenizer``); its special tokens must have BLOOM's ids 0..3."""
+    tok = Tokenizer.from_file(tokenizer_file(path))
+    for i, s in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(s) == i, f"{path}: special token {s} has id {tok.token_to_id(s)}, expected {i}"
+    return tok
+
+
 def encode(tok: Tokenizer, text: str) -> np.ndarray:
     """Token ids of ``text``, encoded in line-aligned chunks (BPE never merges across a newline pre-token anyway)."""
     lines = text.splitlines(keepends=True)
@@ -108,7 +138,7 @@ def bloom_config(args, tokenizer_size: int):
         vocab_size=args.vocab_rows, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads,
         layer_norm_epsilon=1e-5, initializer_range=0.02, use_cache=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=3, unk_token_id=0,
-        apply_residual_connection_post_layernorm=False, hidden_dropout=args.dropout,
+        apply_residual_connection_post_layernorm=args.post_ln, hidden_dropout=args.dropout,
         attention_dropout=args.dropout, pretraining_tp=1, slow_but_exact=False, tie_word_embeddings=True,
         attn_implementation="eager")
 
@@ -211,36 +241,73 @@ def generation_config() -> dict:
 
 def reproduce_command(args) -> str:
     """The command line that repeats this run exactly (all hyperparameters spelled out, fixed step count)."""
-    return (f"python scripts/train_default.py --out weights/default --seed {args.seed} --vocab {args.vocab} "
+    tok = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--vocab {args.vocab}"
+    return (f"python scripts/train_default.py --out {args.out} --seed {args.seed} {tok} "
             f"--vocab-rows {args.vocab_rows} --hidden {args.hidden} --layers {args.layers} --heads {args.heads} "
             f"--ctx {args.ctx} --batch {args.batch} --steps {args.steps} --lr {args.lr} --warmup {args.warmup} "
             f"--min-lr-ratio {args.min_lr_ratio} --weight-decay {args.weight_decay} --dropout {args.dropout} "
-            f"--threads {args.threads}" + (" --no-bf16" if args.no_bf16 else ""))
+            f"--threads {args.threads}" + (" --post-ln" if args.post_ln else "")
+            + (" --no-bf16" if args.no_bf16 else "") + (" --calibration" if args.calibration else ""))
 
 
-def model_card(m: dict, args) -> str:
-    return f"""# minibloom default model: a small BLOOM trained on Tiny Shakespeare
+def card_intro(m: dict, args) -> str:
+    """The model card's title and first paragraph: the default model's, or (``--calibration``) a calibration model's."""
+    shape = (f"{m['n_layer']} layers, hidden size {m['hidden_size']}, {m['n_head']} heads (head dim "
+             f"{m['hidden_size'] // m['n_head']})" if args.calibration else
+             f"{m['n_layer']} layers, hidden size {m['hidden_size']}, {m['n_head']} heads")
+    residual = ("`apply_residual_connection_post_layernorm=True` (each residual is taken after the block's LayerNorm, "
+                "not before it)" if args.post_ln else "pre-LayerNorm residuals")
+    if not args.calibration:
+        return f"""# minibloom default model: a small BLOOM trained on Tiny Shakespeare
 
 The model `minibloom.load()` and `minibloom generate` use when no `--model` is given. It is a `BloomForCausalLM`
 (the architecture of bigscience/bloom: ALiBi, embedding LayerNorm, tied LM head, fused QKV) scaled down to
-{m['n_layer']} layers, hidden size {m['hidden_size']}, {m['n_head']} heads: **{m['n_params']:,} parameters**, stored in fp16
+{shape}: **{m['n_params']:,} parameters**, stored in fp16
 (`model.safetensors`, {m['safetensors_bytes']:,} bytes). It writes Shakespeare-flavoured English, nothing more: a teaching
 and testing model, not a useful language model.
+"""
+    name = os.path.basename(os.path.normpath(args.out))
+    return f"""# minibloom calibration model `{name}`: a second small BLOOM trained on Tiny Shakespeare
 
-- **Data**: Tiny Shakespeare (`data/tinyshakespeare.txt`, {m['corpus_chars']:,} characters, public domain).
-  Split by characters: the first 90% trains, the last 10% ({m['val_chars']:,} characters, {m['val_tokens']:,} tokens) is held out.
-- **Tokenizer**: byte-level BPE trained on the training split with BLOOM's pre-tokenizer (Split regex + ByteLevel, no
+**A calibration model for minibloom's oracle, not a language model to use.** Random weights hide activation bugs and
+the shipped default model (`weights/default`: 8 heads, pre-LayerNorm residuals) hides two port bugs: ALiBi slopes
+computed with the power-of-two formula, and an ignored `apply_residual_connection_post_layernorm`. This checkpoint is
+trained (its activations look like a real model's), has {m['n_head']} heads (not a power of two) and
+{residual}.
+It is a `BloomForCausalLM` (ALiBi, embedding LayerNorm, tied LM head, fused QKV) with
+{shape}: **{m['n_params']:,} parameters**, stored in fp16
+(`model.safetensors`, {m['safetensors_bytes']:,} bytes). It shares the default model's tokenizer, so the same token ids
+feed both.
+"""
+
+
+def card_tokenizer(m: dict, args) -> str:
+    """The model card's tokenizer bullet."""
+    if args.tokenizer:
+        unused = f"{m['tokenizer_vocab']}..{m['vocab_rows'] - 1}"
+        return f"""- **Tokenizer**: the one in `{args.tokenizer}`, its files copied verbatim: {m['tokenizer_vocab']}
+  entries, special tokens `<unk>` `<s>` `</s>` `<pad>` = 0..3, no BOS/EOS added. The embedding has {m['vocab_rows']}
+  rows: ids {unused} are never produced.
+"""
+    return f"""- **Tokenizer**: byte-level BPE trained on the training split with BLOOM's pre-tokenizer (Split regex + ByteLevel, no
   normalizer), {m['tokenizer_vocab']} entries; special tokens `<unk>` `<s>` `</s>` `<pad>` = 0..3; no BOS/EOS added. The
   embedding has {m['vocab_rows']} rows, like BLOOM pads 250680 to 250880: ids {m['tokenizer_vocab']}..{m['vocab_rows'] - 1} are never produced.
-- **Training**: seed {args.seed}, AdamW (betas 0.9/0.95, weight decay {args.weight_decay}), lr {args.lr} with {args.warmup} warmup
+"""
+
+
+def model_card(m: dict, args) -> str:
+    return card_intro(m, args) + f"""
+- **Data**: Tiny Shakespeare (`data/tinyshakespeare.txt`, {m['corpus_chars']:,} characters, public domain).
+  Split by characters: the first 90% trains, the last 10% ({m['val_chars']:,} characters, {m['val_tokens']:,} tokens) is held out.
+""" + card_tokenizer(m, args) + f"""- **Training**: seed {args.seed}, AdamW (betas 0.9/0.95, weight decay {args.weight_decay}), lr {args.lr} with {args.warmup} warmup
   steps then cosine decay to {args.lr * args.min_lr_ratio:g}, batch {args.batch} x {args.ctx} tokens, dropout {args.dropout},
   bf16 autocast (fp32 weights) {'off' if args.no_bf16 else 'on'}, {m['steps']} steps = {m['tokens_seen']:,} tokens ({m['epochs']:.1f} passes over the training split), {m['train_wall_s'] / 60:.1f} min
-  on {args.threads} CPU threads (torch {m['torch']}, transformers {m['transformers']}).
+  on {args.threads} CPU thread{'s' if args.threads > 1 else ''} (torch {m['torch']}, transformers {m['transformers']}).
 - **Validation** (held-out 10%, consecutive {args.ctx}-token windows, fp16 weights as saved):
   loss **{m['val_loss']:.4f}** nats/token, perplexity **{m['val_ppl']:.2f}** per token, **{m['val_bpc']:.4f} bits per character**.
   Training split, same measure: loss {m['train_loss']:.4f} ({m['train_bpc']:.4f} bpc).
 
-Reproduce (about {m['train_wall_s'] / 60:.0f} minutes on 2 cores):
+Reproduce (about {m['train_wall_s'] / 60:.0f} minutes on 2 cores, {args.threads} thread{'s' if args.threads > 1 else ''}):
 
     {reproduce_command(args)}
 
@@ -260,9 +327,17 @@ def save_all(model, tok: Tokenizer, out: str, metrics: dict, args) -> None:
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
-    tok.save(os.path.join(out, "tokenizer.json"))
-    for name, obj in (("tokenizer_config.json", tokenizer_config(args.ctx)),
-                      ("generation_config.json", generation_config())):
+    reused = os.path.dirname(tokenizer_file(args.tokenizer)) if args.tokenizer else None
+    if reused is not None:  # --tokenizer: the very same files, byte for byte
+        shutil.copyfile(tokenizer_file(args.tokenizer), os.path.join(out, "tokenizer.json"))
+    else:
+        tok.save(os.path.join(out, "tokenizer.json"))
+    files = [("generation_config.json", generation_config())]
+    if reused is not None and os.path.isfile(os.path.join(reused, "tokenizer_config.json")):
+        shutil.copyfile(os.path.join(reused, "tokenizer_config.json"), os.path.join(out, "tokenizer_config.json"))
+    else:
+        files.append(("tokenizer_config.json", tokenizer_config(args.ctx)))
+    for name, obj in files:
         with open(os.path.join(out, name), "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
@@ -288,7 +363,7 @@ def main(argv=None) -> int:
         text = f.read()
     cut = int(len(text) * 0.9)
     train_text, val_text = text[:cut], text[cut:]
-    tok = train_tokenizer(train_text, args.vocab)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_tokenizer(train_text, args.vocab)
     train_ids, val_ids = encode(tok, train_text), encode(tok, val_text)
     assert tok.decode(val_ids.tolist()) == val_text, "tokenizer does not round-trip the validation text"
     print(f"tokenizer: {tok.get_vocab_size()} entries; train {len(train_text):,} chars -> {len(train_ids):,} tokens "
@@ -310,6 +385,7 @@ def main(argv=None) -> int:
     m = {
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
         "n_params": n_params, "n_layer": args.layers, "hidden_size": args.hidden, "n_head": args.heads,
+        "apply_residual_connection_post_layernorm": args.post_ln, "tokenizer_from": args.tokenizer,
         "tokenizer_vocab": tok.get_vocab_size(), "vocab_rows": args.vocab_rows, "ctx": args.ctx, "batch": args.batch,
         "corpus_chars": len(text), "split": "by characters: first 90% train, last 10% validation",
         "train_chars": len(train_text), "train_tokens": int(len(train_ids)),

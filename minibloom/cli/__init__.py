@@ -9,7 +9,7 @@ import sys
 
 from ..errors import MinibloomError
 
-COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "check", "compare", "bench")
+COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "verify", "check", "compare", "calibrate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

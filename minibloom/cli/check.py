@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..errors import MinibloomError
-from .trace import add_input_args, left_pad, rows_from_args
+from ..tokenizer import left_pad
+from .trace import add_input_args, rows_from_args
 
 
 def add_parser(sub) -> None:

@@ -1,0 +1,735 @@
+"""Oracle calibration: how far *correct* ports of BLOOM land from minibloom's float64 logits, per implementation kind,
+and how far *buggy* ports land — the two populations every verdict policy in ``minibloom.testing`` sits between.
+
+``minibloom calibrate`` (or ``python -m minibloom.calibrate``) rebuilds ``minibloom/policies.json``, the one table the
+policies are read from, and prints it as Markdown: the correct-port table and the bug matrix (kinds x bugs).
+
+A *kind* is a family of implementations that round the same way. Each is emulated here in NumPy, by running
+``minibloom.model.forward`` (the teaching path) with its primitives wrapped so that they round as that kind's engines
+do; torch's and transformers' own float32 / float16 / bfloat16 runs are added to the population when they can be
+imported:
+
+==================== ============================================================================ =================
+kind                 what rounds (emulated as)                                                    reference
+==================== ============================================================================ =================
+float32              float32 everywhere (minibloom's fast and teaching paths; transformers)        float64, same file
+float32-gelu-table   llama.cpp f32 on CPU: GeLU through ggml's fp16 table, Q/K/V in the fp16 KV      float64, same file
+                     cache, attention probabilities rounded to fp16 for the V product
+float16 / bfloat16   weights and every activation rounded (transformers' cast of the model)        float64, unquantized
+int8-weight-only     weight-only int8, one symmetric scale per output row (or per tensor)          float64, unquantized
+int8-dynamic         int8 weights, activations quantized per call: per row int8 (CTranslate2) or    float64, unquantized
+                     per tensor uint8 with a zero point (ONNX Runtime ``quantize_dynamic``)
+q8_0, q4_0, q4_k     ggml: activations quantized to Q8_0 (Q8_K for k-quants) blocks for each product, float64, same file
+                     plus the float32-gelu-table rounding
+nf4                  bitsandbytes 4-bit: dequantized weights and activations in the compute dtype   float64, same file
+                     (float16, bfloat16 or float32)
+==================== ============================================================================ =================
+
+"Same file" means the reference runs the weights the port runs (a GGUF or bnb file dequantized exactly); "unquantized"
+means the engine quantized or cast the weights itself, so the reference is the original checkpoint.
+
+The *bugs* (``BUGS``) are the classic ways a BLOOM port goes wrong; each is planted on top of every kind. Evidence:
+random checkpoints (every parameter randomized) of several depths, head counts (8 and 12) and both residual layouts,
+over ``seeds`` seeds, and the trained models shipped in ``weights/`` (random weights hide activation bugs). A bug is
+*separable* from a kind when the policy fails it on every model it applies to; the matrix says where it is not.
+
+Policies: each limit is the worst correct-port figure over all evidence times a margin (``MARGIN_REL`` for the
+relative error and the top-1 disagreement, ``MARGIN_KL`` for the KL divergences, which grow with the square of the
+logit error), never below ``FLOOR_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import model as M
+from .config import BloomConfig
+from .errors import MinibloomError
+
+KINDS = ("float32", "float32-gelu-table", "float16", "bfloat16", "int8-weight-only", "int8-dynamic", "q8_0", "q4_0",
+         "q4_k", "nf4")
+REFERENCE = {k: ("unquantized" if k in ("float16", "bfloat16", "int8-weight-only", "int8-dynamic") else "same file")
+             for k in KINDS}
+
+BUGS = {
+    "slopes-pow2": "ALiBi slopes from the power-of-two formula 2^(-8k/n) on a non-power-of-two head count",
+    "gelu-erf": "erf GeLU instead of BLOOM's tanh GeLU",
+    "layernorm-eps": "LayerNorm epsilon 1e-12 instead of the config's 1e-5",
+    "pads-attended": "the attention mask ignored: padding attended and counted in ALiBi positions",
+    "causal-off-by-one": "causal mask off by one: each query also sees the next token",
+    "qkv-blocks": "fused QKV read as [q; k; v] blocks instead of BLOOM's per-head interleave",
+    "dense-bias-dropped": "self_attention.dense bias dropped",
+    "mlp-bias-dropped": "mlp.dense_4h_to_h bias dropped",
+    "untied-head": "a separate, freshly initialised lm_head where the head is tied to the embedding",
+    "post-ln-ignored": "apply_residual_connection_post_layernorm ignored (a post-LN checkpoint run as pre-LN)",
+    "softmax-half": "attention softmax computed in float16",
+    "scale-1/D": "attention scores scaled by 1/D instead of 1/sqrt(D)",
+    "positions-arange": "ALiBi positions from arange instead of the cumulative mask (seen only with a mask that has "
+                        "holes)",
+}
+
+MARGIN_REL = 2.5
+MARGIN_KL = 6.0
+# Floors: float32 rounding grows with width and depth (2e-6 observed at the bloom-560m shape against 9e-7 here), and
+# a KL limit below ~1e-7 nats would judge float32 noise on models whose logits span more than these do.
+FLOOR_REL = {"float32": 2e-5}
+FLOOR_KL = {"float32": 1e-7}
+FLOOR_DISAGREE = 0.02  # top-1 disagreement allowed at least (near-ties flip under any rounding)
+POLICY_FILE = os.path.join(os.path.dirname(__file__), "policies.json")
+
+
+# ---- rounding and quantization, each as the engines do it ------------------------------------------------------
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """Round to float16 (nearest even), saturating at +-65504 so masked scores stay finite; back in x's dtype."""
+    return np.clip(x, -65504.0, 65504.0).astype(np.float16).astype(x.dtype)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 (nearest even, through float32's bits); back in x's dtype."""
+    u = np.ascontiguousarray(np.clip(x, -3.3e38, 3.3e38), np.float32).view(np.uint32)
+    u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+    return u.view(np.float32).astype(x.dtype)
+
+
+def quant_blocks(x: np.ndarray, block: int, fp16_scale: bool) -> np.ndarray:
+    """ggml's activation quantization for a product (Q8_0: blocks of 32, fp16 scale; Q8_K: 256, float32 scale):
+    scale d = amax / 127, q = round(x / d) half away from zero, value q * d."""
+    n = x.shape[-1]
+    if n % block:
+        return quant_blocks(x, 32, True) if block != 32 else x
+    b = x.reshape(*x.shape[:-1], n // block, block)
+    d = np.max(np.abs(b), axis=-1, keepdims=True) / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    q = np.trunc(b * inv + np.copysign(0.5, b))  # roundf
+    d = d.astype(np.float16).astype(x.dtype) if fp16_scale else d.astype(np.float32).astype(x.dtype)
+    return (q * d).reshape(x.shape)
+
+
+def quant_rows_int8(x: np.ndarray) -> np.ndarray:
+    """Symmetric int8 with one scale per row (CTranslate2's dynamic activations and per-channel weights)."""
+    amax = np.max(np.abs(x), axis=-1, keepdims=True)
+    scale = np.divide(127.0, amax, out=np.zeros_like(amax), where=amax > 0)
+    return np.divide(np.rint(x * scale), scale, out=np.zeros_like(x), where=scale > 0)
+
+
+def quant_tensor_int8(x: np.ndarray) -> np.ndarray:
+    """Symmetric int8 with one scale for the whole tensor (ONNX Runtime's default QInt8 weights)."""
+    amax = float(np.max(np.abs(x)))
+    return x if amax == 0 else np.rint(x * (127.0 / amax)) * (amax / 127.0)
+
+
+def quant_tensor_uint8(x: np.ndarray) -> np.ndarray:
+    """ONNX's DynamicQuantizeLinear: uint8 with a zero point, one scale for the whole tensor (range includes 0)."""
+    lo, hi = min(0.0, float(np.min(x))), max(0.0, float(np.max(x)))
+    if hi == lo:
+        return x
+    scale = (hi - lo) / 255.0
+    zp = np.clip(np.rint(-lo / scale), 0, 255)
+    return (np.clip(np.rint(x / scale) + zp, 0, 255) - zp) * scale
+
+
+NF4_CODE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                     0.7229568362236023, 1.0])  # bitsandbytes' NF4 code book
+
+
+def quant_nf4(w: np.ndarray, block: int = 64) -> np.ndarray:
+    """bitsandbytes NF4: blocks of ``block`` weights, absmax scale, nearest code value."""
+    flat = w.reshape(-1, block)
+    absmax = np.max(np.abs(flat), axis=-1, keepdims=True)
+    norm = np.divide(flat, absmax, out=np.zeros_like(flat), where=absmax > 0)
+    idx = np.argmin(np.abs(norm[..., None] - NF4_CODE), axis=-1)
+    return (NF4_CODE[idx] * absmax).reshape(w.shape)
+
+
+def quant_ggml(w: np.ndarray, qtype: str) -> np.ndarray:
+    """Quantize and dequantize a weight matrix with the gguf package (the values a GGUF file of that type holds)."""
+    from gguf import GGMLQuantizationType, quants
+
+    t = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[qtype]
+    w32 = np.ascontiguousarray(w, np.float32)
+    return quants.dequantize(quants.quantize(w32, t), t).astype(w.dtype)
+
+
+def gelu_table(x: np.ndarray) -> np.ndarray:
+    """ggml's CPU GeLU (``ggml_vec_gelu_f32`` with ``GGML_GELU_FP16``): x <= -10 -> 0, x >= 10 -> x, otherwise the
+    input rounded to fp16 and looked up in a table of fp16 GeLU values (computed in float32)."""
+    h = x.astype(np.float16).astype(np.float32)
+    y = (0.5 * h * (1.0 + np.tanh(np.float32(0.7978845608028654) * h * (1.0 + np.float32(0.044715) * h * h))))
+    y = y.astype(np.float16).astype(x.dtype)
+    return np.where(x <= -10.0, 0.0, np.where(x >= 10.0, x, y)).astype(x.dtype)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64 (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7: far below the erf-vs-tanh GeLU gap of ~1e-3)."""
+    t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return np.sign(x) * (1.0 - poly * np.exp(-x * x))
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """The exact (erf) GeLU: x/2 * (1 + erf(x / sqrt 2))."""
+    return (0.5 * x * (1.0 + erf(np.asarray(x, np.float64) / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def softmax_half(x: np.ndarray) -> np.ndarray:
+    """Softmax computed entirely in float16 (a port that forgot BLOOM's float32 upcast)."""
+    h = np.clip(x, -65504.0, 65504.0).astype(np.float16)
+    with np.errstate(over="ignore"):  # masked cells: -65504 - max overflows to -inf, whose exp is the 0 wanted
+        e = np.exp(h - np.max(h, axis=-1, keepdims=True))
+    return (e / np.sum(e, axis=-1, keepdims=True, dtype=np.float16)).astype(x.dtype)
+
+
+# ---- emulated ports -------------------------------------------------------------------------------------------
+@dataclass
+class Port:
+    """How one implementation rounds: wrappers around the teaching path's primitives, and a weight transform."""
+
+    name: str
+    compute: type = np.float64
+    weights: Callable[[np.ndarray], np.ndarray] | None = None  # applied to each 2-D matrix (linear layers)
+    head_weights: bool = False  # the weight transform applies to the embedding / tied head too
+    act_in: Callable[[np.ndarray], np.ndarray] | None = None  # activations entering a product with weights
+    out: Callable[[np.ndarray], np.ndarray] | None = None  # every primitive's output (cast models)
+    qkv: Callable[[np.ndarray], np.ndarray] | None = None  # Q, K, V (ggml's fp16 KV cache)
+    probs: Callable[[np.ndarray], np.ndarray] | None = None  # attention probabilities before the V product
+    gelu: Callable | None = None  # a different GeLU
+
+
+def ports_for(kind: str) -> list[Port]:
+    """The emulated correct implementations of ``kind`` (the population is the worst of them)."""
+    f16, bf16 = round_f16, round_bf16
+    ggml = dict(gelu=gelu_table, qkv=f16, probs=f16)
+    if kind == "float32":
+        return [Port("minibloom float32 (fast path)", np.float32), Port("float32 teaching path", np.float32)]
+    if kind == "float32-gelu-table":
+        return [Port("ggml f32", np.float32, **ggml)]
+    if kind == "float16":
+        return [Port("float16 cast", weights=f16, head_weights=True, out=f16)]
+    if kind == "bfloat16":
+        return [Port("bfloat16 cast", weights=bf16, head_weights=True, out=bf16)]
+    if kind == "int8-weight-only":
+        return [Port("int8 per-row weights", np.float32, weights=quant_rows_int8),
+                Port("int8 per-row weights + head", np.float32, weights=quant_rows_int8, head_weights=True),
+                Port("int8 per-tensor weights", np.float32, weights=quant_tensor_int8)]
+    if kind == "int8-dynamic":
+        return [Port("CTranslate2-style int8", np.float32, weights=quant_rows_int8, head_weights=True,
+                     act_in=quant_rows_int8),
+                Port("ONNX Runtime-style dynamic int8", np.float32, weights=quant_tensor_int8, head_weights=True,
+                     act_in=quant_tensor_uint8)]
+    if kind == "q8_0" or kind == "q4_0":
+        return [Port(f"ggml {kind}", np.float32, act_in=lambda x: quant_blocks(x, 32, True), **ggml)]
+    if kind == "q4_k":
+        return [Port("ggml q4_K", np.float32, act_in=lambda x: quant_blocks(x, 256, False), **ggml)]
+    if kind == "nf4":
+        return [Port("bnb nf4, float16 compute", weights=f16, head_weights=False, out=f16),
+                Port("bnb nf4, bfloat16 compute", weights=bf16, head_weights=False, out=bf16),
+                Port("bnb nf4, float32 compute", np.float32)]
+    raise MinibloomError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+
+
+def file_weights(kind: str, params: dict) -> dict:
+    """The weights a quantized file of ``kind`` holds (what both the port and the same-file reference run)."""
+    if kind in ("q8_0", "q4_0", "q4_k"):
+        q = "q8_0" if kind == "q8_0" else "q4_0"
+        return map_matrices(params, lambda w: quant_ggml(w, q) if w.shape[-1] % 32 == 0 else w, head=True)
+    if kind == "nf4":
+        return map_matrices(params, quant_nf4, head=False)
+    return params
+
+
+LINEARS = (("self_attention", "query_key_value"), ("self_attention", "dense"), ("mlp", "dense_h_to_4h"),
+           ("mlp", "dense_4h_to_h"))
+
+
+def map_matrices(params: dict, fn, head: bool) -> dict:
+    """A copy of the nested parameter dict with ``fn`` applied to every linear layer's weight matrix, and to the
+    embedding / head too when ``head``."""
+    p = {**params, "h": []}
+    for layer in params["h"]:
+        new = {k: dict(v) for k, v in layer.items()}
+        for sub, name in LINEARS:
+            new[sub][name] = {**layer[sub][name], "weight": fn(layer[sub][name]["weight"])}
+        p["h"].append(new)
+    if head:
+        for name in ("word_embeddings", "lm_head"):
+            if name in params:
+                p[name] = {**params[name], "weight": fn(params[name]["weight"])}
+    return p
+
+
+@contextlib.contextmanager
+def patched(**fns):
+    """Replace functions of ``minibloom.model`` while the context is open (the teaching path then runs them)."""
+    saved = {k: getattr(M, k) for k in fns}
+    for k, v in fns.items():
+        setattr(M, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(M, k, v)
+
+
+def _wrap(port: Port, bug: str | None, n_head: int) -> dict:
+    """The primitives of ``minibloom.model`` as ``port`` (with ``bug``) computes them."""
+    ident = lambda x: x  # noqa: E731
+    out, act_in = port.out or ident, port.act_in or ident
+    qkv, probs_r = port.qkv or ident, port.probs or ident
+    base_linear, base_ln, base_gelu, base_softmax = M.linear, M.layer_norm, M.gelu, M.softmax
+    gelu_fn = gelu_erf if bug == "gelu-erf" else (port.gelu or base_gelu)
+    softmax_fn = softmax_half if bug == "softmax-half" else base_softmax
+
+    def linear(x, weight, bias, tp=1):
+        y = out(base_linear(out(act_in(x)), weight, bias, tp))
+        return qkv(y) if weight.shape[0] == 3 * weight.shape[1] else y
+
+    def layer_norm(x, weight, bias, eps):
+        return out(base_ln(out(x), weight, bias, eps))
+
+    def gelu(x):
+        return out(gelu_fn(out(x)))
+
+    def softmax(x):
+        return probs_r(out(softmax_fn(out(x))))
+
+    fns = dict(linear=linear, layer_norm=layer_norm, gelu=gelu, softmax=softmax)
+    if bug == "slopes-pow2":
+        def slopes_on(xp, n, dtype_name):
+            return xp.asarray(2.0 ** (-8.0 * np.arange(1, n + 1) / n))
+        fns["_slopes_on"] = slopes_on
+    if bug == "causal-off-by-one":
+        def causal_mask(attention_mask, n_new):
+            S = attention_mask.shape[-1]
+            q = np.arange(S - n_new, S)[:, None]
+            return (np.arange(S)[None, :] <= q + 1)[None, None] & (attention_mask != 0)[:, None, None, :]
+        fns["causal_mask"] = causal_mask
+    if bug == "positions-arange":
+        def alibi_bias(attention_mask, slopes):
+            pos = np.broadcast_to(np.arange(attention_mask.shape[-1], dtype=slopes.dtype), attention_mask.shape)
+            return slopes[None, :, None, None] * pos[:, None, None, :]
+        fns["alibi_bias"] = alibi_bias
+    return fns
+
+
+def bug_params(bug: str | None, params: dict, cfg: BloomConfig, rng: np.random.Generator) -> tuple[dict, BloomConfig]:
+    """The parameters and config a port with ``bug`` ends up running (the bugs that live in the weights/config)."""
+    if bug in (None, "slopes-pow2", "gelu-erf", "pads-attended", "causal-off-by-one", "softmax-half",
+               "positions-arange"):
+        return params, cfg
+    if bug == "layernorm-eps":
+        return params, BloomConfig(**{**cfg.to_dict(), "layer_norm_epsilon": 1e-12})
+    if bug == "post-ln-ignored":
+        return params, BloomConfig(**{**cfg.to_dict(), "apply_residual_connection_post_layernorm": False})
+    p = {**params, "h": [dict(layer) for layer in params["h"]]}
+    C, H = cfg.hidden_size, cfg.n_head
+    D = C // H
+    for layer in p["h"]:
+        att, mlp = dict(layer["self_attention"]), dict(layer["mlp"])
+        if bug == "qkv-blocks":  # the port takes rows [j*C + h*D + d] as head h's q/k/v (j = 0, 1, 2)
+            rows = np.arange(3 * C).reshape(3, H, D).transpose(1, 0, 2).reshape(-1)
+            att["query_key_value"] = {k: v[rows] for k, v in att["query_key_value"].items()}
+        if bug == "scale-1/D":  # q scaled once more by 1/sqrt(D): scores * 1/D
+            s = np.ones((H, 3, D))
+            s[:, 0, :] = 1.0 / math.sqrt(D)
+            s = s.reshape(-1)
+            qkv = att["query_key_value"]
+            att["query_key_value"] = {"weight": qkv["weight"] * s[:, None], "bias": qkv["bias"] * s}
+        if bug == "dense-bias-dropped":
+            att["dense"] = {**att["dense"], "bias": np.zeros_like(att["dense"]["bias"])}
+        if bug == "mlp-bias-dropped":
+            mlp["dense_4h_to_h"] = {**mlp["dense_4h_to_h"], "bias": np.zeros_like(mlp["dense_4h_to_h"]["bias"])}
+        layer["self_attention"], layer["mlp"] = att, mlp
+    if bug == "untied-head":
+        E = params["word_embeddings"]["weight"]
+        p["lm_head"] = {"weight": 0.02 * rng.standard_normal(E.shape)}
+    return p, cfg
+
+
+def applies(bug: str, cfg: BloomConfig, mask: np.ndarray) -> bool:
+    """Whether ``bug`` changes anything on this model and input (else it is left out of the evidence)."""
+    if bug == "slopes-pow2":
+        return cfg.n_head & (cfg.n_head - 1) != 0
+    if bug == "post-ln-ignored":
+        return cfg.apply_residual_connection_post_layernorm
+    if bug == "pads-attended":
+        return not mask.all()
+    if bug == "positions-arange":
+        return bool(np.any(np.diff(mask, axis=-1) > 0) and np.any((np.cumsum(mask, -1) > 0) & (mask == 0)))
+    if bug == "untied-head":
+        return cfg.tie_word_embeddings
+    return True
+
+
+def prepare(port: Port, params: dict) -> dict:
+    """The parameters as ``port`` holds them: its weight transform applied, cast to its compute dtype."""
+    p = params if port.weights is None else map_matrices(params, port.weights, head=port.head_weights)
+    return _cast(p, port.compute)
+
+
+def run_port(port: Port, bug: str | None, prepared: dict, cfg: BloomConfig, ids: np.ndarray, mask: np.ndarray,
+             seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits [B, T, V] and hidden states (float64) of ``port`` with ``bug`` planted, on ``prepare(port, params)``
+    (the weight and config bugs are applied to the port's own weights)."""
+    p, c = bug_params(bug, prepared, cfg, np.random.default_rng(seed))
+    p = _cast(p, port.compute)
+    run_mask = np.ones_like(mask) if bug == "pads-attended" else mask
+    if port.name == "minibloom float32 (fast path)" and bug is None:
+        from .bloom import Bloom
+
+        out = Bloom(c, p, "float32").forward(ids, run_mask, output_hidden_states=True)
+        return np.asarray(out.logits, np.float64), [np.asarray(h, np.float64) for h in out.hidden_states]
+    fns = _wrap(port, bug, c.n_head)
+    with patched(**fns):  # the head's product goes through the port's linear too (activation rounding, cast)
+        hidden = M.forward(p, ids, run_mask, c, output_hidden_states=True, logits="none").hidden_states
+        head = p["lm_head"]["weight"] if "lm_head" in p else p["word_embeddings"]["weight"]
+        logits = fns["linear"](hidden[-1], head, 0.0)
+    return np.asarray(logits, np.float64), [np.asarray(h, np.float64) for h in hidden]
+
+
+def _cast(tree, dtype):
+    if isinstance(tree, dict):
+        return {k: _cast(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cast(v, dtype) for v in tree]
+    return np.asarray(tree, dtype)
+
+
+# ---- transformers as a real port (when torch is importable) -----------------------------------------------------
+def hf_logits(params: dict, cfg: BloomConfig, ids: np.ndarray, mask: np.ndarray, dtype: str):
+    """(logits, hidden states) of transformers' ``BloomForCausalLM`` run in ``dtype`` on these float64 parameters;
+    None without torch."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    hc = transformers.BloomConfig(vocab_size=params["word_embeddings"]["weight"].shape[0],
+                                  hidden_size=cfg.hidden_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                  layer_norm_epsilon=cfg.layer_norm_epsilon,
+                                  apply_residual_connection_post_layernorm=cfg.apply_residual_connection_post_layernorm,
+                                  tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager")
+    model = transformers.BloomForCausalLM(hc).eval()
+    state = {f"transformer.{k}": torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in _flat(params)}
+    if "lm_head.weight" in {k for k, _ in _flat(params)}:
+        state["lm_head.weight"] = state.pop("transformer.lm_head.weight")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    model = model.to(getattr(torch, dtype))
+    with torch.no_grad():
+        out = model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_hidden_states=True)
+    return out.logits.double().numpy(), [h.double().numpy() for h in out.hidden_states]
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _flat(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], tree
+
+
+HF_KINDS = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+# ---- evidence: models and inputs --------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One model with its inputs: a random checkpoint or a trained one."""
+
+    name: str
+    cfg: BloomConfig
+    params: dict  # float64, nested
+    ids: np.ndarray
+    mask: np.ndarray
+    trained: bool = False
+
+
+def random_checkpoint(cfg: BloomConfig, vocab: int, seed: int, std: float = 0.08) -> dict:
+    """Every parameter random (as tests/factory.py does): matrices and biases N(0, std), LayerNorm weights
+    1 + N(0, 0.2), LayerNorm biases N(0, 0.1) — so no loader or port bug hides behind a 0 or a 1."""
+    from .weights import expected_shapes, nest
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for name, shape in expected_shapes(cfg, vocab).items():
+        noise = rng.standard_normal(shape)
+        if "layernorm" in name or name.startswith("ln_f"):
+            flat[name] = 1.0 + 0.2 * noise if name.endswith("weight") else 0.1 * noise
+        else:
+            flat[name] = std * noise
+    return nest(flat)
+
+
+def calibration_mask(B: int, T: int) -> np.ndarray:
+    """Rows: full, left-padded, right-padded, and (from 4 rows on) one with a hole in the middle."""
+    mask = np.ones((B, T), np.int64)
+    if B > 1:
+        mask[1, : T // 4] = 0
+    if B > 2:
+        mask[2, T - T // 5:] = 0
+    if B > 3:
+        mask[3, : T // 8] = 0
+        mask[3, T // 2: T // 2 + 2] = 0
+    return mask
+
+
+RANDOM_SHAPES = (  # (layers, hidden, heads, post-LN)
+    (2, 64, 8, False),
+    (4, 96, 12, False),
+    (6, 96, 12, True),
+    (24, 128, 16, False),
+)
+
+
+def random_cases(seeds: int, vocab: int = 512, B: int = 4, T: int = 24, seed0: int = 0) -> list[Case]:
+    """Random checkpoints of every shape in ``RANDOM_SHAPES`` for seeds ``seed0 .. seed0 + seeds - 1``."""
+    cases = []
+    for seed in range(seed0, seed0 + seeds):
+        for n_layer, C, H, post in RANDOM_SHAPES:
+            cfg = BloomConfig(vocab_size=vocab, hidden_size=C, n_layer=n_layer, n_head=H,
+                              apply_residual_connection_post_layernorm=post)
+            rng = np.random.default_rng(1000 + seed)
+            cases.append(Case(f"random {n_layer}x{C} {H}h{' post-LN' if post else ''} seed {seed}", cfg,
+                              random_checkpoint(cfg, vocab, seed * 100 + n_layer), rng.integers(0, vocab, (B, T)),
+                              calibration_mask(B, T)))
+    return cases
+
+
+def trained_cases(directories, text_path: str | None, B: int = 4, T: int = 32) -> list[Case]:
+    """Trained checkpoints with real text (held-out end of the corpus) as input."""
+    from .bloom import load
+
+    cases = []
+    for d in directories:
+        if not os.path.isdir(d):
+            continue
+        model = load(d, dtype="float64")
+        if text_path and os.path.isfile(text_path) and model.tokenizer is not None:
+            with open(text_path, encoding="utf-8") as f:
+                text = f.read()[-20000:]
+            enc = model.encode(text)
+            ids = np.asarray(getattr(enc, "ids", enc), np.int64)[: B * T].reshape(B, T)
+        else:
+            ids = np.random.default_rng(0).integers(0, model.vocab_size, (B, T))
+        cases.append(Case(f"trained {os.path.basename(os.path.normpath(d))}", model.config, model.params, ids,
+                          calibration_mask(B, T), trained=True))
+    return cases
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+def metrics(actual: tuple, reference: tuple, mask: np.ndarray) -> dict:
+    """``minibloom.testing.logit_metrics`` of (logits, hidden states) against the reference's, plus ``hidden_rel``:
+    the worst layer's max|a - r| / max|r| over real positions."""
+    from .testing import logit_metrics, rel_error
+
+    m = logit_metrics(actual[0], reference[0], mask)
+    real = mask.astype(bool)
+    m["hidden_rel"] = max(rel_error(a[real], r[real]) for a, r in zip(actual[1], reference[1]))
+    return m
+
+
+# ---- the whole calibration -------------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    correct: dict = field(default_factory=dict)  # kind -> case -> worst metrics over the kind's ports
+    bugs: dict = field(default_factory=dict)  # kind -> bug -> case -> metrics
+    cases: list = field(default_factory=list)
+
+
+FIGURES = ("rel", "kl_mean", "kl_max", "top1", "hidden_rel")
+
+
+def _worst(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return {k: b[k] for k in FIGURES}
+    return {"rel": max(a["rel"], b["rel"]), "kl_mean": max(a["kl_mean"], b["kl_mean"]),
+            "kl_max": max(a["kl_max"], b["kl_max"]), "top1": min(a["top1"], b["top1"]),
+            "hidden_rel": max(a["hidden_rel"], b["hidden_rel"])}
+
+
+def calibrate(seeds: int = 3, trained=("weights/default", "weights/calib-12h"), text: str | None = "data/tinyshakespeare.txt",
+              kinds=KINDS, bugs=tuple(BUGS), use_hf: bool = True, progress: bool = True) -> Calibration:
+    """Measure every kind's correct ports and every (kind, bug) pair on every case."""
+    from tqdm.auto import tqdm
+
+    cases = random_cases(seeds) + trained_cases(trained, text)
+    cal = Calibration(cases=[c.name for c in cases])
+    total = len(cases) * len(kinds) * (1 + len(bugs))
+    bar = tqdm(total=total, desc="calibrate", unit="run", disable=not progress)
+    for case in cases:
+        for kind in kinds:
+            params = file_weights(kind, case.params)
+            out = M.forward(params, case.ids, case.mask, case.cfg, output_hidden_states=True)
+            ref = (out.logits, out.hidden_states)
+            worst, first = None, None
+            for port in ports_for(kind):
+                prepared = prepare(port, params)
+                first = first or prepared
+                worst = _worst(worst, metrics(run_port(port, None, prepared, case.cfg, case.ids, case.mask), ref,
+                                              case.mask))
+            if use_hf and kind in HF_KINDS:
+                hf = hf_logits(params, case.cfg, case.ids, case.mask, HF_KINDS[kind])
+                if hf is not None:
+                    worst = _worst(worst, metrics(hf, ref, case.mask))
+            cal.correct.setdefault(kind, {})[case.name] = worst
+            bar.update(1)
+            port = ports_for(kind)[0]
+            for bug in bugs:
+                bar.update(1)
+                if not applies(bug, case.cfg, case.mask):
+                    continue
+                m = metrics(run_port(port, bug, first, case.cfg, case.ids, case.mask), ref, case.mask)
+                cal.bugs.setdefault(kind, {}).setdefault(bug, {})[case.name] = m
+    bar.close()
+    return cal
+
+
+def derive_policies(cal: Calibration) -> dict:
+    """Each kind's limits from its worst correct port, with the margins and floors above."""
+    out = {}
+    for kind, per_case in cal.correct.items():
+        rel = max(m["rel"] for m in per_case.values())
+        klm = max(m["kl_mean"] for m in per_case.values())
+        klx = max(m["kl_max"] for m in per_case.values())
+        dis = max(1.0 - m["top1"] for m in per_case.values())
+        hid = max(m["hidden_rel"] for m in per_case.values())
+        floor = FLOOR_REL.get(kind, 0.0)
+        out[kind] = {"rel": _sig(max(MARGIN_REL * rel, floor)),
+                     "hidden_rel": _sig(max(MARGIN_REL * hid, floor)),
+                     "kl_mean": _sig(max(MARGIN_KL * klm, FLOOR_KL.get(kind, 0.0))),
+                     "kl_max": _sig(max(MARGIN_KL * klx, FLOOR_KL.get(kind, 0.0))),
+                     "top1": round(1.0 - min(1.0, max(MARGIN_REL * dis, FLOOR_DISAGREE)), 4),
+                     "reference": REFERENCE[kind],
+                     "worst_correct": {"rel": rel, "kl_mean": klm, "kl_max": klx, "top1": 1.0 - dis,
+                                       "hidden_rel": hid}}
+    return out
+
+
+def _sig(x: float) -> float:
+    """Round up to two significant digits (a limit never drops below what it was derived from)."""
+    if x <= 0:
+        return x
+    e = math.floor(math.log10(x)) - 1
+    return float(f"{math.ceil(x / 10.0 ** e - 1e-9) * 10.0 ** e:.2g}")
+
+
+def verdict_of(m: dict, pol: dict) -> list[str]:
+    """The parts of policy ``pol`` that metrics ``m`` fail."""
+    failed = []
+    if not m["rel"] <= pol["rel"]:
+        failed.append("rel")
+    if not m["kl_mean"] <= pol["kl_mean"]:
+        failed.append("kl_mean")
+    if not m["kl_max"] <= pol["kl_max"]:
+        failed.append("kl_max")
+    if not m["top1"] >= pol["top1"]:
+        failed.append("top1")
+    return failed
+
+
+def bug_matrix(cal: Calibration, policies: dict) -> dict:
+    """kind -> bug -> {"rel": smallest relative error over the cases, "caught": n, "of": n, "separable": bool}."""
+    out = {}
+    for kind, per_bug in cal.bugs.items():
+        for bug, per_case in per_bug.items():
+            caught = sum(bool(verdict_of(m, policies[kind])) for m in per_case.values())
+            out.setdefault(kind, {})[bug] = {
+                "rel": min(m["rel"] for m in per_case.values()),
+                "kl_mean": min(m["kl_mean"] for m in per_case.values()),
+                "caught": caught, "of": len(per_case), "separable": caught == len(per_case)}
+    return out
+
+
+def markdown(policies: dict, matrix: dict, cases: list[str]) -> str:
+    """The correct-port table and the bug matrix as Markdown (README and closing notes paste it)."""
+    lines = ["Correct ports: worst over every case, and the policy limits derived from them", "",
+             "| kind | reference | worst rel | worst KL mean | worst KL max | worst top-1 | limit rel | limit KL mean "
+             "| limit KL max | limit top-1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, p in policies.items():
+        w = p["worst_correct"]
+        lines.append(f"| {kind} | {p['reference']} | {w['rel']:.2e} | {w['kl_mean']:.1e} | {w['kl_max']:.1e} | "
+                     f"{100 * w['top1']:.1f}% | {p['rel']:.2g} | {p['kl_mean']:.2g} | {p['kl_max']:.2g} | "
+                     f"{100 * p['top1']:.1f}% |")
+    bugs = list(BUGS)
+    lines += ["", "Bug matrix: smallest relative error over the cases the bug applies to, and how many of them the "
+              "policy fails (FAIL = every one: separable)", "",
+              "| bug | " + " | ".join(matrix) + " |", "|---|" + "---|" * len(matrix)]
+    for bug in bugs:
+        cells = []
+        for kind in matrix:
+            c = matrix[kind].get(bug)
+            if c is None:
+                cells.append("n/a")
+            else:
+                v = "FAIL" if c["separable"] else f"pass {c['of'] - c['caught']}/{c['of']}"
+                cells.append(f"{c['rel']:.1e} {v}")
+        lines.append(f"| {bug} | " + " | ".join(cells) + " |")
+    lines += ["", f"Cases ({len(cases)}): " + "; ".join(cases)]
+    return "\n".join(lines)
+
+
+def write_policies(policies: dict, matrix: dict, cal: Calibration, path: str = POLICY_FILE) -> None:
+    """policies.json: the limits, the bug matrix, and every case's correct-port figures (the evidence)."""
+    doc = {"generated_by": "minibloom calibrate", "margins": {"rel": MARGIN_REL, "kl": MARGIN_KL},
+           "floors": {"rel": FLOOR_REL, "kl": FLOOR_KL, "disagreement": FLOOR_DISAGREE},
+           "cases": cal.cases, "policies": policies, "bug_matrix": matrix,
+           "correct_ports": {k: {c: {n: float(f"{m[n]:.4g}") for n in FIGURES} for c, m in per.items()}
+                             for k, per in cal.correct.items()}}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="minibloom calibrate", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=3, help="random seeds per checkpoint shape (default 3)")
+    p.add_argument("--trained", action="append", metavar="DIR",
+                   help="trained checkpoint directories (default: weights/default and weights/calib-12h)")
+    p.add_argument("--text", default="data/tinyshakespeare.txt", help="text for the trained models' inputs")
+    p.add_argument("--kind", action="append", choices=KINDS, help="only these kinds (default: all)")
+    p.add_argument("--no-transformers", action="store_true", help="leave transformers' runs out of the population")
+    p.add_argument("--write", metavar="JSON", nargs="?", const=POLICY_FILE,
+                   help="write the policies (default path: the package's policies.json)")
+    p.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
+
+
+def run(args) -> int:
+    if args.seeds < 1:
+        raise MinibloomError(f"--seeds: must be at least 1, got {args.seeds}")
+    cal = calibrate(seeds=args.seeds, trained=tuple(args.trained or ("weights/default", "weights/calib-12h")),
+                    text=args.text, kinds=tuple(args.kind or KINDS), use_hf=not args.no_transformers)
+    policies = derive_policies(cal)
+    matrix = bug_matrix(cal, policies)
+    md = markdown(policies, matrix, cal.cases)
+    print(md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md + "\n")
+    if args.write:
+        write_policies(policies, matrix, cal, args.write)
+        print(f"\nwrote {args.write}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
