@@ -33,9 +33,12 @@ random checkpoints (every parameter randomized) of several depths, head counts (
 over ``seeds`` seeds, and the trained models shipped in ``weights/`` (random weights hide activation bugs). A bug is
 *separable* from a kind when the policy fails it on every model it applies to; the matrix says where it is not.
 
-Policies: each limit is the worst correct-port figure over all evidence times a margin (``MARGIN_REL`` for the
-relative error and the top-1 disagreement, ``MARGIN_KL`` for the KL divergences, which grow with the square of the
-logit error), never below ``FLOOR_*``.
+Policies: rounding noise in the logits grows with the model as ``scale = sqrt(n_layer * hidden_size)`` (measured:
+noise / scale stays within ~2x from 2 x 64 to the bloom-560m shape), so each kind's limits are coefficients per unit
+of scale: the worst correct-port figure / scale over all evidence times a margin (``MARGIN_REL`` for the relative
+error and the top-1 disagreement; ``MARGIN_KL`` for the KL divergences, per scale squared, as they grow with the
+square of the logit error), never below the absolute ``FLOOR_*``. ``minibloom.testing.limits`` turns them into the
+limits for one model.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import numpy as np
 from . import model as M
 from .config import BloomConfig
 from .errors import MinibloomError
+from .testing import limits, scale
 
 KINDS = ("float32", "float32-gelu-table", "float16", "bfloat16", "int8-weight-only", "int8-dynamic", "q8_0", "q4_0",
          "q4_k", "nf4")
@@ -487,19 +491,22 @@ def calibration_mask(B: int, T: int) -> np.ndarray:
     return mask
 
 
-RANDOM_SHAPES = (  # (layers, hidden, heads, post-LN)
+RANDOM_SHAPES = (  # (layers, hidden, heads, post-LN), every seed
     (2, 64, 8, False),
     (4, 96, 12, False),
     (6, 96, 12, True),
+    (12, 192, 12, False),
     (24, 128, 16, False),
 )
+WIDE_SHAPES = ((24, 512, 16, False),)  # one seed: the depth of bloom-560m at half its width
 
 
-def random_cases(seeds: int, vocab: int = 512, B: int = 4, T: int = 24, seed0: int = 0) -> list[Case]:
-    """Random checkpoints of every shape in ``RANDOM_SHAPES`` for seeds ``seed0 .. seed0 + seeds - 1``."""
+def random_cases(seeds: int, vocab: int = 512, B: int = 4, T: int = 24, seed0: int = 0,
+                 shapes=RANDOM_SHAPES) -> list[Case]:
+    """Random checkpoints of every shape in ``shapes`` for seeds ``seed0 .. seed0 + seeds - 1``."""
     cases = []
     for seed in range(seed0, seed0 + seeds):
-        for n_layer, C, H, post in RANDOM_SHAPES:
+        for n_layer, C, H, post in shapes:
             cfg = BloomConfig(vocab_size=vocab, hidden_size=C, n_layer=n_layer, n_head=H,
                               apply_residual_connection_post_layernorm=post)
             rng = np.random.default_rng(1000 + seed)
@@ -548,6 +555,7 @@ class Calibration:
     correct: dict = field(default_factory=dict)  # kind -> case -> worst metrics over the kind's ports
     bugs: dict = field(default_factory=dict)  # kind -> bug -> case -> metrics
     cases: list = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)  # case -> (n_layer, hidden_size)
 
 
 FIGURES = ("rel", "kl_mean", "kl_max", "top1", "hidden_rel")
@@ -566,8 +574,8 @@ def calibrate(seeds: int = 3, trained=("weights/default", "weights/calib-12h"), 
     """Measure every kind's correct ports and every (kind, bug) pair on every case."""
     from tqdm.auto import tqdm
 
-    cases = random_cases(seeds) + trained_cases(trained, text)
-    cal = Calibration(cases=[c.name for c in cases])
+    cases = random_cases(seeds) + random_cases(1, shapes=WIDE_SHAPES) + trained_cases(trained, text)
+    cal = Calibration(cases=[c.name for c in cases], sizes={c.name: (c.cfg.n_layer, c.cfg.hidden_size) for c in cases})
     total = len(cases) * len(kinds) * (1 + len(bugs))
     bar = tqdm(total=total, desc="calibrate", unit="run", disable=not progress)
     for case in cases:
@@ -599,24 +607,30 @@ def calibrate(seeds: int = 3, trained=("weights/default", "weights/calib-12h"), 
 
 
 def derive_policies(cal: Calibration) -> dict:
-    """Each kind's limits from its worst correct port, with the margins and floors above."""
+    """Each kind's coefficients from its worst correct port, per unit of ``scale`` (KL: per scale squared), times the
+    margins; the floors are absolute. ``minibloom.testing.Tolerance.at`` turns them into limits for one model."""
     out = {}
     for kind, per_case in cal.correct.items():
-        rel = max(m["rel"] for m in per_case.values())
-        klm = max(m["kl_mean"] for m in per_case.values())
-        klx = max(m["kl_max"] for m in per_case.values())
-        dis = max(1.0 - m["top1"] for m in per_case.values())
-        hid = max(m["hidden_rel"] for m in per_case.values())
-        floor = FLOOR_REL.get(kind, 0.0)
-        out[kind] = {"rel": _sig(max(MARGIN_REL * rel, floor)),
-                     "hidden_rel": _sig(max(MARGIN_REL * hid, floor)),
-                     "kl_mean": _sig(max(MARGIN_KL * klm, FLOOR_KL.get(kind, 0.0))),
-                     "kl_max": _sig(max(MARGIN_KL * klx, FLOOR_KL.get(kind, 0.0))),
-                     "top1": round(1.0 - min(1.0, max(MARGIN_REL * dis, FLOOR_DISAGREE)), 4),
+        sc = {c: scale(*cal.sizes[c]) for c in per_case}
+        worst = {f: max(per_case, key=lambda c: _per_scale(per_case[c], f, sc[c])) for f in FIGURES}
+        coef = {f: _per_scale(per_case[worst[f]], f, sc[worst[f]]) for f in FIGURES}
+        out[kind] = {"rel": _sig(MARGIN_REL * coef["rel"]),
+                     "hidden_rel": _sig(MARGIN_REL * coef["hidden_rel"]),
+                     "kl_mean": _sig(MARGIN_KL * coef["kl_mean"]),
+                     "kl_max": _sig(MARGIN_KL * coef["kl_max"]),
+                     "disagreement": _sig(MARGIN_REL * coef["top1"]),
+                     "floors": {"rel": FLOOR_REL.get(kind, 0.0), "kl": FLOOR_KL.get(kind, 0.0),
+                                "disagreement": FLOOR_DISAGREE},
                      "reference": REFERENCE[kind],
-                     "worst_correct": {"rel": rel, "kl_mean": klm, "kl_max": klx, "top1": 1.0 - dis,
-                                       "hidden_rel": hid}}
+                     "worst_correct": {f: {"case": worst[f], "value": per_case[worst[f]][f],
+                                           "per_scale": coef[f]} for f in FIGURES}}
     return out
+
+
+def _per_scale(m: dict, figure: str, s: float) -> float:
+    if figure == "top1":
+        return (1.0 - m["top1"]) / s
+    return m[figure] / (s * s if figure.startswith("kl") else s)
 
 
 def _sig(x: float) -> float:
@@ -646,7 +660,7 @@ def bug_matrix(cal: Calibration, policies: dict) -> dict:
     out = {}
     for kind, per_bug in cal.bugs.items():
         for bug, per_case in per_bug.items():
-            caught = sum(bool(verdict_of(m, policies[kind])) for m in per_case.values())
+            caught = sum(bool(verdict_of(m, limits(policies[kind], *cal.sizes[c]))) for c, m in per_case.items())
             out.setdefault(kind, {})[bug] = {
                 "rel": min(m["rel"] for m in per_case.values()),
                 "kl_mean": min(m["kl_mean"] for m in per_case.values()),
@@ -656,20 +670,22 @@ def bug_matrix(cal: Calibration, policies: dict) -> dict:
 
 def markdown(policies: dict, matrix: dict, cases: list[str]) -> str:
     """The correct-port table and the bug matrix as Markdown (README and closing notes paste it)."""
-    lines = ["Correct ports: worst over every case, and the policy limits derived from them", "",
-             "| kind | reference | worst rel | worst KL mean | worst KL max | worst top-1 | limit rel | limit KL mean "
-             "| limit KL max | limit top-1 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Correct ports: the worst figure over every case, and the limits it gives at two model sizes "
+             "(limits scale with sqrt(n_layer x hidden); KL with its square)", "",
+             "| kind | reference | worst rel (case) | worst KL mean | limit rel: 4 x 256 / 24 x 1024 | limit KL mean "
+             "| limit KL max | min top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for kind, p in policies.items():
         w = p["worst_correct"]
-        lines.append(f"| {kind} | {p['reference']} | {w['rel']:.2e} | {w['kl_mean']:.1e} | {w['kl_max']:.1e} | "
-                     f"{100 * w['top1']:.1f}% | {p['rel']:.2g} | {p['kl_mean']:.2g} | {p['kl_max']:.2g} | "
-                     f"{100 * p['top1']:.1f}% |")
-    bugs = list(BUGS)
+        small, big = limits(p, 4, 256), limits(p, 24, 1024)
+        lines.append(f"| {kind} | {p['reference']} | {w['rel']['value']:.2e} ({w['rel']['case']}) | "
+                     f"{w['kl_mean']['value']:.1e} | {small['rel']:.2g} / {big['rel']:.2g} | "
+                     f"{small['kl_mean']:.2g} / {big['kl_mean']:.2g} | {small['kl_max']:.2g} / {big['kl_max']:.2g} | "
+                     f"{100 * small['top1']:.1f}% / {100 * big['top1']:.1f}% |")
     lines += ["", "Bug matrix: smallest relative error over the cases the bug applies to, and how many of them the "
-              "policy fails (FAIL = every one: separable)", "",
+              "policy fails (FAIL = every one: separable; pass k/n = k cases pass although the port is wrong)", "",
               "| bug | " + " | ".join(matrix) + " |", "|---|" + "---|" * len(matrix)]
-    for bug in bugs:
+    for bug in BUGS:
         cells = []
         for kind in matrix:
             c = matrix[kind].get(bug)
@@ -686,8 +702,9 @@ def markdown(policies: dict, matrix: dict, cases: list[str]) -> str:
 def write_policies(policies: dict, matrix: dict, cal: Calibration, path: str = POLICY_FILE) -> None:
     """policies.json: the limits, the bug matrix, and every case's correct-port figures (the evidence)."""
     doc = {"generated_by": "minibloom calibrate", "margins": {"rel": MARGIN_REL, "kl": MARGIN_KL},
-           "floors": {"rel": FLOOR_REL, "kl": FLOOR_KL, "disagreement": FLOOR_DISAGREE},
-           "cases": cal.cases, "policies": policies, "bug_matrix": matrix,
+           "scale": "limit = max(coefficient * sqrt(n_layer * hidden_size), floor); KL: coefficient * n_layer * "
+                    "hidden_size; top-1: 1 - max(disagreement * sqrt(n_layer * hidden_size), floor)",
+           "cases": cal.cases, "sizes": cal.sizes, "policies": policies, "bug_matrix": matrix,
            "correct_ports": {k: {c: {n: float(f"{m[n]:.4g}") for n in FIGURES} for c, m in per.items()}
                              for k, per in cal.correct.items()}}
     with open(path, "w") as f:

@@ -20,17 +20,41 @@ observed), and float64 paths of minibloom against each other.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .errors import MinibloomError
 
 
+DEFAULT_SIZE = (24, 1024)  # (n_layer, hidden_size) assumed when a verdict cannot see the model: bloom-560m's
+
+
+def scale(n_layer: int, hidden_size: int) -> float:
+    """How rounding noise in the logits grows with the model: sqrt(n_layer * hidden_size) (README, "Choosing a
+    policy": noise / scale is near constant from 2 x 64 to the bloom-560m shape for every kind)."""
+    return math.sqrt(max(1, int(n_layer)) * max(1, int(hidden_size)))
+
+
+def limits(pol: dict, n_layer: int, hidden_size: int) -> dict:
+    """The limits of a policies.json entry (coefficients per unit of ``scale``, KL per scale squared, absolute
+    floors) for a model of ``n_layer`` blocks of width ``hidden_size``."""
+    s = scale(n_layer, hidden_size)
+    f = pol["floors"]
+    return {"rel": max(pol["rel"] * s, f["rel"]), "hidden_rel": max(pol["hidden_rel"] * s, f["rel"]),
+            "kl_mean": max(pol["kl_mean"] * s * s, f["kl"]), "kl_max": max(pol["kl_max"] * s * s, f["kl"]),
+            "top1": 1.0 - min(1.0, max(pol["disagreement"] * s, f["disagreement"]))}
+
+
 @dataclass(frozen=True)
 class Tolerance:
-    """A verdict policy. ``rel`` always applies; the other parts apply when set (None = not checked)."""
+    """A verdict policy. ``rel`` always applies; the other parts apply when set (None = not checked).
+
+    A calibrated policy also holds its per-scale coefficients (``coefficients``) and is sized for one model
+    (``size`` = (n_layer, hidden_size); ``DEFAULT_SIZE`` until ``at`` resizes it).
+    """
 
     rel: float  # on max|a - b| / max|ref|
     what: str
@@ -40,6 +64,16 @@ class Tolerance:
     top1: float | None = None  # minimum share of agreeing argmax tokens
     hidden_rel: float | None = None  # per hidden state in a trace (default: rel)
     reference: str = ""  # "same file" or "unquantized"
+    coefficients: str | None = field(default=None, repr=False)  # the policies.json entry, as JSON
+    size: tuple | None = None
+
+    def at(self, n_layer: int, hidden_size: int) -> "Tolerance":
+        """This policy's limits for a model of ``n_layer`` blocks of width ``hidden_size``."""
+        if self.coefficients is None:
+            return self
+        lim = limits(json.loads(self.coefficients), n_layer, hidden_size)
+        return replace(self, rel=lim["rel"], kl_mean=lim["kl_mean"], kl_max=lim["kl_max"], top1=lim["top1"],
+                       hidden_rel=lim["hidden_rel"], size=(int(n_layer), int(hidden_size)))
 
 
 Policy = Tolerance
@@ -69,8 +103,9 @@ def _load_policies(path: str = POLICY_FILE) -> dict[str, Tolerance]:
         doc = json.load(f)
     out = {}
     for kind, p in doc["policies"].items():
-        out[kind] = Tolerance(float(p["rel"]), _WHAT.get(kind, kind), kind, float(p["kl_mean"]), float(p["kl_max"]),
-                              float(p["top1"]), float(p["hidden_rel"]), p["reference"])
+        coef = {k: p[k] for k in ("rel", "hidden_rel", "kl_mean", "kl_max", "disagreement", "floors")}
+        out[kind] = Tolerance(0.0, _WHAT.get(kind, kind), kind, reference=p["reference"],
+                              coefficients=json.dumps(coef, sort_keys=True)).at(*DEFAULT_SIZE)
     return out
 
 
@@ -112,19 +147,20 @@ def _kind_name(name: str, implementation: str | None = None) -> str | None:
     return None
 
 
-def policy_for(kind, implementation: str | None = None) -> Tolerance:
+def policy_for(kind, implementation: str | None = None, size: tuple[int, int] | None = None) -> Tolerance:
     """The verdict policy for ``kind``: a kind name (``KINDS`` of ``minibloom.calibrate``: "float32", "float16",
     "int8-dynamic", "q8_0", "nf4", ...), an alias ("fp16", "bf16", "int8", "Q4_K_M", CTranslate2's "int8_float16"),
     or a NumPy / torch dtype. ``implementation`` (a trace's ``meta["implementation"]``) names the engine: a float32
-    llama.cpp / ggml port gets the ``float32-gelu-table`` policy. Raises ``MinibloomError`` for an unknown name."""
+    llama.cpp / ggml port gets the ``float32-gelu-table`` policy. ``size`` = (n_layer, hidden_size) of the model
+    sizes the limits (default ``DEFAULT_SIZE``, bloom-560m's). Raises ``MinibloomError`` for an unknown name."""
     if isinstance(kind, Tolerance):
-        return kind
+        return kind if size is None else kind.at(*size)
     name = "" if kind is None else (kind if isinstance(kind, str) else str(getattr(kind, "name", None) or kind))
     canon = _kind_name(name, implementation)
     if canon is None:
         raise MinibloomError(f"kind: {name!r} names no verdict policy; use one of {', '.join(POLICIES)} "
                              "(or an alias such as fp16, bf16, int8, q4_k_m)")
-    return POLICIES[canon]
+    return POLICIES[canon] if size is None else POLICIES[canon].at(*size)
 
 
 def tolerance_for(dtype, quantized: bool = False) -> Tolerance:
@@ -245,8 +281,9 @@ class Verdict:
         row, pos, tok = self.worst
         a, r = self.worst_values
         inp = "" if self.input_id is None else f" (input token {self.input_id})"
+        size = "" if self.policy.size is None else f", sized for {self.policy.size[0]} x {self.policy.size[1]}"
         head = (f"{self.what}: {'PASS' if self.passed else 'FAIL'} under policy {self.policy.kind or 'custom'!r} "
-                f"({self.policy.what}) over {self.positions} real positions")
+                f"({self.policy.what}{size}) over {self.positions} real positions")
         lines = [head] + [f"  {'ok  ' if ok else 'FAIL'} {text}" for _, text, ok in self.parts()]
         lines.append(f"  worst logit: row {row}, position {pos}{inp}, token {tok}: {a:.6g} vs {r:.6g} (reference)")
         lines.append(f"  KL mean {self.kl_mean:.3e}, KL max {self.kl_max:.3e} nats; "
@@ -255,13 +292,14 @@ class Verdict:
 
 
 def check_logits(actual, reference, attention_mask=None, policy=None, input_ids=None,
-                 what: str = "logits") -> Verdict:
+                 what: str = "logits", *, size: tuple[int, int] | None = None) -> Verdict:
     """Judge a candidate's logits against reference logits (arrays [B, T, V] or [T, V]; any array type, torch
     bfloat16 too) at the positions ``attention_mask`` marks real (any layout: left, right or inner padding).
 
     ``policy``: a ``Policy``, a kind name ("float16", "int8", "q8_0", ...), a number (a relative bound alone), or
-    None for the policy of ``actual``'s dtype. This is the entry point for logits that minibloom did not compute:
-    an engine's output saved to disk, or another framework's tensors.
+    None for the policy of ``actual``'s dtype. ``size`` = (n_layer, hidden_size) of the model sizes the limits
+    (rounding noise grows with the model; without it, bloom-560m's size is assumed). This is the entry point for
+    logits that minibloom did not compute: an engine's output saved to disk, or another framework's tensors.
     """
     a, dtype = _numpy_of(actual)
     r, _ = _numpy_of(reference)
@@ -273,6 +311,8 @@ def check_logits(actual, reference, attention_mask=None, policy=None, input_ids=
     if mask is not None and mask.ndim == 1:
         mask = mask[None]
     pol = policy_for(dtype) if policy is None else _as_policy(policy)
+    if size is not None:
+        pol = pol.at(*size)
     m = logit_metrics(a, r, mask)
     failed = []
     if not m["rel"] <= pol.rel:
@@ -350,8 +390,10 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
     if a.shape != ref.shape:
         raise AssertionError(f"{what}: shape {a.shape} but the reference logits for these input_ids are {ref.shape}")
     pol = policy_for(kind) if kind is not None else (policy_for(dtype) if tol is None else _as_policy(tol))
+    cfg = reference_model(model).config
     mask = None if attention_mask is None else np.asarray(attention_mask).reshape(ref.shape[:2])
-    verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64")
+    verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64",
+                           size=(cfg.n_layer, cfg.hidden_size))
     if not verdict.passed:
         raise AssertionError(verdict.message() + "\n  to find the first layer that differs, write a trace of your "
                              "implementation (format: minibloom.trace) and compare it with `minibloom trace --dtype "

@@ -60,7 +60,7 @@ def trace(model, input_ids, attention_mask=None, attentions: bool = False, *, dt
     out = model.forward(ids, mask, output_hidden_states=True, output_attentions=attentions)
     meta = {"format": "minibloom-trace", "version": FORMAT_VERSION, "implementation": f"minibloom {__version__}",
             "dtype": model.dtype, "quantized": _is_quantized(model), "model": str(model.path or "in memory"),
-            "n_layer": model.config.n_layer, "n_head": model.config.n_head}
+            "n_layer": model.config.n_layer, "n_head": model.config.n_head, "hidden_size": model.config.hidden_size}
     return {"input_ids": ids, "attention_mask": mask, "hidden_states": list(out.hidden_states),
             "logits": out.logits, "attentions": list(out.attentions) if attentions else None, "meta": meta}
 
@@ -292,6 +292,19 @@ def diff_policy(candidate: dict, reference: dict):
     return p
 
 
+def model_size(*traces: dict) -> tuple[int, int] | None:
+    """(n_layer, hidden_size) of the model behind the traces: from their hidden states, else their meta."""
+    for t in traces:
+        h = t.get("hidden_states")
+        if h:
+            return len(h) - 1, int(h[0].shape[-1])
+    for t in traces:
+        m = t.get("meta") or {}
+        if isinstance(m.get("n_layer"), int) and isinstance(m.get("hidden_size"), int):
+            return m["n_layer"], m["hidden_size"]
+    return None
+
+
 def _computed_dtype(t: dict) -> dict:
     """The trace's meta, with ``dtype`` taken from its arrays when the writer did not record it."""
     if t["meta"].get("dtype"):
@@ -424,8 +437,14 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
         if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
             raise MinibloomError(f"{name}: must be a finite number >= 0, got {value!r}")
     meta_a, meta_b = _computed_dtype(ta), _computed_dtype(tb)
+    size = model_size(ta, tb)
     if rtol is None and atol == 0:
         policy = diff_policy(meta_a, meta_b)
+        if size is not None:
+            policy = policy.at(*size)
+        else:
+            notes.append("model size unknown (no hidden states, no meta n_layer / hidden_size): limits sized for "
+                         "bloom-560m")
         rtol = policy.hidden_rel or policy.rel
         if policy.kind == "float32" and meta_a.get("dtype") and meta_a.get("kind") is None:
             from .testing import _kind_name
@@ -435,6 +454,7 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
                              "(set meta 'kind', or pass --rtol)")
     else:
         default = diff_policy(meta_a, meta_b)
+        default = default if size is None else default.at(*size)
         rtol = (default.hidden_rel or default.rel) if rtol is None else float(rtol)
         policy = Tolerance(rtol, f"max|A - B| <= {atol:.1e} + {rtol:.1e} * max|B|", "custom")
     real = tb["attention_mask"].astype(bool)  # [B, T]

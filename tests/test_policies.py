@@ -20,7 +20,7 @@ from minibloom import calibrate as C
 from minibloom import model as M
 from minibloom.cli import main
 from minibloom.errors import MinibloomError
-from minibloom.testing import POLICIES, check_logits, logit_metrics, policy_for
+from minibloom.testing import POLICIES, check_logits, limits, logit_metrics, policy_for
 from minibloom.trace import diff_traces, save_trace, trace
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -98,21 +98,30 @@ def test_policy_for_numpy_dtypes_engines_and_unknown_names():
 def test_every_kind_has_a_policy_with_every_part():
     for kind in C.KINDS:
         p = POLICIES[kind]
-        assert p.rel > 0 and p.kl_mean > 0 and p.kl_max >= p.kl_mean and 0 < p.top1 <= 1 and p.hidden_rel > 0
+        assert p.rel > 0 and p.kl_mean > 0 and p.kl_max >= p.kl_mean and 0 <= p.top1 <= 1 and p.hidden_rel > 0
         assert p.reference in ("same file", "unquantized")
 
 
 def test_committed_limits_sit_above_every_correct_figure_they_came_from():
     for kind, per_case in COMMITTED["correct_ports"].items():
-        pol = COMMITTED["policies"][kind]
         for case, m in per_case.items():
-            assert not C.verdict_of(m, pol), (kind, case, m, pol)
-            assert m["hidden_rel"] <= pol["hidden_rel"]
+            lim = limits(COMMITTED["policies"][kind], *COMMITTED["sizes"][case])
+            assert not C.verdict_of(m, lim), (kind, case, m, lim)
+            assert m["hidden_rel"] <= lim["hidden_rel"]
+
+
+def test_limits_grow_with_the_model_as_sqrt_of_depth_times_width():
+    p = POLICIES["q8_0"]
+    small, big = p.at(4, 256), p.at(16, 1024)  # scale 32 and 128
+    assert big.rel == pytest.approx(4 * small.rel) and big.kl_mean == pytest.approx(16 * small.kl_mean)
+    assert POLICIES["float32"].at(2, 64).rel == 2e-5  # the float32 floor
+    v = check_logits(np.ones((1, 2, 3)), np.ones((1, 2, 3)) * 1.01, policy="q8_0", size=(4, 256))
+    assert v.policy.size == (4, 256) and "sized for 4 x 256" in v.message()
 
 
 # ---- held out: a seed the calibration never saw, and the trained models ----------------------------------------
 def held_out_cases():
-    cases = C.random_cases(1, seed0=7) + C.trained_cases([DEFAULT, CALIB], TEXT)
+    cases = C.random_cases(1, seed0=7, shapes=C.RANDOM_SHAPES[:3]) + C.trained_cases([DEFAULT, CALIB], TEXT)
     assert any(c.trained for c in cases)
     return cases
 
@@ -135,15 +144,15 @@ def evidence():
             prepared = C.prepare(port, params)
             bugs = {bug: C.metrics(C.run_port(port, bug, prepared, case.cfg, case.ids, case.mask), ref, case.mask)
                     for bug in C.BUGS if C.applies(bug, case.cfg, case.mask)}
-            out[kind].append((case.name, correct, bugs))
+            out[kind].append((case.name, (case.cfg.n_layer, case.cfg.hidden_size), correct, bugs))
     return out
 
 
 @pytest.mark.parametrize("kind", C.KINDS)
 def test_correct_ports_pass_on_held_out_cases(evidence, kind, record):
-    pol = COMMITTED["policies"][kind]
     worst = 0.0
-    for case, correct, _ in evidence[kind]:
+    for case, size, correct, _ in evidence[kind]:
+        pol = limits(COMMITTED["policies"][kind], *size)
         for port, m in correct:
             assert not C.verdict_of(m, pol), f"{port} on {case}: {m} against {pol}"
             worst = max(worst, m["rel"] / pol["rel"])
@@ -152,11 +161,11 @@ def test_correct_ports_pass_on_held_out_cases(evidence, kind, record):
 
 @pytest.mark.parametrize("kind", C.KINDS)
 def test_separable_bugs_fail_on_held_out_cases(evidence, kind):
-    pol = COMMITTED["policies"][kind]
     matrix = COMMITTED["bug_matrix"][kind]
     separable = [bug for bug, cell in matrix.items() if cell["separable"]]
     assert {"pads-attended", "causal-off-by-one", "qkv-blocks", "untied-head"} <= set(separable)
-    for case, _, bugs in evidence[kind]:
+    for case, size, _, bugs in evidence[kind]:
+        pol = limits(COMMITTED["policies"][kind], *size)
         for bug in separable:
             if bug in bugs:
                 assert C.verdict_of(bugs[bug], pol), f"{bug} passed {kind} on {case}: {bugs[bug]}"
