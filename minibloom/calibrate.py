@@ -522,8 +522,6 @@ def trained_cases(directories, text_path: str | None, B: int = 4, T: int = 32) -
 
     cases = []
     for d in directories:
-        if not os.path.isdir(d):
-            continue
         model = load(d, dtype="float64")
         if text_path and os.path.isfile(text_path) and model.tokenizer is not None:
             with open(text_path, encoding="utf-8") as f:
@@ -569,13 +567,33 @@ def _worst(a: dict | None, b: dict) -> dict:
             "hidden_rel": max(a["hidden_rel"], b["hidden_rel"])}
 
 
-def calibrate(seeds: int = 3, trained=("weights/default", "weights/calib-12h"), text: str | None = "data/tinyshakespeare.txt",
+def default_trained() -> tuple[str, ...]:
+    """The trained checkpoints of the evidence: ``weights/default`` and ``weights/calib-12h`` of the clone."""
+    from .loading import weights_dir
+
+    return tuple(os.path.join(weights_dir(), name) for name in ("default", "calib-12h"))
+
+
+def default_text() -> str:
+    from .loading import REPO_ROOT
+
+    return os.path.join(REPO_ROOT, "data", "tinyshakespeare.txt")
+
+
+def calibrate(seeds: int = 3, trained: tuple[str, ...] | None = None, text: str | None = None,
               kinds=KINDS, bugs=tuple(BUGS), use_hf: bool = True, progress: bool = True) -> Calibration:
     """Measure every kind's correct ports and every (kind, bug) pair on every case."""
     from tqdm.auto import tqdm
 
-    cases = random_cases(seeds) + random_cases(1, shapes=WIDE_SHAPES) + trained_cases(trained, text)
-    cal = Calibration(cases=[c.name for c in cases], sizes={c.name: (c.cfg.n_layer, c.cfg.hidden_size) for c in cases})
+    trained = default_trained() if trained is None else trained
+    missing = [d for d in trained if not os.path.isdir(d)]
+    if missing:
+        raise MinibloomError(f"calibrate: trained checkpoint {missing[0]} not found (run from a clone, or name the "
+                             "trained checkpoints with --trained)")
+    cases = (random_cases(seeds) + random_cases(1, shapes=WIDE_SHAPES)
+             + trained_cases(trained, default_text() if text is None else text))
+    cal = Calibration(cases=[c.name for c in cases],
+                      sizes={c.name: (c.cfg.n_layer, c.cfg.hidden_size) for c in cases})
     total = len(cases) * len(kinds) * (1 + len(bugs))
     bar = tqdm(total=total, desc="calibrate", unit="run", disable=not progress)
     for case in cases:
@@ -722,7 +740,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="random seeds per checkpoint shape (default 3)")
     p.add_argument("--trained", action="append", metavar="DIR",
                    help="trained checkpoint directories (default: weights/default and weights/calib-12h)")
-    p.add_argument("--text", default="data/tinyshakespeare.txt", help="text for the trained models' inputs")
+    p.add_argument("--text", help="text for the trained models' inputs (default: the clone's data/tinyshakespeare.txt)")
     p.add_argument("--kind", action="append", choices=KINDS, help="only these kinds (default: all)")
     p.add_argument("--no-transformers", action="store_true", help="leave transformers' runs out of the population")
     p.add_argument("--write", metavar="JSON", nargs="?", const=POLICY_FILE,
@@ -733,7 +751,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.seeds < 1:
         raise MinibloomError(f"--seeds: must be at least 1, got {args.seeds}")
-    cal = calibrate(seeds=args.seeds, trained=tuple(args.trained or ("weights/default", "weights/calib-12h")),
+    cal = calibrate(seeds=args.seeds, trained=tuple(args.trained) if args.trained else None,
                     text=args.text, kinds=tuple(args.kind or KINDS), use_hf=not args.no_transformers)
     policies = derive_policies(cal)
     matrix = bug_matrix(cal, policies)

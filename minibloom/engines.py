@@ -547,4 +547,3 @@ def llama_cpp_trace(gguf_path, input_ids, attention_mask=None, kind: str | None 
     impl = f"llama.cpp via llama-cpp-python {version} (CPU, {threads} threads)"
     return {"input_ids": ids, "attention_mask": mask, "hidden_states": hidden, "logits": logits, "attentions": None,
             "meta": _meta(kind, impl, path, engine="llama.cpp")}
-

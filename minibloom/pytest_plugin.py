@@ -29,12 +29,19 @@ class BloomOracle:
 
         return reference_logits(model, input_ids, attention_mask)
 
-    def assert_logits_close(self, actual, model, input_ids, attention_mask=None, tol=None) -> float:
-        """``minibloom.testing.assert_logits_close``: fail unless ``actual`` is within the policy tolerance for its
-        dtype (or ``tol``) of minibloom's float64 logits; returns the relative error."""
+    def assert_logits_close(self, actual, model, input_ids, attention_mask=None, tol=None, *,
+                            kind: str | None = None) -> float:
+        """``minibloom.testing.assert_logits_close``: fail unless ``actual`` meets the policy of ``kind`` (default:
+        its dtype's; or ``tol``) against minibloom's float64 logits; returns the relative error."""
         from .testing import assert_logits_close
 
-        return assert_logits_close(actual, model, input_ids, attention_mask, tol=tol)
+        return assert_logits_close(actual, model, input_ids, attention_mask, tol=tol, kind=kind)
+
+    def check_logits(self, actual, reference, attention_mask=None, kind: str | None = None, size=None):
+        """``minibloom.testing.check_logits``: the verdict (not an assertion) on logits against reference logits."""
+        from .testing import check_logits
+
+        return check_logits(actual, reference, attention_mask, kind, size=size)
 
     def trace(self, model, input_ids, attention_mask=None, attentions: bool = False) -> dict:
         """minibloom's float64 trace (``minibloom.trace`` format) for ``input_ids``."""

@@ -265,15 +265,16 @@ class Verdict:
         return not self.failed
 
     def parts(self) -> list[tuple[str, str, bool]]:
-        """(part, "measured vs limit", passed) for every part the policy checks."""
+        """(part, "measured, limit", passed) for every part the policy checks."""
         p = self.policy
-        out = [("rel", f"max|A-B|/max|B| {self.rel:.3e} <= {p.rel:.2g}", "rel" not in self.failed)]
+        out = [("rel", f"max|A-B| / max|B| {self.rel:.3e}, limit {p.rel:.2g}", "rel" not in self.failed)]
         if p.kl_mean is not None:
-            out.append(("kl_mean", f"KL mean {self.kl_mean:.3e} <= {p.kl_mean:.2g}", "kl_mean" not in self.failed))
+            out.append(("kl_mean", f"KL mean {self.kl_mean:.3e} nats, limit {p.kl_mean:.2g}",
+                        "kl_mean" not in self.failed))
         if p.kl_max is not None:
-            out.append(("kl_max", f"KL max {self.kl_max:.3e} <= {p.kl_max:.2g}", "kl_max" not in self.failed))
+            out.append(("kl_max", f"KL max {self.kl_max:.3e} nats, limit {p.kl_max:.2g}", "kl_max" not in self.failed))
         if p.top1 is not None:
-            out.append(("top1", f"top-1 agreement {100 * self.top1:.2f}% >= {100 * p.top1:.1f}%",
+            out.append(("top1", f"top-1 agreement {100 * self.top1:.2f}%, at least {100 * p.top1:.1f}%",
                         "top1" not in self.failed))
         return out
 
@@ -286,8 +287,9 @@ class Verdict:
                 f"({self.policy.what}{size}) over {self.positions} real positions")
         lines = [head] + [f"  {'ok  ' if ok else 'FAIL'} {text}" for _, text, ok in self.parts()]
         lines.append(f"  worst logit: row {row}, position {pos}{inp}, token {tok}: {a:.6g} vs {r:.6g} (reference)")
-        lines.append(f"  KL mean {self.kl_mean:.3e}, KL max {self.kl_max:.3e} nats; "
-                     f"top-1 token agreement: {100 * self.top1:.2f}% of positions")
+        kl = "" if self.policy.kl_mean is not None else (f"KL mean {self.kl_mean:.3e}, KL max {self.kl_max:.3e} "
+                                                         "nats; ")
+        lines.append(f"  {kl}top-1 token agreement: {100 * self.top1:.2f}% of positions")
         return "\n".join(lines)
 
 

@@ -306,4 +306,3 @@ def test_llama_cpp_passes_policy_and_diffs(name, outtype, kind, inputs, gguf_fil
     report(record, f"llama.cpp {outtype} BUG pads attended", bad, path, ids, mask)
     with pytest.raises(AssertionError):
         policy_check(bad, path, ids, mask)
-

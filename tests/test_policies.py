@@ -73,7 +73,7 @@ def test_failure_message_names_position_token_values_policy_and_part():
     msg = v.message()
     assert "row 1, position 3 (input token 108), token 6" in msg
     assert f"{act[1, 3, 6]:.6g} vs {ref[1, 3, 6]:.6g}" in msg
-    assert "'float32'" in msg and "FAIL max|A-B|/max|B|" in msg
+    assert "'float32'" in msg and "FAIL max|A-B| / max|B|" in msg
     assert "np.int64" not in msg
 
 

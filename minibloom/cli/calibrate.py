@@ -1,4 +1,4 @@
-"""``minibloom calibrate``: measure correct ports and planted port bugs per implementation kind; rebuild the policies."""
+"""``minibloom calibrate``: measure correct ports and planted port bugs per implementation kind; rebuild policies."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     from ..calibrate import add_arguments
 
-    p = sub.add_parser("calibrate", help="measure correct ports and a matrix of port bugs; rebuild the verdict policies",
+    p = sub.add_parser("calibrate", help="measure correct ports and a matrix of port bugs; rebuild the policies",
                        description="Run emulated correct ports of every implementation kind (float32, float16, "
                                    "int8, q8_0, nf4, ...) and a matrix of planted port bugs on random and trained "
                                    "checkpoints against minibloom's float64 logits; print the correct-port table and "
