@@ -382,8 +382,10 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
     ports whose engine cast or quantized the weights itself (float16, bfloat16, CTranslate2 / ONNX Runtime int8), the
     *same* GGUF / bitsandbytes file for ports of a quantized file. Only positions where ``attention_mask`` is 1 are
     compared. ``kind`` (or ``tol``: a policy, a kind name or a bare relative bound) selects the policy; by default
-    the one for ``actual``'s dtype — quantized weights cannot be seen in the logits' dtype, so name their kind
-    ("q8_0", "int8", "nf4", ...). Raises ``AssertionError`` with every part of the verdict; returns the relative error.
+    the one for ``actual``'s dtype (float32 logits against a ``.gguf`` file: ``float32-gelu-table``, llama.cpp's f32
+    path) — quantized weights cannot be seen in the logits' dtype, so name their kind ("q8_0", "int8", "nf4", ...).
+    The limits are sized for ``model``'s depth and width. Raises ``AssertionError`` with every part of the verdict;
+    returns the relative error.
     """
     a, dtype = _numpy_of(actual)
     ref = reference_logits(model, input_ids, attention_mask)
@@ -391,7 +393,13 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
         a = a[None]
     if a.shape != ref.shape:
         raise AssertionError(f"{what}: shape {a.shape} but the reference logits for these input_ids are {ref.shape}")
-    pol = policy_for(kind) if kind is not None else (policy_for(dtype) if tol is None else _as_policy(tol))
+    if kind is not None:
+        pol = policy_for(kind)
+    elif tol is not None:
+        pol = _as_policy(tol)
+    else:  # float32 logits judged against a GGUF file come from a ggml port: llama.cpp's f32 path
+        gguf = str(getattr(model, "path", None) or model).lower().endswith(".gguf")
+        pol = policy_for(dtype, "ggml" if gguf else None)
     cfg = reference_model(model).config
     mask = None if attention_mask is None else np.asarray(attention_mask).reshape(ref.shape[:2])
     verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64",

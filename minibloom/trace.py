@@ -10,16 +10,19 @@ any other implementation can produce it and ``minibloom diff`` will compare it:
 ==========================  ====================  ===================================================================
 key                         shape                 meaning
 ==========================  ====================  ===================================================================
-``input_ids``               [B, T] integers       the token ids (required; both traces of a diff need the same)
+``input_ids``               [B, T] integers       the token ids (required; both traces of a diff need the same
+                                                  mask and the same ids at its real positions)
 ``attention_mask``          [B, T] 0/1            optional, default all ones; padded positions (0) are not compared
 ``hidden_states.{i}``       [B, T, C] float       i = 0 .. n_layer as above; or one stacked ``hidden_states``
                                                   [n_layer + 1, B, T, C]
 ``logits``                  [B, T, V] float       the LM-head output
 ``attentions.{i}``          [B, H, T, T] float    optional: block i's attention probabilities (after softmax); or one
                                                   stacked ``attentions`` [n_layer, B, H, T, T]
-``meta``                    0-d unicode string    optional JSON object: ``dtype`` (the precision the numbers were
-                                                  *computed* in: float64, float32, float16, bfloat16, or e.g. q4_0),
-                                                  ``quantized`` (bool), ``implementation``, ``model``, ``version``
+``meta``                    0-d unicode string    optional JSON object: ``kind`` or ``dtype`` (what the numbers
+                                                  were *computed* in: float64, float32, float16, bfloat16, int8,
+                                                  q8_0, q4_0, nf4 ...; it selects the verdict policy, see
+                                                  ``minibloom.testing``), ``implementation``, ``model``,
+                                                  ``n_layer``, ``hidden_size``, ``quantized``, ``version``
 ``extra.*``                 anything numeric      ignored by minibloom
 ==========================  ====================  ===================================================================
 

@@ -295,3 +295,15 @@ def test_transformers_half_precision_passes_and_a_dropped_mask_fails(trained):
         assert v.policy.kind == kind and v.passed, v.message()
         bad = C.hf_logits(trained.params, trained.config, ids, np.ones_like(mask), kind)[0]
         assert not check_logits(bad, ref, mask, kind).passed
+
+
+def test_float32_logits_against_a_gguf_file_get_the_ggml_policy(trained, tmp_path):
+    from minibloom.gguf import convert_hf_to_gguf
+    from minibloom.testing import assert_logits_close
+
+    path = convert_hf_to_gguf(DEFAULT, tmp_path / "default.f32.gguf", outtype="f32")
+    ids = np.random.default_rng(4).integers(4, 2000, (1, 16))
+    cand = _ggml_f32_trace(trained, ids, np.ones_like(ids))["logits"].astype(np.float32)
+    assert assert_logits_close(cand, str(path), ids) > 2e-5  # passes: float32-gelu-table, sized for 4 x 256
+    with pytest.raises(AssertionError, match="policy 'float32'"):
+        assert_logits_close(cand, DEFAULT, ids)  # the same numbers judged as a BLAS-order float32 port
