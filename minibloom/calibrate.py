@@ -57,7 +57,7 @@ import numpy as np
 from . import model as M
 from .config import BloomConfig
 from .errors import MinibloomError
-from .testing import limits, scale
+from .testing import limits, scale, top1_fails
 
 KINDS = ("float32", "float32-gelu-table", "float16", "bfloat16", "int8-weight-only", "int8-dynamic", "q8_0", "q4_0",
          "q4_k", "nf4")
@@ -561,10 +561,10 @@ FIGURES = ("rel", "kl_mean", "kl_max", "top1", "hidden_rel")
 
 def _worst(a: dict | None, b: dict) -> dict:
     if a is None:
-        return {k: b[k] for k in FIGURES}
+        return {**{k: b[k] for k in FIGURES}, "positions": b["positions"]}
     return {"rel": max(a["rel"], b["rel"]), "kl_mean": max(a["kl_mean"], b["kl_mean"]),
             "kl_max": max(a["kl_max"], b["kl_max"]), "top1": min(a["top1"], b["top1"]),
-            "hidden_rel": max(a["hidden_rel"], b["hidden_rel"])}
+            "hidden_rel": max(a["hidden_rel"], b["hidden_rel"]), "positions": b["positions"]}
 
 
 def default_trained() -> tuple[str, ...]:
@@ -668,7 +668,7 @@ def verdict_of(m: dict, pol: dict) -> list[str]:
         failed.append("kl_mean")
     if not m["kl_max"] <= pol["kl_max"]:
         failed.append("kl_max")
-    if not m["top1"] >= pol["top1"]:
+    if top1_fails(m["top1"], m.get("positions"), pol["top1"]):
         failed.append("top1")
     return failed
 
@@ -723,7 +723,8 @@ def write_policies(policies: dict, matrix: dict, cal: Calibration, path: str = P
            "scale": "limit = max(coefficient * sqrt(n_layer * hidden_size), floor); KL: coefficient * n_layer * "
                     "hidden_size; top-1: 1 - max(disagreement * sqrt(n_layer * hidden_size), floor)",
            "cases": cal.cases, "sizes": cal.sizes, "policies": policies, "bug_matrix": matrix,
-           "correct_ports": {k: {c: {n: float(f"{m[n]:.4g}") for n in FIGURES} for c, m in per.items()}
+           "correct_ports": {k: {c: {**{n: float(f"{m[n]:.4g}") for n in FIGURES}, "positions": m["positions"]}
+                                 for c, m in per.items()}
                              for k, per in cal.correct.items()}}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=False)

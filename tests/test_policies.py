@@ -307,3 +307,18 @@ def test_float32_logits_against_a_gguf_file_get_the_ggml_policy(trained, tmp_pat
     assert assert_logits_close(cand, str(path), ids) > 2e-5  # passes: float32-gelu-table, sized for 4 x 256
     with pytest.raises(AssertionError, match="policy 'float32'"):
         assert_logits_close(cand, DEFAULT, ids)  # the same numbers judged as a BLAS-order float32 port
+
+
+def test_readme_shows_the_committed_calibration():
+    """The README's tables are `minibloom calibrate`'s output for the committed policies.json, to the letter."""
+    md = C.markdown(COMMITTED["policies"], COMMITTED["bug_matrix"], COMMITTED["cases"])
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert md in f.read()
+
+
+def test_one_disagreement_is_always_allowed():
+    from minibloom.testing import top1_fails
+
+    assert not top1_fails(5 / 6, 6, 0.98)  # one flip in six positions: a near-tie
+    assert top1_fails(4 / 6, 6, 0.98)
+    assert top1_fails(0.90, 100, 0.95) and not top1_fails(0.95, 100, 0.95)
