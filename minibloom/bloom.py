@@ -35,18 +35,20 @@ class Bloom:
     """A loaded BLOOM model. ``model(input_ids)`` -> NumPy logits [batch, seq, vocab].
 
     Attributes: ``config`` (BloomConfig), ``params`` (nested dict of arrays under transformers' names),
-    ``dtype`` ("float32" or "float64"), ``backend`` (Backend), ``tokenizer`` (or None), ``path``.
+    ``dtype`` ("float32" or "float64"), ``backend`` (Backend), ``tokenizer`` (or None), ``path``, ``primitives``
+    (the kernels ``minibloom.model.forward`` runs with: ``minibloom.fast.PRIMITIVES`` on NumPy, the reference
+    ``minibloom.model.REFERENCE`` on other backends or when passed).
     """
 
     def __init__(self, config: BloomConfig, params: dict, dtype: str = "float32", backend: Backend | None = None,
-                 tokenizer: Any = None, path: str | None = None, chat_template: str | None = None):
+                 tokenizer: Any = None, path: str | None = None, primitives: M.Primitives | None = None):
         self.config = config
         self.params = params
         self.dtype = _dtype_name(dtype)
         self.backend = backend or Backend("numpy")
         self.tokenizer = tokenizer
         self.path = path
-        self.chat_template = chat_template
+        self.primitives = primitives or (fast.PRIMITIVES if self.backend.name == "numpy" else M.REFERENCE)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     @property
@@ -104,11 +106,12 @@ class Bloom:
     # ---- running -------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False,
                 output_attentions: bool = False, logits: str = "all", cache: M.KVCache | None = None,
-                to_numpy: bool = True) -> M.BloomOutput:
+                to_numpy: bool = True, primitives: M.Primitives | None = None) -> M.BloomOutput:
         """Full forward pass with optional per-layer hidden states / attention probabilities (NumPy arrays).
 
         ``logits``: "all" (default), "last" (only the last position; what generation needs) or "none".
-        With a ``cache``, ``attention_mask`` covers the cached positions too.
+        With a ``cache``, ``attention_mask`` covers the cached positions too. ``primitives``: the kernels for this
+        call (default ``self.primitives``).
         """
         if logits not in ("all", "last", "none"):
             raise MinibloomError(f"logits: must be 'all', 'last' or 'none', got {logits!r}")
@@ -119,10 +122,9 @@ class Bloom:
             raise MinibloomError(f"cache: holds {cache.max_len} positions of batch {cache.k[0].shape[0]}, "
                                  f"got {past} + {ids.shape[1]} for batch {ids.shape[0]}")
         be = self.backend
-        # NumPy runs the fast path (minibloom/fast.py: the same maths in place, tested equal to model.forward)
-        fwd = fast.forward if be.name == "numpy" else M.forward
-        out = fwd(self.params, be.asarray(ids), be.asarray(mask), self.config, cache=cache,
-                  output_hidden_states=output_hidden_states, output_attentions=output_attentions, logits=logits)
+        out = M.forward(self.params, be.asarray(ids), be.asarray(mask), self.config, cache=cache,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions, logits=logits,
+                        ops=primitives or self.primitives)
         if to_numpy:
             conv = be.to_numpy
             out = M.BloomOutput(None if out.logits is None else conv(out.logits),

@@ -399,9 +399,8 @@ def load_gguf(path, dtype: str = "float32", backend: Backend | None = None, prog
     if backend.name != "numpy":
         params = {k: v if k == "h" and keep_quantized else _to_backend(v, backend) for k, v in params.items()}
     tok = tokenizer_from_gguf(meta, os.fspath(path))
-    template = meta.get("tokenizer.chat_template") or None
     return Bloom(cfg, params, dtype=dtype, backend=backend, tokenizer=_wrap_tokenizer(tok, meta, os.fspath(path)),
-                 path=os.fspath(path), chat_template=template)
+                 path=os.fspath(path))
 
 
 def _to_backend(tree, backend: Backend):

@@ -21,6 +21,7 @@ import math
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -152,53 +153,119 @@ class KVCache:
         self.v[layer][:, :, start:stop, :] = v
         return self.k[layer][:, :, :stop, :], self.v[layer][:, :, :stop, :]
 
-    def reorder(self, rows) -> None:
-        """Keep only batch rows ``rows`` (an index array), e.g. when finished sequences leave a batch."""
-        xp = _ns(self.k[0])
-        self.k = [xp.take(t, rows, axis=0) for t in self.k]
-        self.v = [xp.take(t, rows, axis=0) for t in self.v]
+
+# ---------------------------------------------------------------------------------------------------------------
+# The primitives: the few kernels the model is written in. ``REFERENCE`` below is the definition (pure array API);
+# ``minibloom.fast.PRIMITIVES`` computes the same functions faster on NumPy, and a test holds each one to its
+# reference (tests/test_primitives.py).
 
 
-def attention(x, p, alibi, allowed, n_head: int, tp: int = 1, cache: KVCache | None = None, layer: int = 0):
-    """BloomAttention: fused QKV, ALiBi-biased causal softmax attention, output projection (without residual)."""
+def attend(q, k, v, alibi, allowed, probs: bool = False):
+    """ALiBi-biased causal softmax attention (the core of ``BloomAttention.forward``).
+
+    q [B, H, T, D], k and v [B, H, S, D], alibi [B, H, 1, S], allowed [B, 1, T, S] -> context [B, T, H, D] (heads side
+    by side, ready to merge) and the probabilities [B, H, T, S] when ``probs`` (else None).
+    """
+    xp = _ns(q)
+    scores = alibi + (q @ k.mT) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, S]  (HF: alibi.baddbmm(q, k, 1/sqrt D))
+    scores = xp.where(allowed, scores, xp.finfo(scores.dtype).min)  # HF adds finfo.min to masked cells
+    weights = softmax(scores)  # [B, H, T, S]
+    ctx = xp.permute_dims(weights @ v, (0, 2, 1, 3))  # [B, H, T, D] -> [B, T, H, D]  (_merge_heads)
+    return ctx, (weights if probs else None)
+
+
+def linear_gelu(x, weight, bias):
+    """gelu(x @ weight.T + bias): the MLP's first half."""  # [..., C] -> [..., 4C]
+    return gelu(linear(x, weight, bias))
+
+
+def residual_add(a, x):
+    """a + x: a branch's output added to the residual stream (the fast primitive may overwrite ``a``)."""
+    return a + x
+
+
+def head(x, weight):
+    """The LM head: x @ weight.T (tied to the embedding unless the checkpoint stores lm_head)."""  # [B, T, C] -> [B, T, V]
+    xp = _ns(x)
+    B, T, C = x.shape
+    return xp.reshape(xp.reshape(x, (-1, C)) @ weight.mT, (B, T, weight.shape[0]))
+
+
+@dataclass(frozen=True)
+class Primitives:
+    """The kernels ``attention``, ``mlp``, ``block`` and ``forward`` call; swap the table to swap the kernels.
+
+    Each entry computes the function of the reference entry of the same name; only rounding may differ.
+    """
+
+    name: str
+    layer_norm: Callable  # (x [..., C], weight, bias, eps) -> [..., C]
+    linear: Callable  # (x [..., in], weight [out, in], bias, tp=1) -> [..., out]
+    linear_gelu: Callable  # (x [..., in], weight, bias) -> gelu(linear) [..., out]
+    attend: Callable  # (q, k, v, alibi, allowed, probs) -> (context [B, T, H, D], probabilities or None)
+    residual_add: Callable  # (a, x) -> a + x (may write into a, a fresh branch output)
+    head: Callable  # (x [B, T, C], weight [V, C]) -> logits [B, T, V]
+
+
+REFERENCE = Primitives("reference", layer_norm, linear, linear_gelu, attend, residual_add, head)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformer
+
+
+def _last(x, keep: int | None):
+    """The last ``keep`` positions of x [B, T, ...] (all of them when ``keep`` is None)."""
+    return x if keep is None else x[:, x.shape[1] - keep:, :]
+
+
+def attention(x, p, alibi, allowed, n_head: int, tp: int = 1, cache: KVCache | None = None, layer: int = 0, *,
+              keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True):
+    """BloomAttention: fused QKV, ALiBi-biased causal softmax attention, output projection (without residual).
+
+    x [B, T, C] -> ([B, T, C], probabilities [B, H, T, S] or None). Keys and values are made (and cached) for all
+    T positions; queries only for the last ``keep`` (default all), and the output has those rows only.
+    """
     xp = _ns(x)
     B, T, C = x.shape
     H, D = n_head, C // n_head
-    qkv = linear(x, p["query_key_value"]["weight"], p["query_key_value"]["bias"])  # [B, T, C] -> [B, T, 3C]
+    qkv = ops.linear(x, p["query_key_value"]["weight"], p["query_key_value"]["bias"])  # [B, T, C] -> [B, T, 3C]
     qkv = xp.reshape(qkv, (B, T, H, 3, D))  # per-head interleave: q, k, v of head h are rows h*3D .. h*3D+3D (_reshape)
     q = xp.permute_dims(qkv[:, :, :, 0, :], (0, 2, 1, 3))  # [B, H, T, D]
     k = xp.permute_dims(qkv[:, :, :, 1, :], (0, 2, 1, 3))  # [B, H, T, D]
     v = xp.permute_dims(qkv[:, :, :, 2, :], (0, 2, 1, 3))  # [B, H, T, D]
     if cache is not None:
         k, v = cache.update(layer, k, v)  # [B, H, S, D]
-    scores = alibi + (q @ k.mT) * (1.0 / math.sqrt(D))  # [B, H, T, S]   (HF: alibi.baddbmm(q, k, alpha=1/sqrt(D)))
-    scores = xp.where(allowed, scores, xp.finfo(scores.dtype).min)  # HF adds finfo.min to masked cells
-    probs = softmax(scores)  # [B, H, T, S]
-    ctx = probs @ v  # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
-    ctx = xp.reshape(xp.permute_dims(ctx, (0, 2, 1, 3)), (B, T, C))  # heads back side by side (_merge_heads)
-    return linear(ctx, p["dense"]["weight"], p["dense"]["bias"], tp), probs
+    if keep is not None:
+        q, allowed = q[:, :, T - keep:, :], allowed[:, :, T - keep:, :]
+    ctx, weights = ops.attend(q, k, v, alibi, allowed, probs)  # [B, Tq, H, D]
+    ctx = xp.reshape(ctx, (B, q.shape[2], C))  # heads back side by side (_merge_heads)
+    return ops.linear(ctx, p["dense"]["weight"], p["dense"]["bias"], tp), weights
 
 
-def mlp(x, p, tp: int = 1):
+def mlp(x, p, tp: int = 1, *, ops: Primitives = REFERENCE):
     """BloomMLP: C -> 4C, GeLU, 4C -> C (without residual)."""  # [B, T, C] -> [B, T, C]
-    h = gelu(linear(x, p["dense_h_to_4h"]["weight"], p["dense_h_to_4h"]["bias"]))  # [B, T, 4C]
-    return linear(h, p["dense_4h_to_h"]["weight"], p["dense_4h_to_h"]["bias"], tp)
+    h4h, h4 = p["dense_h_to_4h"], p["dense_4h_to_h"]
+    return ops.linear(ops.linear_gelu(x, h4h["weight"], h4h["bias"]), h4["weight"], h4["bias"], tp)
 
 
-def block(x, p, alibi, allowed, cfg: BloomConfig, cache: KVCache | None = None, layer: int = 0):
-    """BloomBlock: two residual branches, each behind a LayerNorm.  # [B, T, C] -> [B, T, C]
+def block(x, p, alibi, allowed, cfg: BloomConfig, cache: KVCache | None = None, layer: int = 0, *,
+          keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True):
+    """BloomBlock: two residual branches, each behind a LayerNorm.  # [B, T, C] -> [B, T, C] (or [B, keep, C])
 
     With ``apply_residual_connection_post_layernorm`` the residual is the LayerNorm output instead of its input.
+    Each sub-module of ``p`` is read once (a lazily widened layer builds it on every read).
     """
     tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
-    eps = cfg.layer_norm_epsilon
-    ln1 = layer_norm(x, p["input_layernorm"]["weight"], p["input_layernorm"]["bias"], eps)
-    residual = ln1 if cfg.apply_residual_connection_post_layernorm else x
-    a, probs = attention(ln1, p["self_attention"], alibi, allowed, cfg.n_head, tp, cache, layer)
-    x = residual + a
-    ln2 = layer_norm(x, p["post_attention_layernorm"]["weight"], p["post_attention_layernorm"]["bias"], eps)
-    residual = ln2 if cfg.apply_residual_connection_post_layernorm else x
-    return residual + mlp(ln2, p["mlp"], tp), probs
+    eps, post = cfg.layer_norm_epsilon, cfg.apply_residual_connection_post_layernorm
+    ln = p["input_layernorm"]
+    ln1 = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
+    a, weights = attention(ln1, p["self_attention"], alibi, allowed, cfg.n_head, tp, cache, layer, keep=keep,
+                           ops=ops, probs=probs)
+    x = ops.residual_add(a, _last(ln1 if post else x, keep))
+    ln = p["post_attention_layernorm"]
+    ln2 = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
+    return ops.residual_add(mlp(ln2, p["mlp"], tp, ops=ops), ln2 if post else x), weights
 
 
 @dataclass
@@ -213,36 +280,42 @@ class BloomOutput:
 
 
 def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache: KVCache | None = None,
-            output_hidden_states: bool = False, output_attentions: bool = False, logits: str = "all") -> BloomOutput:
+            output_hidden_states: bool = False, output_attentions: bool = False, logits: str = "all", *,
+            ops: Primitives = REFERENCE) -> BloomOutput:
     """BloomForCausalLM.forward.  # ids [B, T], mask [B, S] -> logits [B, T, V]
 
     ``params`` is the nested dict of HF names (``params["h"][i]["self_attention"]["dense"]["weight"]``).
     ``attention_mask`` covers past and new tokens (S = cache.length + T). ``logits``: "all", "last" or "none".
+    ``ops``: the primitives to compute with (``REFERENCE``, or ``minibloom.fast.PRIMITIVES`` on NumPy).
     """
     E = params["word_embeddings"]["weight"]  # [V, C]
-    xp = _ns(E)
+    eln = params["word_embeddings_layernorm"]
+    xp = _ns(eln["weight"])
     B, T = input_ids.shape
     x = xp.reshape(xp.take(E, xp.reshape(input_ids, (-1,)), axis=0), (B, T, E.shape[1]))  # [B, T, C]
-    eln = params["word_embeddings_layernorm"]
-    x = layer_norm(x, eln["weight"], eln["bias"], cfg.layer_norm_epsilon)
-    slopes = _slopes_on(xp, cfg.n_head, "float64" if E.dtype == xp.float64 else "float32")
-    alibi = xp.astype(alibi_bias(attention_mask, slopes), E.dtype)  # [B, H, 1, S]
+    x = ops.layer_norm(x, eln["weight"], eln["bias"], cfg.layer_norm_epsilon)
+    dtype = x.dtype
+    slopes = _slopes_on(xp, cfg.n_head, "float64" if dtype == xp.float64 else "float32")
+    alibi = xp.astype(alibi_bias(attention_mask, slopes), dtype)  # [B, H, 1, S]
     allowed = causal_mask(attention_mask, T)  # [B, 1, T, S]
+    # with neither all logits, nor hidden states, nor attention probabilities wanted, the last layer only needs its
+    # last position's output (keys and values of every position are still made, for the cache)
+    keep = 1 if logits != "all" and not (output_hidden_states or output_attentions) else None
     hidden, attns = [x], []
+    n = len(params["h"])
     for i, p in enumerate(params["h"]):
-        x, probs = block(x, p, alibi, allowed, cfg, cache, i)
-        hidden.append(x)
+        x, probs = block(x, p, alibi, allowed, cfg, cache, i, keep=keep if i == n - 1 else None, ops=ops,
+                         probs=output_attentions)
+        if output_hidden_states:
+            hidden.append(x)
         if output_attentions:
             attns.append(probs)
     if cache is not None:
         cache.length += T
-    x = layer_norm(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.layer_norm_epsilon)
+    x = ops.layer_norm(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.layer_norm_epsilon)
     hidden[-1] = x
     if logits == "last":
-        x = x[:, -1:, :]
-    head = params["lm_head"]["weight"] if "lm_head" in params else E  # tied to the embedding unless stored
-    out = None
-    if logits != "none":
-        Bx, Tx, C = x.shape
-        out = xp.reshape(xp.reshape(x, (-1, C)) @ head.mT, (Bx, Tx, head.shape[0]))  # [B, T, C] -> [B, T, V]
+        x = x[:, x.shape[1] - 1:, :]
+    weight = params["lm_head"]["weight"] if "lm_head" in params else E  # tied to the embedding unless stored
+    out = None if logits == "none" else ops.head(x, weight)  # [B, T, C] -> [B, T, V]
     return BloomOutput(out, hidden if output_hidden_states else None, attns if output_attentions else None)
