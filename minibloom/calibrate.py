@@ -5,9 +5,8 @@ and how far *buggy* ports land — the two populations every verdict policy in `
 policies are read from, and prints it as Markdown: the correct-port table and the bug matrix (kinds x bugs).
 
 A *kind* is a family of implementations that round the same way. Each is emulated here in NumPy, by running
-``minibloom.model.forward`` (the teaching path) with its primitives wrapped so that they round as that kind's engines
-do; torch's and transformers' own float32 / float16 / bfloat16 runs are added to the population when they can be
-imported:
+``minibloom.model.forward`` with a primitives table (``primitives_for``) whose entries round as that kind's engines
+do; transformers' own float32 / float16 / bfloat16 runs are added to the population when torch can be imported:
 
 ==================== ============================================================================ =================
 kind                 what rounds (emulated as)                                                    reference
@@ -44,7 +43,6 @@ limits for one model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -272,58 +270,50 @@ def map_matrices(params: dict, fn, head: bool) -> dict:
     return p
 
 
-@contextlib.contextmanager
-def patched(**fns):
-    """Replace functions of ``minibloom.model`` while the context is open (the teaching path then runs them)."""
-    saved = {k: getattr(M, k) for k in fns}
-    for k, v in fns.items():
-        setattr(M, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(M, k, v)
-
-
-def _wrap(port: Port, bug: str | None, n_head: int) -> dict:
-    """The primitives of ``minibloom.model`` as ``port`` (with ``bug``) computes them."""
+def primitives_for(port: Port, bug: str | None, n_head: int) -> M.Primitives:
+    """The primitives of ``minibloom.model`` as ``port`` computes them, with ``bug`` planted where it lives in the
+    attention (slopes, positions, the causal mask, the softmax) or the GeLU."""
     ident = lambda x: x  # noqa: E731
     out, act_in = port.out or ident, port.act_in or ident
     qkv, probs_r = port.qkv or ident, port.probs or ident
-    base_linear, base_ln, base_gelu, base_softmax = M.linear, M.layer_norm, M.gelu, M.softmax
-    gelu_fn = gelu_erf if bug == "gelu-erf" else (port.gelu or base_gelu)
-    softmax_fn = softmax_half if bug == "softmax-half" else base_softmax
+    ref = M.REFERENCE
+    gelu_fn = gelu_erf if bug == "gelu-erf" else (port.gelu or M.gelu)
+    softmax_fn = softmax_half if bug == "softmax-half" else M.softmax
 
     def linear(x, weight, bias, tp=1):
-        y = out(base_linear(out(act_in(x)), weight, bias, tp))
+        y = out(ref.linear(out(act_in(x)), weight, bias, tp))
         return qkv(y) if weight.shape[0] == 3 * weight.shape[1] else y
 
     def layer_norm(x, weight, bias, eps):
-        return out(base_ln(out(x), weight, bias, eps))
+        return out(ref.layer_norm(out(x), weight, bias, eps))
 
-    def gelu(x):
-        return out(gelu_fn(out(x)))
+    def linear_gelu(x, weight, bias):
+        return out(gelu_fn(linear(x, weight, bias)))
 
-    def softmax(x):
-        return probs_r(out(softmax_fn(out(x))))
+    def softmax(scores):
+        return probs_r(out(softmax_fn(out(scores))))
 
-    fns = dict(linear=linear, layer_norm=layer_norm, gelu=gelu, softmax=softmax)
-    if bug == "slopes-pow2":
-        def slopes_on(xp, n, dtype_name):
-            return xp.asarray(2.0 ** (-8.0 * np.arange(1, n + 1) / n))
-        fns["_slopes_on"] = slopes_on
-    if bug == "causal-off-by-one":
-        def causal_mask(attention_mask, n_new):
-            S = attention_mask.shape[-1]
-            q = np.arange(S - n_new, S)[:, None]
-            return (np.arange(S)[None, :] <= q + 1)[None, None] & (attention_mask != 0)[:, None, None, :]
-        fns["causal_mask"] = causal_mask
-    if bug == "positions-arange":
-        def alibi_bias(attention_mask, slopes):
-            pos = np.broadcast_to(np.arange(attention_mask.shape[-1], dtype=slopes.dtype), attention_mask.shape)
-            return slopes[None, :, None, None] * pos[:, None, None, :]
-        fns["alibi_bias"] = alibi_bias
-    return fns
+    def attend(q, k, v, alibi, allowed, probs=False):
+        S = k.shape[2]
+        slopes = M.alibi_slopes(n_head, np.float64).astype(alibi.dtype)
+        if bug == "slopes-pow2":  # the power-of-two formula for every head count
+            alibi = alibi * (2.0 ** (-8.0 * np.arange(1, n_head + 1) / n_head) / slopes)[None, :, None, None]
+        if bug == "positions-arange":  # key positions 0 .. S-1 whatever the mask says
+            alibi = slopes[None, :, None, None] * np.arange(S, dtype=alibi.dtype)[None, None, None, :]
+        if bug == "causal-off-by-one":  # each query also sees the next key
+            real_keys = allowed[:, 0, -1, :]  # [B, S]: the last query sees every real key
+            qpos = np.arange(S - q.shape[2], S)[:, None]
+            allowed = (np.arange(S)[None, :] <= qpos + 1)[None, None] & real_keys[:, None, None, :]
+        return ref.attend(q, k, v, alibi, allowed, probs, softmax_fn=softmax)
+
+    def residual_add(a, x):
+        return out(ref.residual_add(a, x))
+
+    def head(x, weight):
+        return linear(x, weight, 0.0)
+
+    return M.Primitives(f"{port.name}{' + ' + bug if bug else ''}", layer_norm, linear, linear_gelu, attend,
+                        residual_add, head)
 
 
 def bug_params(bug: str | None, params: dict, cfg: BloomConfig, rng: np.random.Generator) -> tuple[dict, BloomConfig]:
@@ -389,16 +379,11 @@ def run_port(port: Port, bug: str | None, prepared: dict, cfg: BloomConfig, ids:
     p = _cast(p, port.compute)
     run_mask = np.ones_like(mask) if bug == "pads-attended" else mask
     if port.name == "minibloom float32 (fast path)" and bug is None:
-        from .bloom import Bloom
-
-        out = Bloom(c, p, "float32").forward(ids, run_mask, output_hidden_states=True)
-        return np.asarray(out.logits, np.float64), [np.asarray(h, np.float64) for h in out.hidden_states]
-    fns = _wrap(port, bug, c.n_head)
-    with patched(**fns):  # the head's product goes through the port's linear too (activation rounding, cast)
-        hidden = M.forward(p, ids, run_mask, c, output_hidden_states=True, logits="none").hidden_states
-        head = p["lm_head"]["weight"] if "lm_head" in p else p["word_embeddings"]["weight"]
-        logits = fns["linear"](hidden[-1], head, 0.0)
-    return np.asarray(logits, np.float64), [np.asarray(h, np.float64) for h in hidden]
+        from .fast import PRIMITIVES as ops
+    else:
+        ops = primitives_for(port, bug, c.n_head)
+    out = M.forward(p, ids, run_mask, c, output_hidden_states=True, ops=ops)
+    return np.asarray(out.logits, np.float64), [np.asarray(h, np.float64) for h in out.hidden_states]
 
 
 def _cast(tree, dtype):

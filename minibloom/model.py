@@ -160,16 +160,17 @@ class KVCache:
 # reference (tests/test_primitives.py).
 
 
-def attend(q, k, v, alibi, allowed, probs: bool = False):
+def attend(q, k, v, alibi, allowed, probs: bool = False, *, softmax_fn=softmax):
     """ALiBi-biased causal softmax attention (the core of ``BloomAttention.forward``).
 
     q [B, H, T, D], k and v [B, H, S, D], alibi [B, H, 1, S], allowed [B, 1, T, S] -> context [B, T, H, D] (heads side
-    by side, ready to merge) and the probabilities [B, H, T, S] when ``probs`` (else None).
+    by side, ready to merge) and the probabilities [B, H, T, S] when ``probs`` (else None). ``softmax_fn`` lets a
+    tool emulate another engine's softmax (``minibloom.calibrate``).
     """
     xp = _ns(q)
     scores = alibi + (q @ k.mT) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, S]  (HF: alibi.baddbmm(q, k, 1/sqrt D))
     scores = xp.where(allowed, scores, xp.finfo(scores.dtype).min)  # HF adds finfo.min to masked cells
-    weights = softmax(scores)  # [B, H, T, S]
+    weights = softmax_fn(scores)  # [B, H, T, S]
     ctx = xp.permute_dims(weights @ v, (0, 2, 1, 3))  # [B, H, T, D] -> [B, T, H, D]  (_merge_heads)
     return ctx, (weights if probs else None)
 
