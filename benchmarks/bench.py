@@ -93,8 +93,8 @@ class MinibloomEngine:
     def products(self, length: int, logits: str) -> None:
         """Only the matrix products of a ``length``-token forward pass, back to back, on the model's own weights: each
         layer's four linear maps for every position (the last layer's last three for one position when only the last
-        logits are wanted, as ``model.forward`` does), then the head for every position or for the last one (with
-        the NumPy head primitive's own ``logits_product``). What the pass would take if attention, LayerNorm, GeLU and the
+        logits are wanted, as ``model.forward`` does), then the head for every position or for the last one
+        (with the NumPy head primitive's ``logits_product``). What the pass would take if attention, LayerNorm, GeLU and the
         adds took no time."""
         from minibloom import fast
 

@@ -121,12 +121,10 @@ class BufferPool:
     """Memory for big output arrays (all the logits of a long prompt), reused once an earlier array is gone.
 
     Fresh memory is paid for on first touch: the kernel faults it in page by page, and on a virtual machine that
-    hands freed memory back to its host (free page reporting, as on the 2-core machines of issue 8) the host must
-    back it again too. For bloom-560m's 512 x 250880 float32 logits (514 MB) that measured 0.16-1.1 s there,
+    hands freed memory back to its host (free page reporting) the host must back it again too. For bloom-560m's 512 x 250880 float32 logits (514 MB) that measured 0.16-1.1 s there,
     against 1.4 s for the head's product itself. The pool keeps the memory of the last such array once nothing
     refers to it any more (no view, no buffer export: ``weakref.finalize`` on the array that owns the mapping, which
-    every view keeps alive) and hands it to the next request of a similar size. It holds at most one spare buffer;
-    ``clear()`` drops it.
+    every view keeps alive) and hands it to the next request of a similar size. It holds at most one spare buffer.
     """
 
     def __init__(self, min_bytes: int):
@@ -156,11 +154,6 @@ class BufferPool:
     def _give_back(self, buf) -> None:
         with self._lock:
             self._spare = buf
-
-    def clear(self) -> None:
-        """Forget the spare buffer (its memory goes back to the system)."""
-        with self._lock:
-            self._spare = None
 
 
 BUFFERS = BufferPool(POOL_MIN_BYTES)

@@ -191,14 +191,3 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
     if not new:
         return ids.copy()
     return np.concatenate([ids, np.stack(new, axis=1)], axis=1)
-
-
-def generate_text(model, prompt: str, **kwargs) -> str:
-    """Text in, text out (needs the model's tokenizer): the prompt followed by the generated continuation."""
-    if model.tokenizer is None:
-        raise MinibloomError(f"{model.path}: this model has no tokenizer.json; use model.generate with token ids")
-    ids = model.tokenizer.encode(prompt)
-    if not ids:
-        raise MinibloomError("prompt: empty prompt (BLOOM adds no BOS token, so there is nothing to continue from)")
-    out = generate(model, np.array([ids]), **kwargs)
-    return model.tokenizer.decode(out[0], skip_special_tokens=True)

@@ -203,22 +203,10 @@ def _fields(reader) -> dict:
     out = {}
     for name, field in reader.fields.items():
         try:
-            out[name] = field.contents() if hasattr(field, "contents") else _field_value(field)
+            out[name] = field.contents()
         except (ValueError, IndexError, UnicodeDecodeError):
             out[name] = None
     return out
-
-
-def _field_value(field):
-    """``ReaderField.contents()`` for gguf releases that lack it (parts indexed by ``field.data``)."""
-    from gguf import GGUFValueType as V
-
-    def one(i, t):
-        return bytes(field.parts[i]).decode("utf-8") if t == V.STRING else field.parts[i].tolist()[0]
-
-    if field.types[0] == V.ARRAY:
-        return [one(i, field.types[-1]) for i in field.data]
-    return one(field.data[0], field.types[0])
 
 
 def _need(meta: dict, key: str, path: str, kind=int):

@@ -18,7 +18,6 @@ Shapes, in one notation everywhere:
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -30,8 +29,7 @@ from .config import BloomConfig
 
 def _ns(x):
     """The array namespace of ``x`` (NumPy, CuPy, array_api_strict ...)."""
-    f = getattr(x, "__array_namespace__", None)
-    return f() if f is not None else sys.modules[type(x).__module__.split(".")[0]]
+    return x.__array_namespace__()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,7 +184,7 @@ def residual_add(a, x):
 
 
 def head(x, weight):
-    """The LM head: x @ weight.T (tied to the embedding unless the checkpoint stores lm_head)."""  # [B, T, C] -> [B, T, V]
+    """The LM head: x @ weight.T (the embedding when tied)."""  # [B, T, C] -> [B, T, V]
     xp = _ns(x)
     B, T, C = x.shape
     return xp.reshape(xp.reshape(x, (-1, C)) @ weight.mT, (B, T, weight.shape[0]))

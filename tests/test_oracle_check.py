@@ -61,7 +61,7 @@ def test_check_finds_a_broken_block(ckpt, monkeypatch, capsys):
 
     good, calls = fast.PRIMITIVES, []
 
-    def residual_add(a, x):  # each block adds two residuals: calls 2 and 3 are block 1's
+    def residual_add(a, x):  # each block adds two residuals: the 3rd and 4th calls are block 1's
         calls.append(1)
         out = good.residual_add(a, x)
         return out * 1.001 if len(calls) in (3, 4) else out
