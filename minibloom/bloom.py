@@ -15,10 +15,8 @@ import numpy as np
 from . import fast
 from . import model as M
 from .backend import Backend
-from .config import BloomConfig
+from .config import DTYPES, BloomConfig
 from .errors import MinibloomError
-
-DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
 def _dtype_name(dtype) -> str:
@@ -175,8 +173,9 @@ def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32
     widen one layer at a time (for checkpoints bigger than RAM in float32). ``keep_quantized`` (``.gguf`` only): keep
     quantized layer weights (e.g. Q8_0) as their blocks in RAM and dequantize them while each layer runs.
     """
-    from .loading import load_checkpoint
+    from .loading import read_checkpoint
 
-    return load_checkpoint(path_or_repo_id, dtype=_dtype_name(dtype), backend=Backend(backend), revision=revision,
-                           cache_dir=cache_dir, progress=progress, low_memory=low_memory,
-                           keep_quantized=keep_quantized)
+    name, be = _dtype_name(dtype), Backend(backend)
+    got = read_checkpoint(path_or_repo_id, dtype=name, backend=be, revision=revision, cache_dir=cache_dir,
+                          progress=progress, low_memory=low_memory, keep_quantized=keep_quantized)
+    return Bloom(got.config, got.params, name, be, tokenizer=got.tokenizer, path=got.path)

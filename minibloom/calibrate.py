@@ -554,13 +554,13 @@ def _worst(a: dict | None, b: dict) -> dict:
 
 def default_trained() -> tuple[str, ...]:
     """The trained checkpoints of the evidence: ``weights/default`` and ``weights/calib-12h`` of the clone."""
-    from .loading import weights_dir
+    from .paths import weights_dir
 
     return tuple(os.path.join(weights_dir(), name) for name in ("default", "calib-12h"))
 
 
 def default_text() -> str:
-    from .loading import REPO_ROOT
+    from .paths import REPO_ROOT
 
     return os.path.join(REPO_ROOT, "data", "tinyshakespeare.txt")
 

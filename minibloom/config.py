@@ -13,7 +13,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import MinibloomError
+
+DTYPES = {"float32": np.float32, "float64": np.float64}  # the compute dtypes a model loads in
 
 # canonical name -> other spellings accepted (first match wins)
 _ALIASES = {

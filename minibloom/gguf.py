@@ -21,10 +21,10 @@ import warnings
 import numpy as np
 
 from .backend import Backend
-from .config import BloomConfig
+from .config import DTYPES, BloomConfig
 from .errors import MinibloomError
 from .quant import LazyLayer, QuantizedWeight, dequantize
-from .weights import LAYER_TENSORS, _progress, nest
+from .weights import LAYER_TENSORS, Loaded, _progress, nest
 
 ARCH = "bloom"
 BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"  # BLOOM's Split pre-tokenizer (llama.cpp pre "bloom")
@@ -370,15 +370,13 @@ def t_equal(a, b) -> bool:
     return a.tensor_type == b.tensor_type and a.data.shape == b.data.shape and bool(np.array_equal(a.data, b.data))
 
 
-def load_gguf(path, dtype: str = "float32", backend: Backend | None = None, progress=None,
-              keep_quantized: bool = False):
-    """A ``Bloom`` from a llama.cpp BLOOM GGUF file, with its tokenizer rebuilt from the metadata.
+def read_gguf_checkpoint(path, dtype: str = "float32", backend: Backend | None = None, progress=None,
+                         keep_quantized: bool = False) -> Loaded:
+    """Config, parameters and tokenizer (rebuilt from the metadata) of a llama.cpp BLOOM GGUF file.
 
     ``keep_quantized``: keep quantized layer weights (e.g. Q8_0) as their blocks and dequantize one sub-module at a
     time while the layer runs (the embedding, LayerNorms and biases stay float).
     """
-    from .bloom import DTYPES, Bloom
-
     backend = backend or Backend("numpy")
     np_dtype = DTYPES[dtype]
     cfg, params, meta = read_gguf(path, np_dtype, keep_quantized=keep_quantized, progress=progress)
@@ -387,8 +385,7 @@ def load_gguf(path, dtype: str = "float32", backend: Backend | None = None, prog
     if backend.name != "numpy":
         params = {k: v if k == "h" and keep_quantized else _to_backend(v, backend) for k, v in params.items()}
     tok = tokenizer_from_gguf(meta, os.fspath(path))
-    return Bloom(cfg, params, dtype=dtype, backend=backend, tokenizer=_wrap_tokenizer(tok, meta, os.fspath(path)),
-                 path=os.fspath(path))
+    return Loaded(cfg, params, _wrap_tokenizer(tok, meta, os.fspath(path)), os.fspath(path))
 
 
 def _to_backend(tree, backend: Backend):

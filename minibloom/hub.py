@@ -29,7 +29,7 @@ def looks_like_repo_id(s: str) -> bool:
 def local_dir_for(repo_id: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Where ``repo_id`` is stored: ``<cache_dir or weights/>/org--name``."""
     if cache_dir is None:
-        from .loading import weights_dir
+        from .paths import weights_dir
 
         cache_dir = weights_dir()
     return os.path.join(os.fspath(cache_dir), repo_id.replace("/", "--"))

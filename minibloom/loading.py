@@ -1,34 +1,16 @@
-"""Where a checkpoint comes from (directory, file, hub id, the built-in default) and how it becomes a ``Bloom``."""
+"""Where a checkpoint comes from (directory, file, hub id, the built-in default) and what it holds: every format
+reader returns the same plain data (``Loaded``: config, parameters, tokenizer); ``minibloom.bloom.load`` alone builds
+the ``Bloom``."""
 
 from __future__ import annotations
 
 import os
-import sys
 
 from .backend import Backend
-from .bloom import DTYPES, Bloom
-from .config import BloomConfig
+from .config import DTYPES, BloomConfig
 from .errors import MinibloomError
-from .weights import Checkpoint, read_params, safetensors_files
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = "default"  # weights/default: the small Shakespeare BLOOM trained by scripts/train_default.py
-
-
-def weights_dir() -> str:
-    """Where checkpoints live: $MINIBLOOM_WEIGHTS, else the repository's ``weights/`` (or the installed copy)."""
-    env = os.environ.get("MINIBLOOM_WEIGHTS")
-    if env:
-        return env
-    for d in (os.path.join(REPO_ROOT, "weights"), os.path.join(sys.prefix, "share", "minibloom", "weights")):
-        if os.path.isdir(d):
-            return d
-    return os.path.join(REPO_ROOT, "weights")
-
-
-def default_model_path() -> str:
-    return os.path.join(weights_dir(), DEFAULT_MODEL)
-
+from .paths import default_model_path, weights_dir
+from .weights import Checkpoint, Loaded, read_params, safetensors_files
 
 def resolve(path_or_repo_id, *, revision=None, cache_dir=None, progress=None) -> str:
     """A local path for ``path_or_repo_id``: an existing file or directory, a name under ``weights/``, or a hub id."""
@@ -50,13 +32,15 @@ def resolve(path_or_repo_id, *, revision=None, cache_dir=None, progress=None) ->
     raise MinibloomError(f"{p}: no such file or directory, and not a hub repo id like 'bigscience/bloom-560m'")
 
 
-def load_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=None, cache_dir=None,
-                    progress=None, low_memory: bool = False, keep_quantized: bool = False) -> Bloom:
+def read_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=None, cache_dir=None,
+                    progress=None, low_memory: bool = False, keep_quantized: bool = False) -> Loaded:
+    """Config, parameters (on ``backend``, in ``dtype``) and tokenizer of any checkpoint minibloom reads."""
     path = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, progress=progress)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        from .gguf import load_gguf
+        from .gguf import read_gguf_checkpoint
 
-        return load_gguf(path, dtype=dtype, backend=backend, progress=progress, keep_quantized=keep_quantized)
+        return read_gguf_checkpoint(path, dtype=dtype, backend=backend, progress=progress,
+                                    keep_quantized=keep_quantized)
     if keep_quantized:
         raise MinibloomError(f"keep_quantized: only .gguf files keep their quantized blocks, not {path}")
     if os.path.isfile(path):
@@ -89,8 +73,7 @@ def load_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=N
         params = _to_backend(params, backend)
     from .tokenizer import load_tokenizer
 
-    tok = load_tokenizer(directory)
-    return Bloom(cfg, params, dtype=dtype, backend=backend, tokenizer=tok, path=path)
+    return Loaded(cfg, params, load_tokenizer(directory), path)
 
 
 def _to_backend(tree, backend: Backend):

@@ -442,19 +442,3 @@ GGUF_VS_SOURCE = {
 BNB_VS_DEQUANT = Tolerance(2e-4, "bitsandbytes 4-bit checkpoint vs transformers float32 on bnb's own dequantized "
                                  "weights")
 
-
-def verify_trace(candidate, model, kind: str | None = None):
-    """Judge another engine's trace (a ``.npz`` path or a trace dict; logits alone are enough) against minibloom's
-    float64 run of ``model`` on the same input ids and mask: the ``minibloom.trace.DiffReport`` of ``diff_traces``,
-    under the policy of ``kind`` (default: the candidate's ``meta`` kind / dtype)."""
-    from .trace import _as_trace, diff_traces, trace
-
-    cand = _as_trace(candidate, str(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate")
-    if kind is not None:
-        policy_for(kind)  # a bad name fails here, naming the kinds
-        cand["meta"] = {**cand["meta"], "kind": kind}
-    ref = trace(reference_model(model), cand["input_ids"], cand["attention_mask"])
-    ref["meta"]["model"] = str(getattr(model, "path", None) or model)
-    if cand["hidden_states"] is None:
-        ref["hidden_states"] = None
-    return diff_traces(cand, ref)

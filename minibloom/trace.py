@@ -518,3 +518,20 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
             notes.append(f"{nm}: computed in {t['meta']['dtype']}" + (" (quantized)" if t["meta"].get("quantized")
                                                                       else ""))
     return DiffReport(rows, float(rtol), float(atol), names, notes, top1, policy, verdict)
+
+
+def verify_trace(candidate, model, kind: str | None = None):
+    """Judge another engine's trace (a ``.npz`` path or a trace dict; logits alone are enough) against minibloom's
+    float64 run of ``model`` on the same input ids and mask: the ``DiffReport`` of ``diff_traces``,
+    under the policy of ``kind`` (default: the candidate's ``meta`` kind / dtype)."""
+    from .testing import policy_for, reference_model
+
+    cand = _as_trace(candidate, str(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate")
+    if kind is not None:
+        policy_for(kind)  # a bad name fails here, naming the kinds
+        cand["meta"] = {**cand["meta"], "kind": kind}
+    ref = trace(reference_model(model), cand["input_ids"], cand["attention_mask"])
+    ref["meta"]["model"] = str(getattr(model, "path", None) or model)
+    if cand["hidden_states"] is None:
+        ref["hidden_states"] = None
+    return diff_traces(cand, ref)

@@ -13,6 +13,8 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,16 @@ LAYER_TENSORS = (  # per block, with HF names: (name, shape as a function of C)
     ("mlp.dense_4h_to_h.weight", lambda C: (C, 4 * C)),
     ("mlp.dense_4h_to_h.bias", lambda C: (C,)),
 )
+
+
+@dataclass
+class Loaded:
+    """What every checkpoint reader returns: plain data, from which ``minibloom.bloom.load`` builds the model."""
+
+    config: BloomConfig
+    params: dict  # nested, transformers' names, on the backend, in the compute dtype (or lazily widened)
+    tokenizer: Any  # minibloom.tokenizer.Tokenizer or None
+    path: str
 
 
 def expected_shapes(cfg: BloomConfig, vocab: int) -> dict[str, tuple[int, ...]]:

@@ -261,7 +261,7 @@ def test_diff_cli_judges_a_q8_0_port_by_its_kind(q8_case, capsys):
 
 def test_verify_cli_and_api_take_external_logits(q8_case, capsys, tmp_path):
     model, paths = q8_case
-    from minibloom.testing import verify_trace
+    from minibloom.trace import verify_trace
 
     assert verify_trace(paths["correct"], model).passed
     assert not verify_trace(paths["pads"], model).passed

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import json
 
-    from ..testing import verify_trace
+    from ..trace import verify_trace
 
     report = verify_trace(args.candidate, args.model, kind=args.kind)
     if args.json:

@@ -1,0 +1,34 @@
+"""The package's architecture, enforced: import-linter's contracts (setup.cfg) hold, and the model is defined once."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minibloom")
+
+
+def test_import_contracts_hold():
+    pytest.importorskip("importlinter")
+    exe = shutil.which("lint-imports") or os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    r = subprocess.run([exe, "--config", os.path.join(PACKAGE, "..", "setup.cfg")], cwd=os.path.dirname(PACKAGE),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "0 broken" in r.stdout, r.stdout + r.stderr
+    assert "3 kept" in r.stdout  # layers, formats never import the model object, no cycles
+
+
+def test_the_model_is_defined_once():
+    counts = {"block": 0, "attention": 0, "forward": 0}
+    for root, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    text = f.read()
+                for fn in counts:
+                    counts[fn] += len(re.findall(rf"^def {fn}\(", text, re.M))
+    assert counts == {"block": 1, "attention": 1, "forward": 1}, counts
