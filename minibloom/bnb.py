@@ -1,8 +1,8 @@
 """bitsandbytes 4-bit (NF4 / FP4) BLOOM checkpoints, as transformers saves them, decoded with NumPy.
 
 Follows bitsandbytes ``QuantState.as_dict(packed=True)`` / ``dequantize_4bit`` (``bitsandbytes/functional.py``,
-``backends/default/ops.py``) and transformers' ``BitsAndBytesConfig`` (the ``quantization_config`` in config.json);
-facts and sources in ``shared/design/quant_formats.md`` §4. Per quantized ``Linear`` the file holds::
+``backends/default/ops.py``) and transformers' ``BitsAndBytesConfig`` (the ``quantization_config`` in config.json).
+Per quantized ``Linear`` the file holds::
 
     <m>.weight                               packed 4-bit codes, two per byte, HIGH nibble first (any storage dtype)
     <m>.weight.quant_map                     the 16-entry code table (NF4 or FP4), float32

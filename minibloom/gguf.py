@@ -3,7 +3,7 @@
 Follows llama.cpp's ``convert_hf_to_gguf.py`` ``BloomModel`` (tensor names, the QKV regrouping, tokenizer metadata)
 and ``src/llama-model.cpp`` (ALiBi max_bias 8, ``output.weight`` optional and tied to ``token_embd`` when absent);
 the container format is ggml's ``docs/gguf.md``. Files are parsed and dequantized with the ``gguf`` package
-(``GGUFReader``, ``gguf.quants.dequantize``: pure NumPy). Facts and sources: ``shared/design/quant_formats.md`` §1-3.
+(``GGUFReader``, ``gguf.quants.dequantize``: pure NumPy). Formats: llama.cpp's ``gguf-py`` and ``ggml-common.h``.
 
 Every tensor is dequantized by its own ggml type (one file mixes F32 norms, Q6_K output, Q4_K blocks ...), never by
 ``general.file_type``. GGUF keeps matrices as ``(out, in)`` with ggml's reversed dims, which ``GGUFReader`` turns

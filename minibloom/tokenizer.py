@@ -3,7 +3,7 @@
 BLOOM's tokenizer is a byte-level BPE (a Split regex pre-tokenizer, then ByteLevel; no normalizer) whose
 post-processor adds nothing: no BOS, no EOS (``"fox</s>"`` ends in 2 only because ``</s>`` is written). Special
 tokens: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3; batches are padded on the LEFT (hub ``tokenizer_config.json``
-``padding_side: "left"``). See the design note ``bloom_math.md`` §4.
+``padding_side: "left"``).
 
 ``StreamDecoder`` turns a growing list of ids into text pieces that never end inside a UTF-8 character: byte-level
 tokens often carry only part of a multi-byte character (``"日"`` is three tokens), and decoding such a prefix yields

@@ -127,7 +127,7 @@ def test_special_tokens(model):
 
 
 def test_bloom_pre_tokenization():
-    """The Split regex isolates punctuation runs and keeps one leading space on words (bloom_math.md section 4)."""
+    """The Split regex isolates punctuation runs and keeps one leading space on words (as BLOOM's tokenizer.json does)."""
     from tokenizers import Tokenizer
 
     tk = Tokenizer.from_file(os.path.join(DEFAULT, "tokenizer.json"))

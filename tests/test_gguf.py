@@ -2,7 +2,7 @@
 
 Fixtures are made with the ``gguf`` package's own writer and quantizers (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
 Q5_1). K-quants cannot be produced by the package, so their blocks are built from random bytes and decoded by a
-plain per-block decoder written below from llama.cpp's ``dequantize_row_q*_K`` (design note quant_formats.md §2.5).
+plain per-block decoder written below from llama.cpp's ``dequantize_row_q*_K`` (ggml-quants.c).
 """
 
 from __future__ import annotations

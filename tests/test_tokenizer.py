@@ -39,7 +39,7 @@ def test_special_ids_and_no_implicit_bos_eos(tok):
 
 
 def test_bloom_pre_tokenizer_splits(tok):
-    # the Split regex of BLOOM's tokenizer.json (bloom_math.md §4): punctuation and whitespace runs are isolated
+    # the Split regex of BLOOM's tokenizer.json (as in bigscience/bloom's tokenizer.json): punctuation and whitespace runs are isolated
     pre = tok._tk.pre_tokenizer.pre_tokenize_str("Hello, world! (a|b) [x]")
     words = [tok._tk.decoder.decode([w]) for w, _ in pre]  # byte-level characters back to text
     assert words == ["Hello", ",", " world", "! (", "a", "|", "b", ")", " [x]"]

@@ -1,6 +1,6 @@
 """A small BLOOM-style byte-level BPE ``tokenizer.json`` for tests (no real BLOOM tokenizer is downloadable).
 
-Same structure as BLOOM's (design note ``bloom_math.md`` §4): no normalizer, the Split regex pre-tokenizer (Oniguruma
+Same structure as BLOOM's tokenizer.json: no normalizer, the Split regex pre-tokenizer (Oniguruma
 syntax, as in the hub file) then ByteLevel without prefix space, a BPE model, a ByteLevel decoder, and the special
 tokens ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3 that the post-processor never adds.
 """

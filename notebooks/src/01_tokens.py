@@ -44,7 +44,7 @@ print("vocabulary:", tok.vocab_size, " embedding rows:", model.vocab_size)
 # %% [markdown]
 # ## 1. The pipeline
 #
-# `tokenizer.json` describes four stages. BLOOM's choices (design note `bloom_math.md` §4):
+# `tokenizer.json` describes four stages. BLOOM's choices (read off bigscience/bloom's `tokenizer.json`):
 #
 # | stage | BLOOM | what it does |
 # |---|---|---|

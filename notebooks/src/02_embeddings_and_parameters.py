@@ -171,7 +171,7 @@ assert count_by_hand(V, cfg.hidden_size, cfg.n_layer) == n_tensors == cfg.n_para
 print(f"tiny model: {n_tensors:,} parameters")
 
 # %% [markdown]
-# The released sizes (hidden size, blocks, heads: `bloom_math.md` §2, from keras-hub's presets and the bigscience
+# The released sizes (hidden size, blocks, heads: from keras-hub's presets and the bigscience
 # configs). The first four published counts are exact (keras-hub `bloom_presets.py`); for bloom-7b1 and bloom (176B) the
 # published tables give millions, "7,069M" and "176,247M".
 

@@ -55,7 +55,7 @@ print(mine16)
 # minibloom's default float32 mode reproduces transformers bit for bit, and transformers computes the slopes as a
 # float32 **base** $2^{-8/n}$ raised to integer powers. The base is rounded once, so the float32 slopes are not the
 # correctly rounded powers of two: for 16 heads `0.49999997` instead of `0.5`. That rounding is part of the reference
-# numbers (using exact slopes instead moves the logits by about 1e-6, `bloom_math.md` §1.5).
+# numbers (using exact slopes instead moves the logits by about 1e-6).
 
 # %%
 base32 = np.float64(np.float32(2.0 ** (-8 / 16)))

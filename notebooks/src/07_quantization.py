@@ -127,7 +127,7 @@ print("one block:", mine4.shape[1], "bytes")
 #   negatives, divided by 12).
 #
 # Codes are packed two per byte, **high nibble first** (the opposite of GGUF's Q4_0). The tables are the ones
-# bitsandbytes stores in every checkpoint as `weight.quant_map` (design note `quant_formats.md` §4.4).
+# bitsandbytes stores in every checkpoint as `weight.quant_map`.
 
 # %%
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
