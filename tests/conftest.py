@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import minibloom
+from minibloom import fast
+from minibloom import model as M
+
 MEASURED: list[tuple[str, str, float]] = []  # (test, quantity, value): printed at the end of the run
 
 
@@ -24,6 +28,31 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures")
         for test, quantity, value in MEASURED:
             terminalreporter.write_line(f"{test:<60} {quantity:<28} {value:.3e}")
+
+
+# The two primitive tables minibloom.model.forward runs with (issue 17: one definition of BLOOM): the pure array-API
+# reference and the NumPy drop-ins that Bloom uses by default on NumPy. End-to-end scenarios (golden files,
+# generation, low-memory, GGUF, bitsandbytes) run through both and must meet the same tolerance with each.
+PRIMITIVE_SETS: dict[str, M.Primitives] = {"reference": M.REFERENCE, "numpy": fast.PRIMITIVES}
+
+
+@pytest.fixture(params=list(PRIMITIVE_SETS))
+def primitives(request) -> M.Primitives:
+    """Each primitive set in turn (test ids ``[reference]`` / ``[numpy]``)."""
+    return PRIMITIVE_SETS[request.param]
+
+
+@pytest.fixture
+def load(primitives):
+    """``minibloom.load`` whose model runs with the parametrized ``primitives`` (requesting it runs the test once
+    per primitive set)."""
+
+    def _load(*args, **kwargs) -> minibloom.Bloom:
+        model = minibloom.load(*args, **kwargs)
+        model.primitives = primitives
+        return model
+
+    return _load
 
 
 @pytest.fixture

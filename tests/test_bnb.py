@@ -2,6 +2,7 @@
 
 Fixtures are real: a random fp32 BLOOM quantized by transformers + bitsandbytes on CPU and ``save_pretrained``-ed.
 The oracle is a float32 transformers BLOOM carrying bitsandbytes' own ``dequantize_4bit`` of every quantized weight.
+The logits scenario takes the ``load`` fixture (conftest.py): once per primitive set, same assertions.
 """
 
 from __future__ import annotations
@@ -76,18 +77,24 @@ def nf4_dir(source, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("qtype,double,storage,dtype", VARIANTS)
-def test_logits_equal_transformers_on_bnb_dequantized_weights(source, tmp_path, qtype, double, storage, dtype,
-                                                             record):
-    m, src, ids = source
-    q = quantize_and_save(src, tmp_path, qtype, double, storage, dtype)
-    with open(os.path.join(tmp_path, "config.json")) as f:
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def variant(request, source, tmp_path_factory):
+    """(variant, its 4-bit checkpoint dir, transformers' float32 logits on bnb's dequantized weights): quantized once
+    for both primitive sets."""
+    d = tmp_path_factory.mktemp("variant")
+    q = quantize_and_save(source[1], d, *request.param)
+    return request.param, str(d), factory.hf_logits(hf_on_bnb_dequantized(q), source[2])
+
+
+def test_logits_equal_transformers_on_bnb_dequantized_weights(source, variant, load, record):
+    m, _, ids = source
+    (qtype, double, storage, _), path, ref = variant
+    with open(os.path.join(path, "config.json")) as f:
         qc = json.load(f)["quantization_config"]
     assert (qc["bnb_4bit_quant_type"], qc["bnb_4bit_use_double_quant"]) == (qtype, double)
-    model = minibloom.load(str(tmp_path))
+    model = load(path)
     got = model(ids)
-    err = testing.assert_rel_close(got, factory.hf_logits(hf_on_bnb_dequantized(q), ids), testing.BNB_VS_DEQUANT,
-                                   f"bnb {qtype} dq={double} storage={storage}")
+    err = testing.assert_rel_close(got, ref, testing.BNB_VS_DEQUANT, f"bnb {qtype} dq={double} storage={storage}")
     record(f"{qtype} dq={double} {storage} vs HF(bnb dequant)", err)
     record(f"{qtype} dq={double} {storage} vs HF(source)", testing.rel_error(got, factory.hf_logits(m, ids)))
 

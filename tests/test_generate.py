@@ -1,4 +1,6 @@
-"""Generation: KV cache vs full forward, greedy parity with transformers.generate, sampling and eos semantics."""
+"""Generation: KV cache vs full forward, greedy parity with transformers.generate, sampling and eos semantics.
+
+Scenarios that run the model take the ``load`` fixture (conftest.py): once per primitive set, same assertions."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import pytest
 
 import minibloom
 from minibloom.errors import MinibloomError
-from minibloom.generate import apply_repetition_penalty, apply_top_k, apply_top_p, generate, stream
+from minibloom.generate import apply_repetition_penalty, apply_top_k, apply_top_p, stream
 from minibloom.testing import FP64_SELF, assert_rel_close
 from factory import left_pad, make_model, random_ids, save
 
@@ -35,9 +37,9 @@ def padded_batch(seed=0, lengths=(9, 5, 1), vocab=256):
 # ---- KV cache -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_cached_decoding_matches_full_forward_fp64(tiny, padded, record):
+def test_cached_decoding_matches_full_forward_fp64(tiny, padded, load, record):
     _, path = tiny
-    m = minibloom.load(path, dtype="float64")
+    m = load(path, dtype="float64")
     if padded:
         _, ids, mask = padded_batch(seed=3)
     else:
@@ -59,9 +61,9 @@ def test_cached_decoding_matches_full_forward_fp64(tiny, padded, record):
     assert cache.length == full_ids.shape[1]
 
 
-def test_cache_is_preallocated_and_not_reallocated(tiny):
+def test_cache_is_preallocated_and_not_reallocated(tiny, load):
     _, path = tiny
-    m = minibloom.load(path)
+    m = load(path)
     cache = m.new_cache(1, 12)
     k0 = cache.k[0]
     ids = random_ids(256, (1, 4), seed=5)
@@ -80,35 +82,35 @@ def hf_generate(model, ids, mask, n, eos):
 
 
 @pytest.mark.parametrize("seed,cfg", PARITY, ids=["4-heads", "6-heads", "12-heads"])
-def test_greedy_matches_transformers_left_padded(tmp_path, seed, cfg):
+def test_greedy_matches_transformers_left_padded(tmp_path, seed, cfg, load):
     model = make_model(seed=seed, **cfg)
     path = save(model, tmp_path / "m")
     _, ids, mask = padded_batch(seed=seed, lengths=(7, 3, 5, 1))
     ref = hf_generate(model, ids, mask, 12, eos=2)
-    got = minibloom.load(path).generate(ids, mask, max_new_tokens=12)  # eos 2 and pad 3 from the config
+    got = load(path).generate(ids, mask, max_new_tokens=12)  # eos 2 and pad 3 from the config
     assert got.shape == ref.shape == (4, 7 + 12)
     np.testing.assert_array_equal(got, ref)
     # the continuation must not be trivial (a constant token would hide position/mask bugs)
     assert len(np.unique(got[:, 7:])) > 3
 
 
-def test_greedy_eos_padding_matches_transformers(tmp_path):
+def test_greedy_eos_padding_matches_transformers(tmp_path, load):
     model = make_model(seed=12, hidden=48, n_head=6, n_layer=3)
     path = save(model, tmp_path / "m")
     _, ids, mask = padded_batch(seed=12, lengths=(7, 3, 5, 1))
-    free = minibloom.load(path).generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    free = load(path).generate(ids, mask, max_new_tokens=12, eos_token_id=[])
     eos = int(free[0, 7 + 2])  # a token that row 0 emits at step 3: it becomes "eos" for this test
     ref = hf_generate(model, ids, mask, 12, eos=eos)
-    got = minibloom.load(path).generate(ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=3)
+    got = load(path).generate(ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=3)
     np.testing.assert_array_equal(got, ref)
     row = got[0, 7:]
     first = int(np.argmax(row == eos))
     assert first <= 2 and np.all(row[first + 1:] == 3)
 
 
-def test_greedy_float64_batch_equals_rows_alone(tiny):
+def test_greedy_float64_batch_equals_rows_alone(tiny, load):
     _, path = tiny
-    m = minibloom.load(path, dtype="float64")
+    m = load(path, dtype="float64")
     rows, ids, mask = padded_batch(seed=30)
     batch = m.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
     for i, r in enumerate(rows):
@@ -116,18 +118,18 @@ def test_greedy_float64_batch_equals_rows_alone(tiny):
         np.testing.assert_array_equal(batch[i, ids.shape[1]:], alone[0, len(r):])
 
 
-def test_all_rows_finished_stops_early(tiny):
+def test_all_rows_finished_stops_early(tiny, load):
     _, path = tiny
-    m = minibloom.load(path)
+    m = load(path)
     ids = random_ids(256, (1, 4), seed=6)
     first = int(m.generate(ids, max_new_tokens=1, eos_token_id=[])[0, -1])
     out = m.generate(ids, max_new_tokens=10, eos_token_id=first)
     assert out.shape == (1, 5) and out[0, -1] == first
 
 
-def test_stream_yields_the_same_tokens(tiny):
+def test_stream_yields_the_same_tokens(tiny, load):
     _, path = tiny
-    m = minibloom.load(path)
+    m = load(path)
     ids = random_ids(256, (2, 5), seed=7)
     steps = list(stream(m, ids, max_new_tokens=6, eos_token_id=[]))
     seen = []
@@ -145,8 +147,8 @@ def test_zero_new_tokens_returns_prompt(tiny):
 
 # ---- sampling and processors ---------------------------------------------------------------------------------------
 
-def test_sampling_is_reproducible_with_a_seed(tiny):
-    m = minibloom.load(tiny[1])
+def test_sampling_is_reproducible_with_a_seed(tiny, load):
+    m = load(tiny[1])
     ids = random_ids(256, (2, 4), seed=9)
     kw = dict(max_new_tokens=15, do_sample=True, temperature=1.5, top_k=0, eos_token_id=[])
     a, b = m.generate(ids, seed=1, **kw), m.generate(ids, seed=1, **kw)
@@ -155,8 +157,8 @@ def test_sampling_is_reproducible_with_a_seed(tiny):
     assert not np.array_equal(a, c)
 
 
-def test_sampling_with_tiny_top_p_or_top_k_1_is_greedy(tiny):
-    m = minibloom.load(tiny[1])
+def test_sampling_with_tiny_top_p_or_top_k_1_is_greedy(tiny, load):
+    m = load(tiny[1])
     ids = random_ids(256, (2, 4), seed=10)
     greedy = m.generate(ids, max_new_tokens=8, eos_token_id=[])
     for kw in (dict(top_k=1), dict(top_p=1e-9, top_k=0)):
@@ -194,7 +196,7 @@ def test_processors_match_transformers():
         np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], rtol=1e-15)
 
 
-def test_greedy_repetition_penalty_matches_transformers(tmp_path):
+def test_greedy_repetition_penalty_matches_transformers(tmp_path, load):
     model = make_model(seed=14, hidden=48, n_head=6, n_layer=2)
     path = save(model, tmp_path / "m")
     ids = random_ids(256, (2, 6), seed=15)
@@ -202,9 +204,9 @@ def test_greedy_repetition_penalty_matches_transformers(tmp_path):
         ref = model.generate(torch.as_tensor(ids), attention_mask=torch.ones(2, 6, dtype=torch.long),
                              do_sample=False, max_new_tokens=10, repetition_penalty=1.8, pad_token_id=3,
                              eos_token_id=None).numpy()
-    got = minibloom.load(path).generate(ids, max_new_tokens=10, repetition_penalty=1.8, eos_token_id=[])
+    got = load(path).generate(ids, max_new_tokens=10, repetition_penalty=1.8, eos_token_id=[])
     np.testing.assert_array_equal(got, ref)
-    plain = minibloom.load(path).generate(ids, max_new_tokens=10, eos_token_id=[])
+    plain = load(path).generate(ids, max_new_tokens=10, eos_token_id=[])
     assert not np.array_equal(plain, got), "the penalty must change something for this test to mean anything"
 
 

@@ -3,6 +3,8 @@
 Fixtures are made with the ``gguf`` package's own writer and quantizers (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
 Q5_1). K-quants cannot be produced by the package, so their blocks are built from random bytes and decoded by a
 plain per-block decoder written below from llama.cpp's ``dequantize_row_q*_K`` (ggml-quants.c).
+Scenarios that run the model (dense and keep_quantized) take the ``load`` fixture (conftest.py): once per primitive
+set, same assertions.
 """
 
 from __future__ import annotations
@@ -10,14 +12,10 @@ from __future__ import annotations
 import os
 import struct
 
+import factory
 import numpy as np
 import pytest
-
-gguf = pytest.importorskip("gguf")
-import factory
 import tiny_tokenizer
-from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFWriter
 
 import minibloom
 from minibloom import testing
@@ -28,6 +26,9 @@ from minibloom.gguf import (
     qkv_from_gguf,
     qkv_to_gguf,
 )
+
+gguf = pytest.importorskip("gguf")  # the fixtures are written with the gguf package's own writer and quantizers
+T, GGUFReader, GGUFWriter = gguf.GGMLQuantizationType, gguf.GGUFReader, gguf.GGUFWriter
 
 HIDDEN, HEADS, LAYERS, VOCAB, TOK_VOCAB = 64, 4, 2, 320, 300
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -132,9 +133,9 @@ def hf_with_gguf_weights(path):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_logits_match_transformers(source, files, qtype, record):
+def test_logits_match_transformers(source, files, qtype, load, record):
     m, _, ids = source
-    model = minibloom.load(files[qtype])
+    model = load(files[qtype])
     got = model(ids)
     # 1) exact wiring: transformers on the same dequantized weights
     err = testing.assert_rel_close(got, factory.hf_logits(hf_with_gguf_weights(files[qtype]), ids), testing.FP32,
@@ -146,19 +147,19 @@ def test_logits_match_transformers(source, files, qtype, record):
     record(f"{qtype} vs HF(source) rel", err)
 
 
-def test_float64_mode_on_f32_file(source, files):
+def test_float64_mode_on_f32_file(source, files, load):
     m, _, ids = source
     with factory.hf_float64_exact():
         ref = factory.hf_logits(m, ids, dtype=factory.torch.float64)
-    got = minibloom.load(files["f32"], dtype="float64")(ids)
+    got = load(files["f32"], dtype="float64")(ids)
     assert got.dtype == np.float64
     testing.assert_rel_close(got, ref, testing.FP64_VS_HF, "float64 from an F32 GGUF")
 
 
-def test_keep_quantized_dequantizes_per_layer(source, files):
+def test_keep_quantized_dequantizes_per_layer(source, files, load):
     _, _, ids = source
-    dense = minibloom.load(files["q8_0"])
-    lazy = minibloom.load(files["q8_0"], keep_quantized=True)
+    dense = load(files["q8_0"])
+    lazy = load(files["q8_0"], keep_quantized=True)
     layer = lazy.params["h"][0]
     assert isinstance(layer, minibloom.quant.LazyLayer)
     qkv = layer._tree["self_attention"]["query_key_value"]["weight"]
@@ -169,14 +170,14 @@ def test_keep_quantized_dequantizes_per_layer(source, files):
     np.testing.assert_array_equal(lazy(ids), dense(ids))
 
 
-def test_output_weight_used_when_present_else_tied(source, tmp_path):
+def test_output_weight_used_when_present_else_tied(source, tmp_path, load):
     m, d, ids = source
-    dup = minibloom.load(convert_hf_to_gguf(d, tmp_path / "dup.gguf", "f32", duplicate_output=True))
+    dup = load(convert_hf_to_gguf(d, tmp_path / "dup.gguf", "f32", duplicate_output=True))
     assert "lm_head" not in dup.params  # a byte-identical copy of token_embd (old converters) is tied, not kept
     mixed_path = convert_hf_to_gguf(d, tmp_path / "mixed.gguf", "f32", duplicate_output=True,
                                     types={"output.weight": "q4_0", "blk.0.ffn_up.weight": "q5_1"})
     assert {t.name: t.tensor_type for t in GGUFReader(mixed_path).tensors}["output.weight"] == T.Q4_0
-    mixed = minibloom.load(mixed_path)
+    mixed = load(mixed_path)
     head = gguf.dequantize(next(t for t in GGUFReader(mixed_path).tensors if t.name == "output.weight").data, T.Q4_0)
     np.testing.assert_array_equal(mixed.params["lm_head"]["weight"], head)
     assert not np.array_equal(mixed.params["lm_head"]["weight"], mixed.params["word_embeddings"]["weight"])
@@ -215,7 +216,8 @@ def _scale_min_k4(j, q):
 
 
 def decode_block(b: bytes, kind: str) -> list[float]:
-    """One 256-value K-quant block, transcribed loop by loop from ggml-quants.c dequantize_row_*."""
+    """One 256-value K-quant block, transcribed loop by loop from ggml-quants.c dequantize_row_* (its loop index
+    ``l`` is ``k`` here)."""
     y = []
     if kind == "Q2_K":  # scales[16] qs[64] d dmin
         sc, qs, d, dmin = b[0:16], b[16:80], _f16(b, 80), _f16(b, 82)
@@ -226,7 +228,7 @@ def decode_block(b: bytes, kind: str) -> list[float]:
                 for part in (0, 16):
                     s = sc[i]
                     i += 1
-                    y += [d * (s & 0xF) * ((q[part + l] >> shift) & 3) - dmin * (s >> 4) for l in range(16)]
+                    y += [d * (s & 0xF) * ((q[part + k] >> shift) & 3) - dmin * (s >> 4) for k in range(16)]
     elif kind == "Q3_K":  # hmask[32] qs[64] scales[12] d
         hm, qs, raw, d = b[0:32], b[32:96], b[96:108], _f16(b, 108)
         a = list(struct.unpack("<3I", bytes(raw)))
@@ -242,7 +244,7 @@ def decode_block(b: bytes, kind: str) -> list[float]:
                 for part in (0, 16):
                     dl = d * (scales[i] - 32)
                     i += 1
-                    y += [dl * (((q[part + l] >> shift) & 3) - (0 if hm[part + l] & m else 4)) for l in range(16)]
+                    y += [dl * (((q[part + k] >> shift) & 3) - (0 if hm[part + k] & m else 4)) for k in range(16)]
                 m <<= 1
     elif kind in ("Q4_K", "Q5_K"):  # d dmin scales[12] (qh[32]) qs[128]
         d, dmin, sc = _f16(b, 0), _f16(b, 2), b[4:16]
@@ -251,9 +253,9 @@ def decode_block(b: bytes, kind: str) -> list[float]:
             q = ql[32 * c:32 * c + 32]
             for j, nib in ((2 * c, 0), (2 * c + 1, 4)):
                 s, mn = _scale_min_k4(j, sc)
-                for l in range(32):
-                    v = (q[l] >> nib) & 0xF
-                    if qh is not None and qh[l] & (1 << j):
+                for k in range(32):
+                    v = (q[k] >> nib) & 0xF
+                    if qh is not None and qh[k] & (1 << j):
                         v += 16
                     y.append(d * s * v - dmin * mn)
     elif kind == "Q6_K":  # ql[128] qh[64] scales[16] (int8) d
@@ -262,12 +264,12 @@ def decode_block(b: bytes, kind: str) -> list[float]:
         for half in range(2):
             L, H, S = ql[64 * half:], qh[32 * half:], sc[8 * half:]
             out = [0.0] * 128
-            for l in range(32):
-                s = l // 16
-                out[l] = d * S[s] * (((L[l] & 0xF) | (((H[l] >> 0) & 3) << 4)) - 32)
-                out[l + 32] = d * S[s + 2] * (((L[l + 32] & 0xF) | (((H[l] >> 2) & 3) << 4)) - 32)
-                out[l + 64] = d * S[s + 4] * (((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32)
-                out[l + 96] = d * S[s + 6] * (((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32)
+            for k in range(32):
+                s = k // 16
+                out[k] = d * S[s] * (((L[k] & 0xF) | (((H[k] >> 0) & 3) << 4)) - 32)
+                out[k + 32] = d * S[s + 2] * (((L[k + 32] & 0xF) | (((H[k] >> 2) & 3) << 4)) - 32)
+                out[k + 64] = d * S[s + 4] * (((L[k] >> 4) | (((H[k] >> 4) & 3) << 4)) - 32)
+                out[k + 96] = d * S[s + 6] * (((L[k + 32] >> 4) | (((H[k] >> 6) & 3) << 4)) - 32)
             y += out
     return y
 

@@ -1,5 +1,6 @@
 """minibloom against the committed golden files (tests/golden/, made by scripts/make_golden.py from transformers in
-float64 with its softmax and slopes patched). NumPy only: this is the check downstream CI can run without torch."""
+float64 with its softmax and slopes patched). NumPy only: this is the check downstream CI can run without torch.
+minibloom runs through both primitive sets (``load``/``primitives`` in conftest.py) and must match with each."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import numpy as np
 import pytest
 
-import minibloom
 from minibloom.loading import default_model_path
 from minibloom.testing import FP32, FP64_VS_HF, assert_logits_close, assert_rel_close
 from minibloom.trace import diff_traces, load_trace, trace
@@ -53,10 +53,10 @@ def test_golden_files_are_transformers_float64(golden):
     assert all(h.dtype == np.float64 for h in expected["hidden_states"]) and expected["logits"].dtype == np.float64
 
 
-def test_float64_matches_golden_layer_by_layer(golden, record):
+def test_float64_matches_golden_layer_by_layer(golden, load, record):
     checkpoint, expected = golden
     ids, mask = expected["input_ids"], expected["attention_mask"]
-    got = trace(minibloom.load(checkpoint, dtype="float64"), ids, mask, attentions=expected["attentions"] is not None)
+    got = trace(load(checkpoint, dtype="float64"), ids, mask, attentions=expected["attentions"] is not None)
     real = mask.astype(bool)
     worst = 0.0
     for i, (a, b) in enumerate(zip(got["hidden_states"], expected["hidden_states"], strict=True)):
@@ -70,10 +70,10 @@ def test_float64_matches_golden_layer_by_layer(golden, record):
     assert report.passed and report.rtol == FP64_VS_HF.rel, report.table()
 
 
-def test_float32_matches_golden_and_the_check_can_fail(golden, record):
+def test_float32_matches_golden_and_the_check_can_fail(golden, load, record):
     checkpoint, expected = golden
     ids, mask = expected["input_ids"], expected["attention_mask"]
-    logits32 = minibloom.load(checkpoint)(ids, mask)
+    logits32 = load(checkpoint)(ids, mask)
     real = mask.astype(bool)
     err = record("fp32 vs golden", assert_rel_close(logits32[real], expected["logits"][real], FP32, "float32 logits"))
     assert err > FP64_VS_HF.rel, "float32 must fail the float64 tolerance, or the golden check proves nothing"

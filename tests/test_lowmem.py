@@ -1,4 +1,6 @@
-"""Low-memory mode (``load(..., low_memory=True)``): the same numbers as the normal mode, one layer widened at a time."""
+"""Low-memory mode (``load(..., low_memory=True)``): the same numbers as the normal mode, one layer widened at a time.
+
+Scenarios that run the model take the ``load`` fixture (conftest.py): once per primitive set, same assertions."""
 
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ def small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_same_logits_and_hidden_states_as_normal_mode(ckpt16, dtype, small_blocks, record):
+def test_same_logits_and_hidden_states_as_normal_mode(ckpt16, dtype, small_blocks, load, record):
     ids, mask = left_pad([random_ids(300, 9, seed=1).tolist(), random_ids(300, 5, seed=2).tolist()])
-    normal = minibloom.load(ckpt16, dtype=dtype).forward(ids, mask, output_hidden_states=True)
-    lazy_model = minibloom.load(ckpt16, dtype=dtype, low_memory=True)
+    normal = load(ckpt16, dtype=dtype).forward(ids, mask, output_hidden_states=True)
+    lazy_model = load(ckpt16, dtype=dtype, low_memory=True)
     assert isinstance(lazy_model.params["h"], lowmem.LazyLayers)
     assert isinstance(lazy_model.params["word_embeddings"]["weight"], lowmem.LazyMatrix)
     lazy = lazy_model.forward(ids, mask, output_hidden_states=True)
@@ -48,22 +50,22 @@ def test_same_logits_and_hidden_states_as_normal_mode(ckpt16, dtype, small_block
            assert_rel_close(lazy.logits, normal.logits, tol, f"low-memory {dtype} logits"))
 
 
-def test_float64_matches_transformers(tmp_path, small_blocks):
+def test_float64_matches_transformers(tmp_path, small_blocks, load):
     """The low-memory oracle mode against transformers in float64, on the float16-rounded weights it stores."""
     model = make_model(seed=12, vocab=300, hidden=64, n_head=4, n_layer=2)
     path = save(model, tmp_path / "f16", dtype=torch.float16)  # leaves `model` holding the float16-rounded values
     ids = random_ids(300, (2, 11), seed=3)
     with hf_float64_exact():
         ref = hf_logits(model, ids, dtype=torch.float64)
-    got = minibloom.load(path, dtype="float64", low_memory=True)(ids)
+    got = load(path, dtype="float64", low_memory=True)(ids)
     assert_rel_close(got, ref, FP64_VS_HF, "low-memory float64 logits")
 
 
-def test_decode_with_cache_matches_normal_mode(ckpt16, small_blocks):
+def test_decode_with_cache_matches_normal_mode(ckpt16, small_blocks, load):
     ids = random_ids(300, (1, 12), seed=4)
     outs = []
     for low in (False, True):
-        m = minibloom.load(ckpt16, dtype="float64", low_memory=low)
+        m = load(ckpt16, dtype="float64", low_memory=low)
         cache = m.new_cache(1, 12)
         steps = [m.forward(ids[:, :8], cache=cache, logits="last").logits]
         for t in range(8, 12):
@@ -98,7 +100,7 @@ def test_only_numpy_backend(ckpt16):
         minibloom.load(ckpt16, backend="array_api_strict", low_memory=True)
 
 
-def test_benchmark_checkpoint_writer_matches_transformers(tmp_path):
+def test_benchmark_checkpoint_writer_matches_transformers(tmp_path, load):
     """benchmarks/checkpoint.py (which writes the 7b1-shaped file of the low-memory benchmark) writes a checkpoint
     that transformers and minibloom read alike."""
     import importlib.util
@@ -114,7 +116,7 @@ def test_benchmark_checkpoint_writer_matches_transformers(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = random_ids(120, (1, 7), seed=6)
     ref = hf_logits(hf, ids)
-    got = minibloom.load(path, low_memory=True)(ids)
+    got = load(path, low_memory=True)(ids)
     assert_rel_close(got, ref, FP32, "written checkpoint, minibloom low-memory vs transformers")
     w = minibloom.load(path).params["h"][1]["input_layernorm"]["weight"]
     assert 0.5 < w.mean() < 1.5 and w.std() > 0  # LayerNorm weights near 1, randomized
