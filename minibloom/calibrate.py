@@ -11,7 +11,7 @@ do; transformers' own float32 / float16 / bfloat16 runs are added to the populat
 ==================== ============================================================================ =================
 kind                 what rounds (emulated as)                                                    reference
 ==================== ============================================================================ =================
-float32              float32 everywhere (minibloom's fast and teaching paths; transformers)        float64, same file
+float32              float32 everywhere (minibloom's two primitive tables; transformers)             float64, same file
 float32-gelu-table   llama.cpp f32 on CPU: GeLU through ggml's fp16 table, Q/K/V in the fp16 KV      float64, same file
                      cache, attention probabilities rounded to fp16 for the V product
 float16 / bfloat16   weights and every activation rounded (transformers' cast of the model)        float64, unquantized
@@ -213,7 +213,7 @@ def ports_for(kind: str) -> list[Port]:
     f16, bf16 = round_f16, round_bf16
     ggml = dict(gelu=gelu_table, qkv=f16, probs=f16)
     if kind == "float32":
-        return [Port("minibloom float32 (fast path)", np.float32), Port("float32 teaching path", np.float32)]
+        return [Port("minibloom float32 (NumPy primitives)", np.float32), Port("float32 reference primitives", np.float32)]
     if kind == "float32-gelu-table":
         return [Port("ggml f32", np.float32, **ggml)]
     if kind == "float16":
@@ -378,7 +378,7 @@ def run_port(port: Port, bug: str | None, prepared: dict, cfg: BloomConfig, ids:
     p, c = bug_params(bug, prepared, cfg, np.random.default_rng(seed))
     p = _cast(p, port.compute)
     run_mask = np.ones_like(mask) if bug == "pads-attended" else mask
-    if port.name == "minibloom float32 (fast path)" and bug is None:
+    if port.name == "minibloom float32 (NumPy primitives)" and bug is None:
         from .fast import PRIMITIVES as ops
     else:
         ops = primitives_for(port, bug, c.n_head)

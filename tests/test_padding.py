@@ -99,7 +99,7 @@ def fast_path(m, ids, mask):
 
 
 def public_api(m, ids, mask):
-    return m.forward(ids, mask, output_hidden_states=True)  # NumPy backend: the fast path
+    return m.forward(ids, mask, output_hidden_states=True)  # NumPy backend: the NumPy primitives
 
 
 def teaching_path(m, ids, mask):
@@ -116,8 +116,8 @@ def padded_rows(vocab: int) -> list[list[int]]:
 @pytest.mark.parametrize("which", ["random", "default"])
 def test_right_padded_rows_equal_each_row_alone_float64(request, monkeypatch, path, which, blocks, record):
     """Real positions of right-padded rows = the row run alone (what the cumulative-mask positions and the causal
-    mask promise for any mask), in the fast path, through the public API, and in the teaching path."""
-    if blocks == "small":  # the fast path's attention cut into one-query blocks, so block edges meet the padding
+    mask promise for any mask), with the NumPy primitives, through the public API, and with the reference ones."""
+    if blocks == "small":  # the NumPy attention cut into one-query blocks, so block edges meet the padding
         monkeypatch.setattr(fast, "SCORE_BLOCK_ELEMS", 64)
     m = request.getfixturevalue(f"{which}_model")
     rows = padded_rows(m.vocab_size)
