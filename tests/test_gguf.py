@@ -425,15 +425,17 @@ def test_chat_template_travels_through_gguf(source, tmp_path):
 
 
 @pytest.mark.slow
-def test_560m_shape_q8_0_dense_and_kept_quantized(tmp_path, record):
+def test_560m_shape_q8_0_dense_and_kept_quantized(bloom560m_dir, tmp_path, record):
     """bloom-560m shape (24 layers, hidden 1024, vocab 250880): a Q8_0 file within its tolerance of transformers on
     the source, and the keep_quantized model (Q8_0 blocks in RAM, one sub-module widened at a time) identical."""
-    m = factory.make_model(seed=0, std=0.02, vocab=250880, hidden=1024, n_layer=24, n_head=16)
-    src = factory.save(m, tmp_path / "src")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     ids = factory.random_ids(250880, (1, 24), seed=1)
+    m = transformers.BloomForCausalLM.from_pretrained(bloom560m_dir, dtype=torch.float32,
+                                                      attn_implementation="eager").eval()
     ref = factory.hf_logits(m, ids)
     del m
-    path = convert_hf_to_gguf(src, tmp_path / "m-q8_0.gguf", "q8_0")
+    path = convert_hf_to_gguf(bloom560m_dir, tmp_path / "m-q8_0.gguf", "q8_0")
     got = minibloom.load(path)(ids)
     record("560m q8_0 vs HF(source) rel", testing.assert_rel_close(got, ref, testing.GGUF_VS_SOURCE["q8_0"], "q8_0"))
     lazy = minibloom.load(path, keep_quantized=True)

@@ -124,14 +124,9 @@ def test_hf_trace_is_a_valid_trace(ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_check_on_the_560m_shape(tmp_path, record):
+def test_check_on_the_560m_shape(bloom560m_dir, record):
     """The full bloom-560m shape (random weights, fp16 on disk): every layer within policy in both precisions."""
-    import gc
-
-    hf = make_model(seed=560, hidden=1024, n_layer=24, n_head=16, vocab=250880)
-    path = save(hf, tmp_path / "560m", dtype=torch.float16)
-    del hf
-    gc.collect()  # measured: ~7.4 GB peak for check itself, 37 s (`minibloom check --attentions`, 2 x 16 tokens)
+    path = bloom560m_dir
     ids = np.random.default_rng(0).integers(0, 250880, (1, 8))
     result = oracle.check(path, ids, log=lambda m: None)
     assert result.passed, result.table()
