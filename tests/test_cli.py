@@ -268,3 +268,21 @@ def test_info_reads_gguf_headers(ckpt, tmp_path, capsys):
     assert rc == 0 and facts["format"] == "gguf"
     assert facts["n_params"] == ref["n_params"] and facts["config"] == {**ref["config"], "torch_dtype": None}
     assert "Q8_0" in facts["tensor_dtypes"] and facts["tokenizer"]["vocab_size"] == 300
+
+
+def test_model_option_is_the_same_on_every_command(capsys):
+    tiny = os.path.join(os.path.dirname(__file__), "golden", "tiny")
+    assert main(["info", "-m", tiny, "--json"]) == 0
+    by_option = json.loads(capsys.readouterr().out)
+    assert main(["info", tiny, "--json"]) == 0  # the positional spelling stays
+    assert json.loads(capsys.readouterr().out) == by_option
+    with pytest.raises(SystemExit) as e:
+        main(["info", tiny, "--model", "weights/other"])
+    assert e.value.code == 2 and "given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["download"])
+    assert e.value.code == 2 and "--model" in capsys.readouterr().err
+    for command in ("trace", "check", "verify", "generate", "chat", "info", "download"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--model M, -m M" in capsys.readouterr().out, command

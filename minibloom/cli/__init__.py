@@ -12,6 +12,30 @@ from ..errors import MinibloomError
 COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "verify", "check", "compare", "calibrate", "bench")
 
 
+MODEL_HELP = ("checkpoint directory, .safetensors / .gguf file, name under weights/, or hub repo id "
+              "(default: weights/default)")
+
+
+def add_model_option(p, *, positional: bool = False, required: bool = False, help: str = MODEL_HELP) -> None:
+    """``--model/-m M``, the same on every command; ``positional`` also accepts it as the first positional argument
+    (the older spelling of ``info`` and ``download``)."""
+    p.add_argument("--model", "-m", metavar="M", default=None, help=help + (" (required)" if required else ""))
+    if positional:
+        p.add_argument("model_positional", metavar="M", nargs="?", default=None, help="the same as --model")
+    p.set_defaults(model_required=required)
+
+
+def _merge_model(parser, args) -> None:
+    """One ``args.model`` from ``--model`` and the positional spelling; a missing required model is a usage error."""
+    pos = getattr(args, "model_positional", None)
+    if pos is not None:
+        if args.model is not None and args.model != pos:
+            parser.error(f"the model is given twice: {pos!r} and --model {args.model!r}")
+        args.model = pos
+    if getattr(args, "model_required", False) and args.model is None:
+        parser.error(f"{args.command}: give the model with --model M")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minibloom",
@@ -37,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _merge_model(parser, args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import MinibloomError
 from ..tokenizer import left_pad
 from .trace import add_input_args, rows_from_args
+from . import add_model_option
 
 
 def add_parser(sub) -> None:
@@ -14,7 +15,7 @@ def add_parser(sub) -> None:
                                    "and ALiBi slopes patched to float64). Exit 0 when every layer is within "
                                    "tolerance, 1 otherwise, 2 when transformers is missing or the checkpoint is "
                                    "quantized (GGUF, bitsandbytes), which transformers cannot run the same way.")
-    p.add_argument("--model", help="checkpoint directory or hub id (default: weights/default)")
+    add_model_option(p)
     add_input_args(p)
     p.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
     p.add_argument("--attentions", action="store_true", help="also compare attention probabilities")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import add_model_option
+
 EXAMPLES = """\
 examples:
   minibloom download bigscience/bloom-560m            -> weights/bigscience--bloom-560m
@@ -23,7 +25,7 @@ def add_parser(subparsers) -> None:
         "download", help="fetch a checkpoint from the Hugging Face Hub into weights/",
         description="Download a BLOOM checkpoint (safetensors only) with huggingface_hub.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="M", help="hub repo id, e.g. bigscience/bloom-560m")
+    add_model_option(p, positional=True, required=True, help="hub repo id, e.g. bigscience/bloom-560m")
     p.add_argument("--revision", default=None, help="branch, tag or commit to fetch (default: main)")
     p.add_argument("--dir", default=None, metavar="D",
                    help="folder to download into (default: weights/, or $MINIBLOOM_WEIGHTS); the files land in "

@@ -8,6 +8,7 @@ import os
 from collections import Counter
 
 from ..errors import MinibloomError
+from . import add_model_option
 
 EXAMPLES = """\
 examples:
@@ -27,9 +28,7 @@ def add_parser(subparsers) -> None:
         "info", help="sizes, dtype, parameter count and memory needed of a checkpoint",
         description="Describe a checkpoint without loading its weights.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="M", nargs="?", default=None,
-                   help="checkpoint directory, .safetensors / .gguf file, name under weights/, or hub repo id "
-                        "(default: weights/default)")
+    add_model_option(p, positional=True)
     p.add_argument("--revision", default=None, help="hub branch, tag or commit (hub repo ids only)")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(func=run)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import MinibloomError
 from ..tokenizer import PADDING_SIDES, pad_rows, padding_side
+from . import add_model_option
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +75,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("trace", help="write every hidden state and the logits of one forward pass to a .npz",
                        description=textwrap.fill(DESCRIPTION, 100), epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory, .safetensors, .gguf or hub id (default: weights/default)")
+    add_model_option(p)
     add_input_args(p)
     add_padding_args(p)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",

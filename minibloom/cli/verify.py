@@ -1,6 +1,7 @@
 """``minibloom verify CANDIDATE.npz --model M``: judge an engine's dumped logits (or full trace) against minibloom."""
 
 from __future__ import annotations
+from . import add_model_option
 
 
 def add_parser(sub) -> None:
@@ -13,7 +14,9 @@ def add_parser(sub) -> None:
                                    "same GGUF / bitsandbytes file for ports of a quantized file. Exit status: 0 pass, "
                                    "1 mismatch, 2 cannot compare.")
     p.add_argument("candidate", metavar="CANDIDATE.npz", help="the engine's trace (minibloom.trace format)")
-    p.add_argument("--model", "-m", required=True, help="the checkpoint the reference runs (directory, file, hub id)")
+    add_model_option(p, required=True,
+                     help="the checkpoint the reference runs: directory, .safetensors / .gguf file, name under "
+                          "weights/, or hub repo id")
     p.add_argument("--kind", help="the candidate's implementation kind (default: its meta 'kind' or 'dtype'): "
                                   "float32, float32-gelu-table, float16, bfloat16, int8-weight-only, int8 "
                                   "(= int8-dynamic), q8_0, q4_0, q4_k, nf4")
