@@ -257,34 +257,56 @@ class SafetensorsFile:
         self.close()
 
 
+def write_file(path: str | os.PathLike, entries, metadata: dict | None = None) -> None:
+    """Stream a safetensors file: the header from the shapes alone, then each tensor's bytes in chunks.
+
+    ``entries``: (name, shape, code, chunks) in file order, where ``code`` is the safetensors dtype ("F32", "F16",
+    "BF16", ...) and ``chunks`` a callable returning an iterable of little-endian arrays (or bytes) that together hold
+    the tensor's values in C order. Nothing bigger than one chunk is ever held, so checkpoints larger than RAM can be
+    written. The file appears under ``path`` only once complete (written to ``path.part`` first).
+    """
+    entries = list(entries)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    for name, shape, code, _ in entries:
+        if code not in DTYPES:
+            raise MinibloomError(f"{path}: unknown dtype code {code!r} for tensor {name!r}")
+        n = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+        header[name] = {"dtype": code, "shape": [int(d) for d in shape], "data_offsets": [pos, pos + n]}
+        pos += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    path = os.fspath(path)
+    with open(path + ".part", "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for name, _, _, chunks in entries:
+            start = f.tell()
+            for c in chunks():
+                f.write(c if isinstance(c, bytes) else np.ascontiguousarray(c).tobytes())
+            want = header[name]["data_offsets"]
+            if f.tell() - start != want[1] - want[0]:
+                raise MinibloomError(f"{path}: tensor {name!r} got {f.tell() - start} bytes, expected "
+                                     f"{want[1] - want[0]}")
+    os.replace(path + ".part", path)
+
+
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None,
               bf16: tuple[str, ...] = ()) -> None:
-    """Write a safetensors file (used by tests, tools and the trainer). Names in ``bf16`` are stored as BF16."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    """Write a safetensors file of in-memory arrays (``write_file``). Names in ``bf16`` are stored as BF16."""
     codes = {v: k for k, v in DTYPES.items() if k not in ("BF16",)}
-    blobs, pos = [], 0
-    for name, arr in tensors.items():
+
+    def entry(name, arr):
         arr = np.ascontiguousarray(arr)
         if name in bf16:
             f32 = arr.astype(np.float32)
             u32 = f32.view(np.uint32).astype(np.uint64)
             # round to nearest even, like torch's .to(bfloat16)
             u16 = ((u32 + 0x7FFF + ((u32 >> 16) & 1)) >> 16).astype(np.uint16)
-            data, code = u16.tobytes(), "BF16"
-        else:
-            code = codes.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
-            if code is None:
-                raise MinibloomError(f"{path}: cannot store tensor {name!r} of dtype {arr.dtype}")
-            data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [pos, pos + len(data)]}
-        blobs.append(data)
-        pos += len(data)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
+            return name, arr.shape, "BF16", lambda: [u16]
+        code = codes.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if code is None:
+            raise MinibloomError(f"{path}: cannot store tensor {name!r} of dtype {arr.dtype}")
+        return name, arr.shape, code, lambda: [arr.astype(arr.dtype.newbyteorder("<"))]
+
+    write_file(path, [entry(name, arr) for name, arr in tensors.items()], metadata)

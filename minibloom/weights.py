@@ -78,6 +78,57 @@ def random_params(cfg: BloomConfig, vocab: int, rng: np.random.Generator, std: f
     return nest(flat)
 
 
+def write_random_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, vocab: int, dtype=np.float32,
+                            seed: int = 0, chunk: int = 1 << 24, progress: bool = True) -> str:
+    """``config.json`` + ``model.safetensors`` of a random BLOOM, drawn and written tensor by tensor in chunks (a
+    bloom-7b1-shaped float16 file is ~14 GB: never held whole). Keys are transformers' saved names
+    (``transformer.h.0...``), so transformers and minibloom both load it. Values are on a trained model's scale, so
+    activations stay in range through every layer: matrices and biases N(0, 0.02), LayerNorm weights 1 + N(0, 0.1),
+    LayerNorm biases N(0, 0.02). Returns the directory."""
+    from .safetensors import write_file
+
+    dtype = np.dtype(dtype)
+    code = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64"}[dtype]
+    rng = np.random.default_rng(seed)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    shapes = expected_shapes(cfg, vocab)
+
+    def values(name: str, n: int) -> np.ndarray:
+        x = rng.standard_normal(n, dtype=np.float32)
+        norm = "layernorm" in name or name.startswith("ln_f")
+        x *= 0.1 if norm and name.endswith("weight") else 0.02
+        if norm and name.endswith("weight"):
+            x += 1.0
+        return x.astype(dtype, copy=False)
+
+    total = sum(int(np.prod(s)) for s in shapes.values()) * dtype.itemsize
+    bar = _progress(total, f"writing {directory}", None if progress else False)
+
+    def chunks(name: str, n: int):
+        def gen():
+            for start in range(0, n, chunk):
+                data = values(name, min(chunk, n - start))
+                bar.update(data.nbytes)
+                yield data
+        return gen
+
+    entries = [(f"transformer.{name}", shape, code, chunks(name, int(np.prod(shape)))) for name, shape in
+               shapes.items()]
+    with bar:
+        write_file(os.path.join(directory, "model.safetensors"), entries, {"format": "pt"})
+    hf = {"architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": vocab,
+          "hidden_size": cfg.hidden_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+          "layer_norm_epsilon": cfg.layer_norm_epsilon, "initializer_range": 0.02,
+          "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
+          "pretraining_tp": cfg.pretraining_tp, "slow_but_exact": cfg.slow_but_exact,
+          "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+          "unk_token_id": 0, "use_cache": True, "dtype": dtype.name}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    return directory
+
+
 def bare_name(key: str) -> str:
     """``transformer.h.0.mlp...`` -> ``h.0.mlp...`` (the bigscience files already use bare names)."""
     return key[len("transformer."):] if key.startswith("transformer.") else key
@@ -234,6 +285,12 @@ class _NoBar:
 
     def close(self):
         pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _progress(total_bytes: int, desc: str, progress):

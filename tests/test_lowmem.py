@@ -100,19 +100,15 @@ def test_only_numpy_backend(ckpt16):
         minibloom.load(ckpt16, backend="array_api_strict", low_memory=True)
 
 
-def test_benchmark_checkpoint_writer_matches_transformers(tmp_path, load):
-    """benchmarks/checkpoint.py (which writes the 7b1-shaped file of the low-memory benchmark) writes a checkpoint
-    that transformers and minibloom read alike."""
-    import importlib.util
-    import os
+def test_streamed_checkpoint_writer_matches_transformers(tmp_path, load):
+    """``minibloom.weights.write_random_checkpoint`` (which writes the benchmarks' 560m- and 7b1-shaped files chunk by
+    chunk) writes a checkpoint that transformers and minibloom read alike."""
+    from minibloom.config import BloomConfig
+    from minibloom.weights import write_random_checkpoint
 
     transformers = pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location(
-        "bench_checkpoint", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "checkpoint.py"))
-    ck = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ck)
-    path = ck.write_checkpoint(str(tmp_path / "c"), hidden=32, n_layer=2, n_head=4, vocab=120, dtype=np.float16,
-                               chunk=1000, progress=False)
+    cfg = BloomConfig(vocab_size=120, hidden_size=32, n_layer=2, n_head=4)
+    path = write_random_checkpoint(tmp_path / "c", cfg, 120, np.float16, chunk=1000, progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = random_ids(120, (1, 7), seed=6)
     ref = hf_logits(hf, ids)
