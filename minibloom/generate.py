@@ -20,6 +20,8 @@ identical on every backend.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -191,3 +193,55 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
     if not new:
         return ids.copy()
     return np.concatenate([ids, np.stack(new, axis=1)], axis=1)
+
+
+BUILTIN = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+           "max_new_tokens": 100}  # sampling defaults when a checkpoint has no generation_config.json
+
+
+def model_dir(model) -> str | None:
+    path = model.path
+    if not path:
+        return None
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def generation_options(model, *, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                       max_new_tokens=None, greedy: bool = False, seed=None) -> dict:
+    """The keyword arguments of ``generate`` for ``model``: the options given here, then the checkpoint's
+    generation_config.json, then ``BUILTIN``; end-of-sequence and padding ids from the tokenizer or the config."""
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                 max_new_tokens=max_new_tokens)
+    opts = dict(BUILTIN)
+    directory = model_dir(model)
+    if directory and os.path.isfile(os.path.join(directory, "generation_config.json")):
+        try:
+            with open(os.path.join(directory, "generation_config.json")) as f:
+                gc = json.load(f)
+        except (OSError, ValueError):
+            gc = {}
+        if isinstance(gc.get("do_sample"), bool):
+            opts["do_sample"] = gc["do_sample"]
+        for k in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
+            if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool):
+                opts[k] = gc[k]
+    for k, v in given.items():
+        if v is not None:
+            opts[k] = v
+    if greedy or opts["temperature"] == 0:
+        opts["do_sample"] = False
+    elif temperature is not None:
+        opts["do_sample"] = True  # asking for a temperature means sampling
+    if opts["temperature"] < 0:
+        raise MinibloomError(f"--temperature: must be >= 0 (0 = greedy), got {opts['temperature']}")
+    if opts["max_new_tokens"] < 0:
+        raise MinibloomError(f"--max-new-tokens: must be >= 0, got {opts['max_new_tokens']}")
+    if not opts["do_sample"]:
+        opts["temperature"] = 1.0
+    opts["seed"] = seed
+    tok = model.tokenizer
+    eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else model.config.eos_token_id
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else model.config.pad_token_id
+    opts["eos_token_id"] = [] if eos is None else eos
+    opts["pad_token_id"] = pad
+    return opts

@@ -4,6 +4,9 @@ Scenarios that run the model take the ``load`` fixture (conftest.py): once per p
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -225,3 +228,19 @@ def test_greedy_runs_on_array_api_strict(tiny):
     got = minibloom.load(tiny[1], dtype="float64", backend="array_api_strict").generate(
         ids, max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(got, ref)
+
+
+def test_generation_options_are_a_library_function():
+    """The sampling defaults (flags, then generation_config.json, then built-in) live in minibloom.generate."""
+    from minibloom.generate import BUILTIN, generation_options
+
+    m = minibloom.load()  # weights/default ships a generation_config.json
+    with open(os.path.join(m.path, "generation_config.json")) as f:
+        gc = json.load(f)
+    opts = generation_options(m)
+    assert opts["top_k"] == gc["top_k"] and opts["temperature"] == gc["temperature"]
+    assert opts["top_p"] == gc.get("top_p", BUILTIN["top_p"])
+    assert generation_options(m, top_k=3, seed=5)["top_k"] == 3
+    greedy = generation_options(m, greedy=True)
+    assert greedy["do_sample"] is False and greedy["temperature"] == 1.0
+    assert opts["eos_token_id"] == m.tokenizer.eos_token_id

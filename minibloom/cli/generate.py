@@ -6,8 +6,6 @@ Also home of the options every text command shares (``--model``, ``--dtype``, sa
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -29,8 +27,7 @@ MODEL_HELP = ("a checkpoint directory (config.json + *.safetensors + tokenizer.j
               "a name under weights/, or a hub repo id such as bigscience/bloom-560m (downloaded once into "
               "weights/; HF_HUB_OFFLINE=1 uses only local copies). Default: the small Shakespeare model in "
               "weights/default")
-BUILTIN = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
-           "max_new_tokens": 100}
+SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -66,49 +63,12 @@ def load_model(args):
     return load(args.model, dtype=args.dtype, backend=args.backend, revision=getattr(args, "revision", None))
 
 
-def model_dir(model) -> str | None:
-    path = model.path
-    if not path:
-        return None
-    return path if os.path.isdir(path) else os.path.dirname(path) or "."
-
-
 def generation_options(args, model) -> dict:
-    """Sampling options: explicit flags, then the checkpoint's generation_config.json, then BUILTIN."""
-    opts = dict(BUILTIN)
-    directory = model_dir(model)
-    if directory and os.path.isfile(os.path.join(directory, "generation_config.json")):
-        try:
-            with open(os.path.join(directory, "generation_config.json")) as f:
-                gc = json.load(f)
-        except (OSError, ValueError):
-            gc = {}
-        if isinstance(gc.get("do_sample"), bool):
-            opts["do_sample"] = gc["do_sample"]
-        for k in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
-            if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool):
-                opts[k] = gc[k]
-    for k in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
-        v = getattr(args, k, None)
-        if v is not None:
-            opts[k] = v
-    if getattr(args, "greedy", False) or opts["temperature"] == 0:
-        opts["do_sample"] = False
-    elif getattr(args, "temperature", None) is not None:
-        opts["do_sample"] = True  # asking for a temperature means sampling
-    if opts["temperature"] < 0:
-        raise MinibloomError(f"--temperature: must be >= 0 (0 = greedy), got {opts['temperature']}")
-    if opts["max_new_tokens"] < 0:
-        raise MinibloomError(f"--max-new-tokens: must be >= 0, got {opts['max_new_tokens']}")
-    if not opts["do_sample"]:
-        opts["temperature"] = 1.0
-    opts["seed"] = getattr(args, "seed", None)
-    tok = model.tokenizer
-    eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else model.config.eos_token_id
-    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else model.config.pad_token_id
-    opts["eos_token_id"] = [] if eos is None else eos
-    opts["pad_token_id"] = pad
-    return opts
+    """``minibloom.generate.generation_options`` with the CLI's sampling flags."""
+    from ..generate import generation_options as options
+
+    return options(model, **{k: getattr(args, k, None) for k in SAMPLING}, greedy=getattr(args, "greedy", False),
+                   seed=getattr(args, "seed", None))
 
 
 def add_parser(subparsers) -> None:
