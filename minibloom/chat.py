@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -173,3 +174,151 @@ def detect(name_or_path: str | None = None, tokenizer=None, default: str = "bloo
     if isinstance(source, list) and source:
         return TOKENIZER
     return default
+
+
+# ---- a conversation: the session behind ``minibloom chat`` ----------------------------------------------------
+COMMANDS_HELP = "commands: /reset  forget the conversation | /show  print the prompt | /quit  leave | /help"
+
+
+class StopWatcher:
+    """Holds back text that could be the start of a stop string; reports when one appears.
+
+    ``feed(piece) -> (text to print now, stopped)``; ``rest()`` releases the held tail at the end.
+    """
+
+    def __init__(self, stops):
+        self.stops = tuple(s for s in stops if s)
+        self.buf = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        self.buf += piece
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[:min(hits)], ""
+            return out, True
+        keep = 0  # longest suffix of buf that is a prefix of some stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if self.buf.endswith(s[:n]):
+                    keep = n
+                    break
+        out = self.buf[:len(self.buf) - keep]
+        self.buf = self.buf[len(self.buf) - keep:]
+        return out, False
+
+    def rest(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def stop_token_ids(tokenizer, stops) -> list[int]:
+    """Stop strings that are single tokens of the vocabulary (``</s>``, ``<|prompter|>`` ...) as ids: decoding skips
+    special tokens, so these must stop generation by id, like eos."""
+    ids = (tokenizer.token_to_id(s) for s in stops)
+    return sorted({i for i in ids if i is not None})
+
+
+def with_stop_ids(opts: dict, extra: list[int]) -> dict:
+    eos = opts.get("eos_token_id")
+    eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return {**opts, "eos_token_id": sorted(set(eos) | set(extra))}
+
+
+def fit_context(messages: list[dict], render, encode, budget: int) -> list[dict]:
+    """Drop the oldest non-system turns until the rendered prompt fits in ``budget`` tokens (keep the last one)."""
+    msgs = list(messages)
+    while len(encode(render(msgs))) > budget:
+        drop = next((i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"), None)
+        if drop is None:
+            break
+        del msgs[drop]
+    return msgs
+
+
+def reply(model, prompt: str, opts: dict, stops, out) -> str:
+    """Generate one reply to ``prompt``, printing it as it comes; return its text (stop string excluded)."""
+    from .generate import stream
+
+    tok = model.tokenizer
+    ids = tok.encode(prompt)
+    if not ids:
+        raise MinibloomError("chat: the rendered prompt is empty")
+    dec = tok.stream_decoder(skip_special_tokens=True)
+    watch = StopWatcher(stops)
+    text, stopped = [], False
+    gen = stream(model, [ids], **opts)
+    try:
+        for nxt in gen:
+            piece, stopped = watch.feed(dec.push(int(nxt[0])))
+            if piece:
+                out.write(piece)
+                out.flush()
+                text.append(piece)
+            if stopped:
+                break
+    finally:
+        gen.close()
+    if not stopped:
+        tail, _ = watch.feed(dec.flush())
+        tail += watch.rest()
+        out.write(tail)
+        text.append(tail)
+    out.write("\n")
+    out.flush()
+    return "".join(text)
+
+
+def _read_line(stdin, stdout, interactive: bool) -> str | None:
+    """One line of user input, or None at end of input. On a terminal, ``input()`` gives line editing."""
+    if interactive and stdin is sys.stdin and stdout is sys.stdout:
+        try:
+            return input("you> ")
+        except EOFError:
+            stdout.write("\n")
+            return None
+    if interactive:
+        stdout.write("you> ")
+        stdout.flush()
+    line = stdin.readline()
+    return line or None
+
+
+def chat_loop(model, template: str, opts: dict, stdin, stdout, system: str | None = None,
+              max_context: int = 2048, interactive: bool = False) -> list[dict]:
+    """Read user lines from ``stdin`` until EOF or /quit, answer each; return the conversation."""
+    tok = model.tokenizer
+    stops = stop_strings(template)
+    opts = with_stop_ids(opts, stop_token_ids(tok, stops))
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+
+    def prompt_of(msgs):
+        return render(msgs, template, tokenizer=tok)
+
+    budget = max(1, max_context - int(opts["max_new_tokens"]))
+    while True:
+        line = _read_line(stdin, stdout, interactive)
+        if line is None:
+            return messages
+        line = line.rstrip("\r\n")
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/quit", "/exit", "/q"):
+            return messages
+        if cmd == "/reset":
+            messages = list(base)
+            stdout.write("(conversation cleared)\n")
+            continue
+        if cmd == "/help":
+            stdout.write(COMMANDS_HELP + "\n")
+            continue
+        if cmd == "/show":
+            stdout.write(repr(prompt_of(messages + [{"role": "user", "content": "…"}])) + "\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        messages = fit_context(messages, prompt_of, tok.encode, budget)
+        if interactive:
+            stdout.write("bot> ")
+        answer = reply(model, prompt_of(messages), opts, stops, stdout)
+        messages.append({"role": "assistant", "content": answer})
