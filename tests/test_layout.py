@@ -32,3 +32,19 @@ def test_the_model_is_defined_once():
                 for fn in counts:
                     counts[fn] += len(re.findall(rf"^def {fn}\(", text, re.M))
     assert counts == {"block": 1, "attention": 1, "forward": 1}, counts
+
+
+def test_the_wheel_ships_the_policies_and_the_default_model(tmp_path):
+    """`pip install` users get what a clone has: policies.json (package data) and weights/default (installed under
+    sys.prefix/share/minibloom/weights, where minibloom.paths.weights_dir looks)."""
+    import glob
+    import zipfile
+
+    root = os.path.dirname(PACKAGE)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), root], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = zipfile.ZipFile(glob.glob(str(tmp_path / "*.whl"))[0]).namelist()
+    assert "minibloom/policies.json" in names
+    shipped = {n.split("share/minibloom/weights/default/")[1] for n in names if "share/minibloom/weights/default/" in n}
+    assert {f for f in os.listdir(os.path.join(root, "weights", "default"))} <= shipped
