@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .compare import kl_divergence
 from .errors import MinibloomError
 
 
@@ -209,11 +210,6 @@ def assert_rel_close(actual, reference, tol: Tolerance | float, what: str = "") 
 
 
 # ---- logits verdicts -------------------------------------------------------------------------------------------
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
 def top1_fails(top1: float, positions: int | None, min_top1: float) -> bool:
     """Whether top-1 agreement ``top1`` over ``positions`` positions breaks the bound ``min_top1``. One disagreement
     is always allowed: a near-tie flips under any rounding, and on a handful of positions one flip would otherwise
@@ -247,8 +243,7 @@ def logit_metrics(actual, reference, attention_mask=None) -> dict:
     d = np.abs(ar - rr)
     n, v = np.unravel_index(int(np.argmax(d)), d.shape)
     scale = float(np.max(np.abs(rr)))
-    lp, lq = _log_softmax(rr), _log_softmax(ar)
-    kl = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+    kl = kl_divergence(rr, ar)  # [N]
     return {"rel": float(d[n, v]) / scale if scale > 0 else float(d[n, v]), "kl_mean": float(kl.mean()),
             "kl_max": float(kl.max()), "top1": float(np.mean(ar.argmax(-1) == rr.argmax(-1))),
             "positions": int(rows.size), "worst": (int(rows[n]), int(cols[n]), int(v))}
