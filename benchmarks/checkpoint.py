@@ -1,6 +1,6 @@
 """Random BLOOM checkpoints of the released shapes for the benchmarks, built once and reused.
 
-The writer is ``minibloom.weights.write_random_checkpoint`` (tensor by tensor, never a second copy in RAM: a
+The writer is ``minibloom.formats.weights.write_random_checkpoint`` (tensor by tensor, never a second copy in RAM: a
 bloom-7b1-shaped float16 file is ~14 GB); this module only names the shapes.
 """
 
@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from minibloom.config import BloomConfig
-from minibloom.weights import write_random_checkpoint
+from minibloom.formats.weights import write_random_checkpoint
 
 SHAPES = {  # name: (hidden_size, n_layer, n_head), vocab 250880 for all released models
     "bloom-560m": (1024, 24, 16),

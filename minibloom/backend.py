@@ -8,6 +8,8 @@ file parsing always happen in NumPy; a backend only moves finished arrays to its
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from .errors import MinibloomError
@@ -58,3 +60,22 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
+
+
+def anonymous_memory(nbytes: int) -> mmap.mmap:
+    """``nbytes`` of private anonymous memory in 4 KiB pages (``mmap(-1, n)`` alone would be MAP_SHARED)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    return mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)  # Windows: no flags argument
+
+
+def empty_private(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised NumPy array; from 1 MiB up, in its own private anonymous mapping of 4 KiB pages.
+
+    ``np.empty`` asks the kernel for transparent huge pages on big arrays, and where THP defrag is "madvise" (a common
+    default) that means synchronous memory compaction on every large allocation, which slows loading several times
+    over and buys no decode speed. Weights are allocated once and live long, so a mapping per tensor costs nothing.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes < (1 << 20):
+        return np.empty(shape, dtype)
+    return np.frombuffer(anonymous_memory(nbytes), dtype).reshape(shape)

@@ -173,7 +173,7 @@ def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32
     widen one layer at a time (for checkpoints bigger than RAM in float32). ``keep_quantized`` (``.gguf`` only): keep
     quantized layer weights (e.g. Q8_0) as their blocks in RAM and dequantize them while each layer runs.
     """
-    from .loading import read_checkpoint
+    from .formats.loading import read_checkpoint
 
     name, be = _dtype_name(dtype), Backend(backend)
     got = read_checkpoint(path_or_repo_id, dtype=name, backend=be, revision=revision, cache_dir=cache_dir,

@@ -14,8 +14,8 @@ bloomz-sft-chat    ``</s>{user}<s>{assistant}</s>{user}<s>``                    
 oasst              ``<|prompter|>{user}</s><|assistant|>{assistant}</s>``          OpenAssistant bloom-zh-3b-chat
 plain              the turns' texts concatenated                                   cmarkea/bloomz-3b-dpo-chat
 bloomz             the instruction as a plain prompt; answers end with ``</s>``    bigscience/bloomz-*
-play               ``ROMEO:\\n{user}\\n\\nJULIET:\\n{assistant}\\n\\n``                minibloom's Shakespeare default model
-tokenizer          the Jinja ``chat_template`` of tokenizer_config.json            any model that ships one (needs jinja2)
+play               ``ROMEO:\\n{user}\\n\\nJULIET:\\n{assistant}\\n\\n``                the Shakespeare default model
+tokenizer          the Jinja ``chat_template`` of tokenizer_config.json            models shipping one (needs jinja2)
 =================  ==============================================================  ====================================
 """
 

@@ -29,7 +29,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import model as M
-from .safetensors import anonymous_memory
+from .backend import anonymous_memory
 
 SCORE_BLOCK_ELEMS = 1 << 18  # heads x queries x keys per attention block (1 MB in float32: stays in L2)
 HEADS_PER_BLOCK = 4  # heads per attention block (fewer, larger BLAS calls than one head at a time)

@@ -163,7 +163,7 @@ def attend(q, k, v, alibi, allowed, probs: bool = False, *, softmax_fn=softmax):
 
     q [B, H, T, D], k and v [B, H, S, D], alibi [B, H, 1, S], allowed [B, 1, T, S] -> context [B, T, H, D] (heads side
     by side, ready to merge) and the probabilities [B, H, T, S] when ``probs`` (else None). ``softmax_fn`` lets a
-    tool emulate another engine's softmax (``minibloom.calibrate``).
+    tool emulate another engine's softmax (``minibloom.oracle.calibrate``).
     """
     xp = _ns(q)
     scores = alibi + (q @ k.mT) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, S]  (HF: alibi.baddbmm(q, k, 1/sqrt D))

@@ -75,7 +75,7 @@ def make_tiny() -> None:
 
 
 def make_default() -> bool:
-    from minibloom.loading import default_model_path
+    from minibloom.formats.loading import default_model_path
     from minibloom.tokenizer import load_tokenizer
 
     directory = default_model_path()

@@ -6,7 +6,7 @@
 Builds a random checkpoint (transformers, every parameter randomized, float32), writes it as GGUF F32, F16, BF16,
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (minibloom.gguf.convert_hf_to_gguf, llama.cpp's layout) and as bitsandbytes NF4/FP4
 with and without double quantization (transformers + bitsandbytes on CPU, save_pretrained), loads each with
-minibloom and compares it with the float32 source on random prompts (minibloom.compare): max relative logit error
+minibloom and compares it with the float32 source on random prompts (minibloom.oracle.compare): max relative logit error
 against minibloom on the source and against transformers on the source, mean and max KL(source || quantized) in
 float64, top-1 agreement. K-quants (Q2_K..Q6_K) cannot be produced by the gguf package (it only dequantizes them);
 their decoding is checked block by block in tests/test_gguf.py.
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import torch
 
     import minibloom
-    from minibloom.compare import compare_models, random_prompts
+    from minibloom.oracle.compare import compare_models, random_prompts
     from minibloom.gguf import convert_hf_to_gguf
     from minibloom.testing import rel_error
 

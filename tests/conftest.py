@@ -30,7 +30,7 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{test:<60} {quantity:<28} {value:.3e}")
 
 
-# The two primitive tables minibloom.model.forward runs with (issue 17: one definition of BLOOM): the pure array-API
+# The two primitive tables minibloom.model.forward runs with (one definition of BLOOM): the pure array-API
 # reference and the NumPy drop-ins that Bloom uses by default on NumPy. End-to-end scenarios (golden files,
 # generation, low-memory, GGUF, bitsandbytes) run through both and must meet the same tolerance with each.
 PRIMITIVE_SETS: dict[str, M.Primitives] = {"reference": M.REFERENCE, "numpy": fast.PRIMITIVES}
@@ -63,14 +63,46 @@ def rng():
 BLOOM_560M = dict(vocab=250880, hidden=1024, n_layer=24, n_head=16)
 
 
+def _write_random(directory, vocab, hidden, n_layer, n_head, seed) -> str:
+    """A random checkpoint (every tensor drawn, fp16 on disk) written tensor by tensor by minibloom's streamed writer:
+    a 560m-shaped file never exists whole in memory (building it through transformers held ~4.6 GB)."""
+    from minibloom.formats.weights import write_random_checkpoint
+
+    cfg = minibloom.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head)
+    return write_random_checkpoint(directory, cfg, vocab, np.float16, seed=seed, progress=False)
+
+
 @pytest.fixture(scope="session")
 def bloom560m_dir(tmp_path_factory):
     """A random checkpoint of the exact bloom-560m shape, fp16 on disk, built once per session (slow tests only)."""
-    torch = pytest.importorskip("torch")
-    from factory import make_model, save
+    return _write_random(tmp_path_factory.mktemp("bloom560m") / "bloom-560m-random", seed=560, **BLOOM_560M)
 
-    path = tmp_path_factory.mktemp("bloom560m") / "bloom-560m-random"
-    model = make_model(seed=560, std=0.02, **BLOOM_560M)
-    save(model, path, dtype=torch.float16)
-    del model
-    return str(path)
+
+@pytest.fixture(scope="session")
+def bloom560m_layers_dir(tmp_path_factory):
+    """bloom-560m's 24 layers (hidden 1024, 16 heads) under a 4096-token vocabulary: the float64 checks' model. With
+    the full vocabulary, transformers alone holds 4.5 GB in float64; the layers, where float64 exactness is at
+    stake, are the same."""
+    shape = {**BLOOM_560M, "vocab": 4096}
+    return _write_random(tmp_path_factory.mktemp("bloom560m-layers") / "bloom-560m-layers", seed=561, **shape)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps freed blocks under its mmap threshold,
+    which rises to 32 MiB after big frees: a deleted 560m-shaped model would otherwise stay in RSS)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _release_after_slow_tests(request):
+    yield
+    if request.node.get_closest_marker("slow"):
+        release_memory()
+

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import minibloom
 from minibloom import MinibloomError
 from minibloom.config import BloomConfig
-from minibloom.safetensors import SafetensorsFile, parse_header, save_file
-from minibloom.weights import expected_shapes
+from minibloom.formats.safetensors import SafetensorsFile, parse_header, save_file
+from minibloom.formats.weights import expected_shapes
 
 CFG = dict(model_type="bloom", vocab_size=32, hidden_size=8, n_layer=1, n_head=2, layer_norm_epsilon=1e-5)
 

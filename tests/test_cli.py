@@ -14,7 +14,7 @@ import pytest
 import minibloom
 from minibloom.cli import main
 from minibloom.chat import StopWatcher, chat_loop, fit_context, reply, stop_token_ids, with_stop_ids
-from minibloom.loading import default_model_path
+from minibloom.formats.loading import default_model_path
 import tiny_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

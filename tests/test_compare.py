@@ -12,7 +12,7 @@ import tiny_tokenizer
 
 import minibloom
 from minibloom.cli import main
-from minibloom.compare import compare_models, kl_divergence, random_prompts
+from minibloom.oracle.compare import compare_models, kl_divergence, random_prompts
 from minibloom.errors import MinibloomError
 
 gguf = pytest.importorskip("gguf")

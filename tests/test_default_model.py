@@ -60,7 +60,7 @@ def test_files_present_and_small():
         assert os.path.isfile(os.path.join(DEFAULT, name)), name
     size = os.path.getsize(os.path.join(DEFAULT, "model.safetensors"))
     assert size < 10 * 2**20, f"model.safetensors is {size} bytes: the default model must stay a few MB"
-    from minibloom.safetensors import SafetensorsFile
+    from minibloom.formats.safetensors import SafetensorsFile
 
     with SafetensorsFile(os.path.join(DEFAULT, "model.safetensors")) as f:
         dtypes = {f.info(n).dtype for n in f.names}

@@ -18,7 +18,7 @@ import factory
 import minibloom
 from minibloom import engines
 from minibloom.errors import MinibloomError
-from minibloom.loading import default_model_path
+from minibloom.formats.loading import default_model_path
 from minibloom.testing import assert_logits_close, logit_metrics, reference_logits
 from minibloom.trace import diff_traces, layer_name, trace
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from minibloom.loading import default_model_path
+from minibloom.formats.loading import default_model_path
 from minibloom.testing import FP32, FP64_VS_HF, assert_logits_close, assert_rel_close
 from minibloom.trace import diff_traces, load_trace, trace
 

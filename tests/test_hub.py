@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import errors as hf_errors
 
 import minibloom
-from minibloom import hub
+from minibloom.formats import hub
 from minibloom.errors import MinibloomError
 import tiny_tokenizer
 

@@ -19,7 +19,33 @@ def test_import_contracts_hold():
     r = subprocess.run([exe, "--config", os.path.join(PACKAGE, "..", "setup.cfg")], cwd=os.path.dirname(PACKAGE),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "0 broken" in r.stdout, r.stdout + r.stderr
-    assert "3 kept" in r.stdout  # layers, formats never import the model object, no cycles
+    for contract in ("Layers: the CLI on top", "Inside the oracle", "Inside the formats", "GGUF split by role",
+                     "Checkpoint formats never import the model object", "No import cycles"):
+        assert contract in r.stdout, contract
+    assert "6 kept" in r.stdout
+
+
+def test_documented_module_names_are_the_subpackage_modules():
+    """The names the README documents keep working and are the very modules of the subpackages (not copies), so a
+    monkeypatch or an isinstance check through either name sees the same objects."""
+    import minibloom
+    import minibloom.engines
+    import minibloom.formats.gguf
+    import minibloom.gguf
+    import minibloom.oracle.engines
+    import minibloom.oracle.testing
+    import minibloom.oracle.trace
+    import minibloom.testing
+    import minibloom.trace
+
+    assert minibloom.testing is minibloom.oracle.testing
+    assert minibloom.trace is minibloom.oracle.trace
+    assert minibloom.engines is minibloom.oracle.engines
+    assert minibloom.gguf is minibloom.formats.gguf
+    assert callable(minibloom.gguf.convert_hf_to_gguf) and callable(minibloom.oracle.hf_float64_exact)
+    r = subprocess.run([sys.executable, "-m", "minibloom.gguf", "--help"], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(PACKAGE))
+    assert r.returncode == 0 and "usage: python -m minibloom.gguf" in r.stdout, r.stdout + r.stderr
 
 
 def test_the_model_is_defined_once():
@@ -45,6 +71,6 @@ def test_the_wheel_ships_the_policies_and_the_default_model(tmp_path):
                         str(tmp_path), root], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     names = zipfile.ZipFile(glob.glob(str(tmp_path / "*.whl"))[0]).namelist()
-    assert "minibloom/policies.json" in names
+    assert "minibloom/oracle/policies.json" in names
     shipped = {n.split("share/minibloom/weights/default/")[1] for n in names if "share/minibloom/weights/default/" in n}
     assert {f for f in os.listdir(os.path.join(root, "weights", "default"))} <= shipped

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import minibloom
-from minibloom import lowmem
+from minibloom.formats import lowmem
 from minibloom.errors import MinibloomError
 from minibloom.testing import FP32, FP64_SELF, FP64_VS_HF, assert_rel_close
 from factory import hf_float64_exact, hf_logits, left_pad, make_model, random_ids, save
@@ -101,10 +101,10 @@ def test_only_numpy_backend(ckpt16):
 
 
 def test_streamed_checkpoint_writer_matches_transformers(tmp_path, load):
-    """``minibloom.weights.write_random_checkpoint`` (which writes the benchmarks' 560m- and 7b1-shaped files chunk by
+    """``minibloom.formats.weights.write_random_checkpoint`` (which writes the benchmarks' 560m- and 7b1-shaped files chunk by
     chunk) writes a checkpoint that transformers and minibloom read alike."""
     from minibloom.config import BloomConfig
-    from minibloom.weights import write_random_checkpoint
+    from minibloom.formats.weights import write_random_checkpoint
 
     transformers = pytest.importorskip("transformers")
     cfg = BloomConfig(vocab_size=120, hidden_size=32, n_layer=2, n_head=4)

@@ -11,7 +11,7 @@ import pytest
 
 import minibloom
 import minibloom.model as M
-from minibloom import oracle
+from minibloom.oracle import hf as oracle
 from minibloom.cli import main
 from minibloom.errors import MinibloomError
 from minibloom.testing import FP32, FP64_VS_HF
@@ -125,10 +125,25 @@ def test_hf_trace_is_a_valid_trace(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_check_on_the_560m_shape(bloom560m_dir, record):
-    """The full bloom-560m shape (random weights, fp16 on disk): every layer within policy in both precisions."""
-    path = bloom560m_dir
-    ids = np.random.default_rng(0).integers(0, 250880, (1, 8))
-    result = oracle.check(path, ids, log=lambda m: None)
+    """The full bloom-560m shape (24 layers, 16 heads, hidden 1024, vocab 250880; random weights, fp16 on disk),
+    two left-padded rows: every layer and the logits within the float32 policy of transformers."""
+    from factory import left_pad, random_ids
+
+    ids, mask = left_pad([list(random_ids(250880, 24, seed=1)), list(random_ids(250880, 17, seed=2))])
+    result = oracle.check(bloom560m_dir, ids, mask, dtypes=("float32",), log=lambda m: None)
     assert result.passed, result.table()
-    for dt, rep in result.reports.items():
-        record(f"560m check {dt} worst", max(r.max_rel for r in rep.rows))
+    rows = result.reports["float32"].rows
+    assert len(rows) >= 26  # embeddings, 24 layers, logits
+    record("560m check float32 worst", max(r.max_rel for r in rows))
+
+
+@pytest.mark.slow
+def test_check_float64_on_the_560m_layers(bloom560m_layers_dir, record):
+    """bloom-560m's 24 layers of hidden 1024 and 16 heads in float64: exact to the float64 policy at every layer."""
+    ids = np.random.default_rng(1).integers(0, 4096, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    result = oracle.check(bloom560m_layers_dir, ids, mask, dtypes=("float64",), log=lambda m: None)
+    assert result.passed, result.table()
+    assert len(result.reports["float64"].rows) >= 25  # embeddings + 24 layers (+ logits)
+    record("560m layers float64 worst", max(r.max_rel for r in result.reports["float64"].rows))

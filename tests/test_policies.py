@@ -1,4 +1,4 @@
-"""Verdict policies (minibloom.testing) and their calibration (minibloom.calibrate).
+"""Verdict policies (minibloom.testing) and their calibration (minibloom.oracle.calibrate).
 
 The figures are checked against hand-computed values; the policies against ports the calibration never saw (a
 fresh seed, and the trained models): every correct port passes its kind's policy, every planted bug that the
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import minibloom
-from minibloom import calibrate as C
+from minibloom.oracle import calibrate as C
 from minibloom import model as M
 from minibloom.cli import main
 from minibloom.errors import MinibloomError

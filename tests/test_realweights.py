@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import minibloom
-from minibloom import hub
+from minibloom.formats import hub
 from minibloom.chat import Template, render
 from minibloom.tokenizer import load_tokenizer
 

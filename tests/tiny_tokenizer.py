@@ -54,8 +54,8 @@ def write_checkpoint(directory, vocab: int = 320, hidden: int = 32, n_layer: int
     """A random BLOOM checkpoint written with NumPy only (config.json + model.safetensors [+ tokenizer files])."""
     import numpy as np
 
-    from minibloom.safetensors import save_file
-    from minibloom.weights import LAYER_TENSORS
+    from minibloom.formats.safetensors import save_file
+    from minibloom.formats.weights import LAYER_TENSORS
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ..calibrate import add_arguments
+    from ..oracle.calibrate import add_arguments
 
     p = sub.add_parser("calibrate", help="measure correct ports and a matrix of port bugs; rebuild the policies",
                        description="Run emulated correct ports of every implementation kind (float32, float16, "
                                    "int8, q8_0, nf4, ...) and a matrix of planted port bugs on random and trained "
                                    "checkpoints against minibloom's float64 logits; print the correct-port table and "
-                                   "the bug matrix, and with --write rebuild minibloom/policies.json (the policies "
+                                   "the bug matrix, and with --write rebuild minibloom/oracle/policies.json (the "
+                                   "policies "
                                    "`diff`, `verify` and minibloom.testing apply). Needs a clone (weights/, data/); "
                                    "transformers' own runs join the population when torch is installed.")
     add_arguments(p)
@@ -18,6 +19,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..calibrate import run as calibrate
+    from ..oracle.calibrate import run as calibrate
 
     return calibrate(args)

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .. import oracle
+    from ..oracle import hf as oracle
 
     if not oracle.hf_available():
         raise MinibloomError("check: transformers (and torch) are not installed, so there is nothing to compare "

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..bloom import load
-    from ..compare import compare_models, random_prompts
+    from ..oracle.compare import compare_models, random_prompts
     from ..errors import MinibloomError
 
     a = load(args.a, dtype=args.dtype)

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..trace import diff_traces
+    from ..oracle.trace import diff_traces
 
     report = diff_traces(args.a, args.b, rtol=args.rtol, atol=args.atol)
     print(report.table().splitlines()[-1] if args.quiet else report.table())

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..hub import download
+    from ..formats.hub import download
 
     path = download(args.model, revision=args.revision, cache_dir=args.dir, progress=False if args.quiet else None,
                     local_first=False)

@@ -44,8 +44,8 @@ def human(n: float) -> str:
 
 def _safetensors_facts(path: str) -> tuple[dict, dict]:
     from ..config import BloomConfig
-    from ..safetensors import SafetensorsFile
-    from ..weights import bare_name, safetensors_files
+    from ..formats.safetensors import SafetensorsFile
+    from ..formats.weights import bare_name, safetensors_files
 
     directory, files = (os.path.dirname(path) or ".", [path]) if os.path.isfile(path) else (path, None)
     config_path = os.path.join(directory, "config.json")
@@ -82,10 +82,10 @@ def _safetensors_facts(path: str) -> tuple[dict, dict]:
 
 
 def _gguf_facts(path: str) -> tuple[dict, dict]:
-    from .. import gguf as G
+    from ..formats import gguf as G
 
-    reader = G._open_reader(path)
-    meta = G._fields(reader)
+    reader = G.open_reader(path)
+    meta = G.metadata(reader)
     names = [t.name for t in reader.tensors]
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = int(emb.shape[-1]) if emb is not None else len(meta.get("tokenizer.ggml.tokens") or [])
@@ -107,7 +107,7 @@ def _gguf_facts(path: str) -> tuple[dict, dict]:
 def describe(model: str | None, revision: str | None = None) -> dict:
     """All facts ``info`` prints, as a dict (JSON-able)."""
     from .. import chat
-    from ..loading import resolve
+    from ..formats.loading import resolve
     from ..tokenizer import load_tokenizer
 
     path = resolve(model, revision=revision)
@@ -127,9 +127,9 @@ def describe(model: str | None, revision: str | None = None) -> dict:
     else:
         meta = extra["meta"]
         if meta.get("tokenizer.ggml.tokens"):
-            from .. import gguf as G
+            from ..formats import gguf as G
 
-            tok = G._wrap_tokenizer(G.tokenizer_from_gguf(meta, path), meta, path)
+            tok = G.wrap_tokenizer(G.tokenizer_from_gguf(meta, path), meta, path)
     C, L = cfg.hidden_size, cfg.n_layer
     facts.update({
         "path": path,

@@ -202,7 +202,7 @@ def describe_layout(mask: np.ndarray) -> str:
 
 def run(args) -> int:
     import minibloom
-    from ..trace import save_trace, trace
+    from ..oracle.trace import save_trace, trace
 
     model = minibloom.load(args.model, dtype=args.dtype)
     ids, mask = inputs_from_args(args, model)

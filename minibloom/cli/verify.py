@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import json
 
-    from ..trace import verify_trace
+    from ..oracle.trace import verify_trace
 
     report = verify_trace(args.candidate, args.model, kind=args.kind)
     if args.json:

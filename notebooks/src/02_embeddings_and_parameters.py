@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import minibloom
 from minibloom import model as M
 from minibloom.config import BloomConfig
-from minibloom.weights import expected_shapes, random_params
+from minibloom.formats.weights import expected_shapes, random_params
 
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7, 3.2)})
@@ -39,7 +39,7 @@ cfg = BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=8)
 V = 512
 
 
-# `random_params` (in `minibloom.weights`) fills every tensor of `expected_shapes(cfg, V)` with N(0, std^2) noise
+# `random_params` (in `minibloom.formats.weights`) fills every tensor of `expected_shapes(cfg, V)` with N(0, std^2) noise
 # (LayerNorm weights around 1) and nests them under transformers' names: a checkpoint without a file.
 params = random_params(cfg, V, rng)
 model = minibloom.Bloom(cfg, params, dtype="float64")

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import minibloom
 from minibloom import model as M
 from minibloom.config import BloomConfig
-from minibloom.weights import random_params
+from minibloom.formats.weights import random_params
 
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7, 3.2)})

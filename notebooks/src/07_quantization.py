@@ -23,11 +23,12 @@ import matplotlib.pyplot as plt
 from gguf import GGMLQuantizationType as QT, quants
 
 import minibloom
-from minibloom import bnb, quant
-from minibloom.compare import kl_divergence
+from minibloom.formats import bnb
+from minibloom.formats.gguf import quants as quant
+from minibloom.oracle.compare import kl_divergence
 from minibloom.gguf import convert_hf_to_gguf
-from minibloom.safetensors import save_file
-from minibloom.weights import Checkpoint
+from minibloom.formats.safetensors import save_file
+from minibloom.formats.weights import Checkpoint
 
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7, 3.2)})

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import MinibloomError
+from ..errors import MinibloomError
 
 
 @dataclass

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from .config import BloomConfig
-from .errors import MinibloomError
+from ..config import BloomConfig
+from ..errors import MinibloomError
 from .weights import Checkpoint, _progress, expected_shapes, nest
 
 STATE_PREFIX = "quant_state.bitsandbytes__"

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .config import BloomConfig
-from .errors import MinibloomError
+from ..config import BloomConfig
+from ..errors import MinibloomError
 from .safetensors import bf16_to_f32
 from .weights import LAYER_TENSORS, Checkpoint, check_tensors, nest
 

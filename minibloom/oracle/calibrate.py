@@ -1,8 +1,8 @@
 """Oracle calibration: how far *correct* ports of BLOOM land from minibloom's float64 logits, per implementation kind,
 and how far *buggy* ports land — the two populations every verdict policy in ``minibloom.testing`` sits between.
 
-``minibloom calibrate`` (or ``python -m minibloom.calibrate``) rebuilds ``minibloom/policies.json``, the one table the
-policies are read from, and prints it as Markdown: the correct-port table and the bug matrix (kinds x bugs).
+``minibloom calibrate`` (or ``python -m minibloom.oracle.calibrate``) rebuilds ``minibloom/oracle/policies.json``,
+the one table the policies are read from, and prints it as Markdown: the correct-port table and the bug matrix (kinds x bugs).
 
 A *kind* is a family of implementations that round the same way. Each is emulated here in NumPy, by running
 ``minibloom.model.forward`` with a primitives table (``primitives_for``) whose entries round as that kind's engines
@@ -52,9 +52,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import model as M
-from .config import BloomConfig
-from .errors import MinibloomError
+from .. import model as M
+from ..config import BloomConfig
+from ..errors import MinibloomError
 from .testing import limits, scale, top1_fails
 
 KINDS = ("float32", "float32-gelu-table", "float16", "bfloat16", "int8-weight-only", "int8-dynamic", "q8_0", "q4_0",
@@ -213,7 +213,8 @@ def ports_for(kind: str) -> list[Port]:
     f16, bf16 = round_f16, round_bf16
     ggml = dict(gelu=gelu_table, qkv=f16, probs=f16)
     if kind == "float32":
-        return [Port("minibloom float32 (NumPy primitives)", np.float32), Port("float32 reference primitives", np.float32)]
+        return [Port("minibloom float32 (NumPy primitives)", np.float32),
+                Port("float32 reference primitives", np.float32)]
     if kind == "float32-gelu-table":
         return [Port("ggml f32", np.float32, **ggml)]
     if kind == "float16":
@@ -379,7 +380,7 @@ def run_port(port: Port, bug: str | None, prepared: dict, cfg: BloomConfig, ids:
     p = _cast(p, port.compute)
     run_mask = np.ones_like(mask) if bug == "pads-attended" else mask
     if port.name == "minibloom float32 (NumPy primitives)" and bug is None:
-        from .fast import PRIMITIVES as ops
+        from ..fast import PRIMITIVES as ops
     else:
         ops = primitives_for(port, bug, c.n_head)
     out = M.forward(p, ids, run_mask, c, output_hidden_states=True, ops=ops)
@@ -450,7 +451,7 @@ class Case:
 def random_checkpoint(cfg: BloomConfig, vocab: int, seed: int, std: float = 0.08) -> dict:
     """Every parameter random (as tests/factory.py does): matrices and biases N(0, std), LayerNorm weights
     1 + N(0, 0.2), LayerNorm biases N(0, 0.1) — so no loader or port bug hides behind a 0 or a 1."""
-    from .weights import expected_shapes, nest
+    from ..formats.weights import expected_shapes, nest
 
     rng = np.random.default_rng(seed)
     flat = {}
@@ -503,7 +504,7 @@ def random_cases(seeds: int, vocab: int = 512, B: int = 4, T: int = 24, seed0: i
 
 def trained_cases(directories, text_path: str | None, B: int = 4, T: int = 32) -> list[Case]:
     """Trained checkpoints with real text (held-out end of the corpus) as input."""
-    from .bloom import load
+    from ..bloom import load
 
     cases = []
     for d in directories:
@@ -554,13 +555,13 @@ def _worst(a: dict | None, b: dict) -> dict:
 
 def default_trained() -> tuple[str, ...]:
     """The trained checkpoints of the evidence: ``weights/default`` and ``weights/calib-12h`` of the clone."""
-    from .paths import weights_dir
+    from ..paths import weights_dir
 
     return tuple(os.path.join(weights_dir(), name) for name in ("default", "calib-12h"))
 
 
 def default_text() -> str:
-    from .paths import REPO_ROOT
+    from ..paths import REPO_ROOT
 
     return os.path.join(REPO_ROOT, "data", "tinyshakespeare.txt")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MinibloomError
+from ..errors import MinibloomError
 from .trace import DiffReport, diff_traces
 
 DTYPES = ("float32", "float64")
@@ -54,7 +54,7 @@ def hf_float64_exact():
     float64. Restored on exit. A float32 model is unaffected in effect (softmax already float32, slopes cast).
     """
     torch, transformers = _import_hf()
-    from .model import alibi_slopes
+    from ..model import alibi_slopes
 
     mb = transformers.models.bloom.modeling_bloom
     functional = torch.nn.functional
@@ -81,7 +81,7 @@ def hf_float64_exact():
 def comparable_checkpoint(path: str) -> str:
     """The local checkpoint directory for ``path`` (a directory, a ``.safetensors`` file, a name under weights/ or a
     hub id), or a ``MinibloomError`` saying why transformers cannot be compared with it directly."""
-    from .loading import resolve
+    from ..formats.loading import resolve
 
     p = resolve(path)
     if os.path.isfile(p) and p.endswith(".gguf"):
@@ -190,7 +190,7 @@ def check(path, input_ids=None, attention_mask=None, dtypes=DTYPES, attentions: 
     ``input_ids`` default: ``default_inputs`` for the checkpoint's vocabulary. The tolerance of each column is the
     policy in ``minibloom.testing`` (FP32, FP64_VS_HF). Models are loaded one at a time to bound memory.
     """
-    from .bloom import load
+    from ..bloom import load
     from .testing import tolerance_for
     from .trace import trace
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MinibloomError
+from ..backend import empty_private
+from ..errors import MinibloomError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 DTYPES = {  # safetensors code -> (numpy storage dtype, itemsize)
@@ -119,26 +120,6 @@ def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     return (u16.astype(np.uint32) << 16).view(np.float32)
 
 
-def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array in plain private anonymous memory (its own ``mmap``, 4 KiB pages).
-
-    ``np.empty`` asks the kernel for transparent huge pages on big arrays; where THP defrag is "madvise" (a common
-    default) that means synchronous memory compaction, which made loading bloom-560m 3-8x slower here (0.6-1.7 s ->
-    2.8-6.3 s) for no measurable gain in decode speed (two copies of the model in one process, decoding in turn:
-    14.04 vs 14.17 tok/s). Weights are allocated once and live long, so a mapping per tensor costs nothing.
-    """
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes < (1 << 20):
-        return np.empty(shape, dtype)
-    return np.frombuffer(anonymous_memory(nbytes), dtype).reshape(shape)
-
-
-def anonymous_memory(nbytes: int) -> mmap.mmap:
-    """``nbytes`` of private anonymous memory in 4 KiB pages (``mmap(-1, n)`` alone would be MAP_SHARED)."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    return mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)  # Windows: no flags argument
-
-
 class SafetensorsFile:
     """One memory-mapped ``.safetensors`` file: ``names``, ``info(name)``, ``get(name, dtype)``.
 
@@ -198,7 +179,7 @@ class SafetensorsFile:
         dtype = np.dtype(dtype)
         if t.dtype == "BF16" and dtype.kind != "f":
             raise MinibloomError(f"{self.path}: tensor {name!r} is BF16 and cannot become {dtype}")
-        out = _empty(t.shape, dtype)
+        out = empty_private(t.shape, dtype)
         flat = out.reshape(-1)
         if t.dtype != "BF16" and store == dtype:
             self._read(t.begin, flat)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import BloomConfig
-from .errors import MinibloomError
+from ..config import BloomConfig
+from ..errors import MinibloomError
 from .safetensors import FLOAT_CODES, SafetensorsFile
 
 LAYER_TENSORS = (  # per block, with HF names: (name, shape as a function of C)
@@ -149,6 +149,29 @@ def nest(flat: dict) -> dict:
         node[parts[-1]] = value
     out["h"] = [layers[i] for i in sorted(layers)]
     return out
+
+
+def flatten(params: dict, prefix: str = "") -> dict:
+    """Inverse of ``nest``: the parameter tree -> ``{"h.0.mlp.dense_h_to_4h.weight": a, ...}``."""
+    out = {}
+    for k, v in params.items():
+        if k == "h":
+            for i, layer in enumerate(v):
+                out.update(flatten(layer, f"{prefix}h.{i}."))
+        elif isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def tree_map(fn, tree):
+    """``fn`` applied to every leaf of a parameter tree (dicts and lists kept as they are)."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [tree_map(fn, v) for v in tree]
+    return fn(tree)
 
 
 def safetensors_files(directory: str) -> list[str]:

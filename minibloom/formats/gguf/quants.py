@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .errors import MinibloomError
+from ...errors import MinibloomError
 
 
 class QuantizedWeight:

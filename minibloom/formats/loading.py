@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 
-from .backend import Backend
-from .config import DTYPES, BloomConfig
-from .errors import MinibloomError
-from .paths import default_model_path, weights_dir
-from .weights import Checkpoint, Loaded, read_params, safetensors_files
+from ..backend import Backend
+from ..config import DTYPES, BloomConfig
+from ..errors import MinibloomError
+from ..paths import default_model_path, weights_dir
+from .weights import Checkpoint, Loaded, read_params, safetensors_files, tree_map
+
 
 def resolve(path_or_repo_id, *, revision=None, cache_dir=None, progress=None) -> str:
     """A local path for ``path_or_repo_id``: an existing file or directory, a name under ``weights/``, or a hub id."""
@@ -37,7 +38,7 @@ def read_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=N
     """Config, parameters (on ``backend``, in ``dtype``) and tokenizer of any checkpoint minibloom reads."""
     path = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, progress=progress)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        from .gguf import read_gguf_checkpoint
+        from .gguf.reader import read_gguf_checkpoint
 
         return read_gguf_checkpoint(path, dtype=dtype, backend=backend, progress=progress,
                                     keep_quantized=keep_quantized)
@@ -70,17 +71,7 @@ def read_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=N
         ckpt.close()
         raise
     if not low_memory or cfg.quantization_config:
-        params = _to_backend(params, backend)
-    from .tokenizer import load_tokenizer
+        params = tree_map(backend.asarray, params)
+    from ..tokenizer import load_tokenizer
 
     return Loaded(cfg, params, load_tokenizer(directory), path)
-
-
-def _to_backend(tree, backend: Backend):
-    if backend.name == "numpy":
-        return tree
-    if isinstance(tree, dict):
-        return {k: _to_backend(v, backend) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_to_backend(v, backend) for v in tree]
-    return backend.asarray(tree)

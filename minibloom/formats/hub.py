@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 
-from .errors import MinibloomError
+from ..errors import MinibloomError
 
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
@@ -29,7 +29,7 @@ def looks_like_repo_id(s: str) -> bool:
 def local_dir_for(repo_id: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Where ``repo_id`` is stored: ``<cache_dir or weights/>/org--name``."""
     if cache_dir is None:
-        from .paths import weights_dir
+        from ..paths import weights_dir
 
         cache_dir = weights_dir()
     return os.path.join(os.fspath(cache_dir), repo_id.replace("/", "--"))

@@ -1,0 +1,139 @@
+"""BLOOM's byte-level BPE vocabulary as GGUF metadata (``tokenizer.ggml.*``), both ways: rebuilt into a
+``tokenizers.Tokenizer`` when reading, collected from ``tokenizer.json`` when writing (gguf-py ``vocab.py``,
+llama.cpp ``convert_hf_to_gguf.py`` ``_set_vocab_gpt2``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+
+from ...errors import MinibloomError
+
+BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"  # BLOOM's Split pre-tokenizer (llama.cpp pre "bloom")
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def tokenizer_from_gguf(meta: dict, path: str = "gguf"):
+    """Rebuild BLOOM's byte-level BPE ``tokenizers.Tokenizer`` from ``tokenizer.ggml.*`` metadata (None if absent).
+
+    Vocab = the tokens minus llama.cpp's ``[PAD{i}]`` fillers (type UNUSED); merges ``"a b"``; BLOOM's Split regex then
+    ByteLevel(use_regex=False); CONTROL tokens become special added tokens, USER_DEFINED plain added tokens.
+    """
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        warnings.warn(f"{path}: tokenizer.ggml.model is {model!r}, not byte-level BPE ('gpt2'); no tokenizer",
+                      stacklevel=3)
+        return None
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in (None, "bloom"):
+        warnings.warn(f"{path}: tokenizer.ggml.pre is {pre!r}; using BLOOM's pre-tokenizer anyway", stacklevel=3)
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+    )
+
+    types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise MinibloomError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    vocab, specials, user = {}, [], []
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        if ty == TOKEN_UNUSED and tok.startswith("[PAD"):
+            continue
+        if tok in vocab:
+            raise MinibloomError(f"{path}: token {tok!r} appears twice (ids {vocab[tok]} and {i})")
+        vocab[tok] = i
+        if ty == TOKEN_CONTROL:
+            specials.append(tok)
+        elif ty == TOKEN_USER_DEFINED:
+            user.append(tok)
+    merges = []
+    for m in meta.get("tokenizer.ggml.merges") or []:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise MinibloomError(f"{path}: tokenizer.ggml.merges entry {m!r} is not 'left right'")
+        merges.append((parts[0], parts[1]))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception types
+        raise MinibloomError(f"{path}: tokenizer metadata does not form a BPE model ({e})") from None
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(BLOOM_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)
+    if specials:
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if user:
+        tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in user])
+    return tok
+
+
+def wrap_tokenizer(tok, meta: dict, path: str):
+    """Wrap a rebuilt ``tokenizers.Tokenizer`` in ``minibloom.tokenizer.Tokenizer`` with the GGUF's special tokens."""
+    if tok is None:
+        return None
+    from ...tokenizer import Tokenizer
+
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    config = {}
+    for ours, theirs in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                         ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id")):
+        i = meta.get(f"tokenizer.ggml.{theirs}")
+        if isinstance(i, (int, np.integer)) and 0 <= i < len(tokens):
+            config[ours] = tokens[int(i)]
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return Tokenizer(tok, config, path)
+
+
+def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
+    """tokens / token types / merges / special ids from a tokenizer.json, as llama.cpp's ``_set_vocab_gpt2`` does."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            tj = json.load(f)
+        model = tj["model"]
+        vocab: dict = dict(model["vocab"])
+        raw_merges = model.get("merges") or []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MinibloomError(f"{path}: not a usable tokenizer.json ({e!r})") from None
+    if model.get("type") not in (None, "BPE"):
+        raise MinibloomError(f"{path}: model type {model.get('type')!r}, expected a byte-level BPE")
+    added = {a["id"]: a for a in tj.get("added_tokens") or []}
+    for i, a in added.items():
+        vocab.setdefault(a["content"], i)
+    by_id = {i: t for t, i in vocab.items()}
+    n = max(n_tokens, max(by_id) + 1)
+    tokens, types = [], []
+    for i in range(n):
+        if i in by_id:
+            tokens.append(by_id[i])
+            a = added.get(i)
+            types.append(TOKEN_NORMAL if a is None else TOKEN_CONTROL if a.get("special") else TOKEN_USER_DEFINED)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+    template = None
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, "rb") as f:
+                template = json.load(f).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            template = None
+    return {"tokens": tokens, "types": types, "merges": merges, "chat_template": template}
