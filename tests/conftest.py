@@ -14,19 +14,26 @@ MEASURED: list[tuple[str, str, float]] = []  # (test, quantity, value): printed 
 
 @pytest.fixture
 def record(request):
-    """``record("fp32 rel err", value)``: keep a measured figure for the end-of-run table (and return it)."""
+    """``record("fp32 rel err", value)``: keep a measured figure for the end-of-run table (and return it). Figures
+    travel as the test's ``user_properties``, so they reach the table from pytest-xdist workers too."""
 
     def _record(quantity: str, value: float) -> float:
-        MEASURED.append((request.node.name, quantity, float(value)))
+        request.node.user_properties.append(("measured", (quantity, float(value))))
         return value
 
     return _record
 
 
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        test = report.nodeid.split("::", 1)[-1]
+        MEASURED.extend((test, *value) for name, value in report.user_properties if name == "measured")
+
+
 def pytest_terminal_summary(terminalreporter):
     if MEASURED:
         terminalreporter.section("measured figures")
-        for test, quantity, value in MEASURED:
+        for test, quantity, value in sorted(MEASURED):
             terminalreporter.write_line(f"{test:<60} {quantity:<28} {value:.3e}")
 
 
@@ -53,6 +60,16 @@ def load(primitives):
         return model
 
     return _load
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """One small transformers-saved checkpoint (hidden 48, 6 heads: not a power of two, 3 layers, every parameter
+    random) shared by every module that only reads it."""
+    pytest.importorskip("torch")
+    from factory import make_model, save
+
+    return save(make_model(seed=21, hidden=48, n_head=6, n_layer=3), tmp_path_factory.mktemp("tiny") / "m")
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import pytest
 import minibloom
 from minibloom import MinibloomError
 from minibloom.testing import FP64_SELF, assert_rel_close
-from factory import left_pad, make_model, random_ids, save
+from factory import left_pad, random_ids
 
 pytest.importorskip("array_api_strict")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save(make_model(seed=21, hidden=48, n_head=6, n_layer=3), tmp_path_factory.mktemp("strict") / "m")
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_strict_backend_forward_matches_numpy(ckpt, record):

@@ -425,6 +425,7 @@ def test_chat_template_travels_through_gguf(source, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bloom560m")
 def test_560m_shape_q8_0_dense_and_kept_quantized(bloom560m_dir, tmp_path, record):
     """bloom-560m shape (24 layers, hidden 1024, vocab 250880): a Q8_0 file within its tolerance of the source (in
     float32 minibloom and transformers agree on this shape to the float32 policy, test_check_on_the_560m_shape), and

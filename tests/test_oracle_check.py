@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save(make_model(seed=21, hidden=48, n_head=6, n_layer=3), tmp_path_factory.mktemp("check") / "m")
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.mark.parametrize("cfg", [dict(seed=22, hidden=64, n_head=4, n_layer=2),
@@ -124,6 +124,7 @@ def test_hf_trace_is_a_valid_trace(ckpt, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bloom560m")
 def test_check_on_the_560m_shape(bloom560m_dir, record):
     """The full bloom-560m shape (24 layers, 16 heads, hidden 1024, vocab 250880; random weights, fp16 on disk),
     two left-padded rows: every layer and the logits within the float32 policy of transformers."""
@@ -138,6 +139,7 @@ def test_check_on_the_560m_shape(bloom560m_dir, record):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bloom560m")
 def test_check_float64_on_the_560m_layers(bloom560m_layers_dir, record):
     """bloom-560m's 24 layers of hidden 1024 and 16 heads in float64: exact to the float64 policy at every layer."""
     ids = np.random.default_rng(1).integers(0, 4096, (2, 12))

@@ -81,12 +81,8 @@ def test_tokenizer_encode_batch_right_padding():
 
 # ---- the forward pass on right-padded rows ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    pytest.importorskip("torch")
-    from factory import make_model, save
-
-    path = save(make_model(seed=21, hidden=48, n_head=6, n_layer=3), tmp_path_factory.mktemp("rp") / "m")
-    return minibloom.load(path, dtype="float64")
+def random_model(tiny_checkpoint):
+    return minibloom.load(tiny_checkpoint, dtype="float64")
 
 
 @pytest.fixture(scope="module")
