@@ -25,6 +25,7 @@ import numpy as np
 
 from ..config import BloomConfig
 from ..errors import MinibloomError
+from .safetensors import round_to_bf16
 from .weights import Checkpoint, _progress, expected_shapes, nest
 
 STATE_PREFIX = "quant_state.bitsandbytes__"
@@ -52,9 +53,7 @@ def round_to(x: np.ndarray, dtype_name: str) -> np.ndarray:
         return x
     if dtype_name == "float16":
         return x.astype(np.float16).astype(np.float32)
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
-    return u.view(np.float32)
+    return round_to_bf16(x)
 
 
 def _state(ckpt: Checkpoint, name: str) -> tuple[str, dict]:

@@ -120,6 +120,23 @@ def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     return (u16.astype(np.uint32) << 16).view(np.float32)
 
 
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Values -> BF16 bit patterns (uint16), rounded to nearest even as torch's ``.to(torch.bfloat16)`` does: add
+    0x7FFF plus the lowest kept bit, then drop the low 16 bits (in 64-bit integers, so no pattern wraps). Finite values
+    past the largest bfloat16 become inf; NaN stays NaN (quiet)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(x, np.float32))
+    if nan.any():
+        bits[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return bits
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to the nearest bfloat16 (``f32_to_bf16``), as float32."""
+    return bf16_to_f32(f32_to_bf16(x))
+
+
 class SafetensorsFile:
     """One memory-mapped ``.safetensors`` file: ``names``, ``info(name)``, ``get(name, dtype)``.
 
@@ -280,10 +297,7 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata:
     def entry(name, arr):
         arr = np.ascontiguousarray(arr)
         if name in bf16:
-            f32 = arr.astype(np.float32)
-            u32 = f32.view(np.uint32).astype(np.uint64)
-            # round to nearest even, like torch's .to(bfloat16)
-            u16 = ((u32 + 0x7FFF + ((u32 >> 16) & 1)) >> 16).astype(np.uint16)
+            u16 = f32_to_bf16(arr)
             return name, arr.shape, "BF16", lambda: [u16]
         code = codes.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
         if code is None:

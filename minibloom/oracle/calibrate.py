@@ -55,6 +55,7 @@ import numpy as np
 from .. import model as M
 from ..config import BloomConfig
 from ..errors import MinibloomError
+from ..formats.safetensors import round_to_bf16
 from .testing import limits, scale, top1_fails
 
 KINDS = ("float32", "float32-gelu-table", "float16", "bfloat16", "int8-weight-only", "int8-dynamic", "q8_0", "q4_0",
@@ -96,10 +97,8 @@ def round_f16(x: np.ndarray) -> np.ndarray:
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
-    """Round to bfloat16 (nearest even, through float32's bits); back in x's dtype."""
-    u = np.ascontiguousarray(np.clip(x, -3.3e38, 3.3e38), np.float32).view(np.uint32)
-    u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
-    return u.view(np.float32).astype(x.dtype)
+    """Round to bfloat16 (nearest even), saturating below bfloat16's largest value; back in x's dtype."""
+    return round_to_bf16(np.clip(x, -3.3e38, 3.3e38)).astype(x.dtype)
 
 
 def quant_blocks(x: np.ndarray, block: int, fp16_scale: bool) -> np.ndarray:
