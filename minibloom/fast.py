@@ -9,11 +9,12 @@ exists once, in ``minibloom.model``. ``tests/test_primitives.py`` holds every en
   added in place;
 - ``linear_gelu``: the bias add and the tanh GeLU run in place, a block of rows at a time (``GELU_BLOCK_ELEMS``), in
   the reference's order of operations (bitwise equal for the same product);
-- ``attend``: per batch row, group of heads and block of queries (a block fits in the L2 cache); a block of a row
-  without padding only looks at the keys it can see (causal: keys up to its last query), which skips the masked upper
-  half of the prompt's score matrix and confines the mask to the block's last [t, t] square. The scale goes on q and
-  the softmax's division on the [t, D] result. All three only change rounding (the skipped cells are exact zeros
-  after the softmax). Rows with padding see every key, as in the reference;
+- ``attend``: per batch row, group of heads and block of queries (a block fits in the L2 cache). A row whose mask is
+  exactly the causal pattern (query t sees keys up to ``S - T + t``: a row without padding, which it checks) only
+  looks at the keys a block can see, which skips the masked upper half of the prompt's score matrix and confines the
+  mask to the block's last [t, t] square; every other row (padding, or any other mask) sees every key through its
+  mask, as in the reference. The scale goes on q and the softmax's division on the [t, D] result. All three only
+  change rounding (the skipped cells are exact zeros after the softmax);
 - ``residual_add``: writes into the branch output instead of a new array (bitwise equal);
 - ``head``: many rows (a long prompt's logits) go into memory reused from earlier calls' logits once those are gone
   (``BufferPool``); a few rows use ``linear``'s orientation.
@@ -88,8 +89,8 @@ def matmul_t(x2: np.ndarray, w) -> np.ndarray:
     """x2 [N, in] @ w.T for w [out, in] -> [N, out], C-ordered.
 
     With a few rows (decoding: N = batch) it is computed as (w @ x2.T).T: OpenBLAS then splits the long ``out``
-    dimension, not the N rows, which is 1.5x faster on one thread and several times faster on two (measured with
-    N = 2 .. 128 for bloom-560m's shapes). Same products and sums; only BLAS's blocking (so rounding) may differ.
+    dimension, not the N rows, and uses its threads on the big dimension (``benchmarks/bench.py`` measures decoding,
+    which runs on this path). Same products and sums; only BLAS's blocking (so rounding) may differ.
     """
     if 1 < x2.shape[0] <= SKINNY_ROWS and isinstance(w, np.ndarray):
         return np.ascontiguousarray((w @ x2.T).T)
@@ -121,10 +122,12 @@ class BufferPool:
     """Memory for big output arrays (all the logits of a long prompt), reused once an earlier array is gone.
 
     Fresh memory is paid for on first touch: the kernel faults it in page by page, and on a virtual machine that
-    hands freed memory back to its host (free page reporting) the host must back it again too. For bloom-560m's 512 x 250880 float32 logits (514 MB) that measured 0.16-1.1 s there,
-    against 1.4 s for the head's product itself. The pool keeps the memory of the last such array once nothing
-    refers to it any more (no view, no buffer export: ``weakref.finalize`` on the array that owns the mapping, which
-    every view keeps alive) and hands it to the next request of a similar size. It holds at most one spare buffer.
+    hands freed memory back to its host (free page reporting) the host must back it again too; for a long prompt's
+    logits (hundreds of MB) that is a sizeable fraction of the head's product itself. The pool keeps the memory of
+    such an array once nothing refers to it any more (no view, no buffer export: ``weakref.finalize`` on the array
+    that owns the mapping, which every view keeps alive) and hands it to the next request it fits without being
+    more than twice too big. It holds one spare buffer, the biggest returned, so a short prompt's logits never
+    evict a long one's.
     """
 
     def __init__(self, min_bytes: int):
@@ -153,7 +156,8 @@ class BufferPool:
 
     def _give_back(self, buf) -> None:
         with self._lock:
-            self._spare = buf
+            if self._spare is None or len(buf) >= len(self._spare):
+                self._spare = buf
 
 
 BUFFERS = BufferPool(POOL_MIN_BYTES)
@@ -197,13 +201,17 @@ def attend(q, k, v, alibi, allowed, probs: bool = False):
     """``model.attend`` in L2-sized blocks: q [B, H, T, D], k and v [B, H, S, D], alibi [B, H, 1, S], allowed
     [B, 1, T, S] -> context [B, T, H, D] (and probabilities [B, H, T, S] when ``probs``).
 
-    A row is free of padding when its last query may see every key (``allowed[b, 0, -1]`` all true); such a row's
-    blocks are causal squares (see ``_attend_block``).
+    ``allowed`` and ``alibi`` may broadcast over the batch. A row whose mask equals the causal pattern
+    (``causal_mask``) has its blocks cut to the keys they can see (see ``_attend_block``); any other row is masked in
+    full.
     """
     B, H, T, D = q.shape
     S = k.shape[2]
     past = S - T  # keys before the first query
-    full_rows = np.all(allowed[:, 0, -1, :], axis=-1)  # [B]
+    allowed = np.broadcast_to(allowed, (B, 1, T, S))
+    alibi = np.broadcast_to(alibi, (B, H, 1, S))
+    causal = causal_mask(T, S)
+    full_rows = [np.array_equal(allowed[b, 0], causal) for b in range(B)]
     scale = 1.0 / math.sqrt(D)
     ctx = np.empty((B, T, H, D), q.dtype)
     weights = np.zeros((B, H, T, S), q.dtype) if probs else None
@@ -220,6 +228,14 @@ def attend(q, k, v, alibi, allowed, probs: bool = False):
                               ctx[b, t0:t1, h].transpose(1, 0, 2), scale, mask,
                               None if weights is None else weights[b, h, t0:t1, :s])
     return ctx, weights
+
+
+@lru_cache(maxsize=16)
+def causal_mask(T: int, S: int) -> np.ndarray:
+    """[T, S] booleans: query t (the last T of S positions) sees keys 0 .. S - T + t."""
+    m = np.tri(T, S, S - T, dtype=bool)
+    m.setflags(write=False)
+    return m
 
 
 def head(x: np.ndarray, weight) -> np.ndarray:

@@ -250,6 +250,21 @@ def test_pool_reuses_memory_of_a_similar_size_only():
     assert reused(pool.empty((3, 100), np.float32), address)  # 3/4 of the spare while `small` lives: reused
 
 
+def test_pool_keeps_the_biggest_spare():
+    """A smaller pooled array returned after a big one does not evict the big spare (the next long prompt's logits
+    reuse it); a bigger one replaces it."""
+    pool = fast.BufferPool(min_bytes=1)
+    big = released(pool, (4, 100))
+    small = released(pool, (1, 100))  # over twice smaller than the spare: its own memory, then returned
+    assert small != big
+    assert reused(pool.empty((4, 100), np.float32), big)
+    pool = fast.BufferPool(min_bytes=1)
+    first = released(pool, (4, 100))
+    bigger = released(pool, (9, 100))  # does not fit the spare: fresh memory, then returned and kept
+    assert bigger != first
+    assert reused(pool.empty((8, 100), np.float32), bigger)
+
+
 def test_pool_leaves_small_arrays_alone():
     pool = fast.BufferPool(min_bytes=1000)
     address = released(pool, (4, 100))  # 1600 bytes: pooled
@@ -359,6 +374,55 @@ def test_attend_on_the_views_the_model_passes(rng, dtype, blocks):
     ref_ctx, ref_probs = REF.attend(*(np.ascontiguousarray(a) for a in (q, k, v)), alibi, allowed, True)
     assert_rel_close(ctx, ref_ctx, tol(dtype), "context from views")
     assert_rel_close(probs, ref_probs, tol(dtype), "probabilities from views")
+
+
+def other_masks(rng, T: int, S: int) -> dict[str, np.ndarray]:
+    """[2, 1, T, S] masks other than a causal mask over padding: the fast attend may not assume its shortcut."""
+    causal = np.tri(T, S, S - T, dtype=bool)
+    every = np.ones((T, S), bool)
+    random = rng.random((2, T, S)) < 0.6
+    random[:, :, 0] = True  # every query sees one key at least
+    last_full = np.tri(T, S, S - T, dtype=bool)
+    last_full[0, -1] = True  # a query seeing a future key, while the last query still sees every key
+    dead_row = causal.copy()
+    dead_row[T // 2] = False  # one query sees nothing (uniform), the rest causal
+    return {
+        "bidirectional": np.stack([every, every])[:, None],
+        "random-per-row": random[:, None],
+        "causal-and-bidirectional": np.stack([causal, every])[:, None],
+        "future-key-last-query-full": np.stack([last_full, causal])[:, None],
+        "dead-query-in-causal": np.stack([dead_row, causal])[:, None],
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", ["bidirectional", "random-per-row", "causal-and-bidirectional",
+                                   "future-key-last-query-full", "dead-query-in-causal"])
+@pytest.mark.parametrize("S, T", [(13, 13), (17, 5)], ids=["prompt", "chunk-after-past"])
+def test_attend_with_any_mask_gives_the_reference_result(rng, dtype, which, S, T, blocks):
+    """The fast attend cuts a block's keys only for a row whose mask is exactly causal; any other mask the reference
+    accepts (bidirectional, random, a key after the query, a query that sees nothing) gives the reference's result."""
+    q, k, v, alibi, _ = attention_inputs(rng, np.ones((2, S), np.int64), T, dtype=dtype)
+    allowed = other_masks(np.random.default_rng(7), T, S)[which]
+    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
+    assert_rel_close(ctx, ref_ctx, tol(dtype), f"context, {which} mask")
+    assert_rel_close(probs, ref_probs, tol(dtype), f"probabilities, {which} mask")
+    assert np.all(probs[~np.broadcast_to(allowed, probs.shape) & np.broadcast_to(
+        allowed.any(-1, keepdims=True), probs.shape)] == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mask_batch, alibi_batch", [(1, 2), (2, 1), (1, 1)])
+def test_attend_broadcasts_the_mask_and_alibi_over_the_batch(rng, dtype, mask_batch, alibi_batch, blocks):
+    S, T = 11, 11
+    q, k, v, alibi, allowed = attention_inputs(rng, np.ones((2, S), np.int64), T, dtype=dtype)
+    allowed, alibi = allowed[:mask_batch], alibi[:alibi_batch]
+    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
+    assert ctx.shape == (2, T, 6, 8)
+    assert_rel_close(ctx, ref_ctx, tol(dtype), "context, broadcast inputs")
+    assert_rel_close(probs, ref_probs, tol(dtype), "probabilities, broadcast inputs")
 
 
 def test_attend_can_fail(rng):

@@ -186,7 +186,7 @@ class SafetensorsFile:
 
         The bytes are read (``preadv``) straight from the page cache into a new array, converting in 32 MiB pieces, so
         RSS never holds a second copy of the weights. Fresh anonymous memory, unlike a file mapping, can be backed by
-        huge pages, and a decode step streams every weight once: that alone is ~25% of decode speed. ``raw()`` gives
+        huge pages, and a decode step streams every weight once, so page size shows in decode speed. ``raw()`` gives
         the zero-copy mapped view instead.
         """
         t = self.info(name)
