@@ -2,7 +2,8 @@
 
     python benchmarks/lowmem_7b1.py --dir /tmp/minibloom-7b1 [--new 4] [--keep]
 
-Writes the checkpoint tensor by tensor (``benchmarks/checkpoint.py``; float32 it would be 28 GB, more than RAM),
+Writes the checkpoint tensor by tensor (``minibloom.bench.ensure_checkpoint``; float32 it would be 28 GB, more than
+RAM),
 then, each in a fresh process so that peak RSS (VmHWM) belongs to that run alone:
 
 1. ``load(..., low_memory=True)`` in float32 and greedy decode: a 16-token prompt and ``--new`` tokens;
@@ -22,13 +23,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
 DECODE = """
 import json, sys, time, numpy as np
-sys.path.insert(0, {here!r})
-from bench import peak_rss
+from minibloom.bench import peak_rss
 import minibloom
 t = time.perf_counter()
 m = minibloom.load({path!r}, low_memory=True, progress=False)
@@ -43,8 +40,7 @@ print(json.dumps({{"load_s": load_s, "first_token_s": t0 - t - load_s, "tokens":
 
 FORWARD64 = """
 import json, sys, time, numpy as np
-sys.path.insert(0, {here!r})
-from bench import peak_rss
+from minibloom.bench import peak_rss
 import minibloom
 m = minibloom.load({path!r}, dtype="float64", low_memory=True, progress=False)
 ids = np.random.default_rng(1).integers(5, m.vocab_size, (1, 512))
@@ -67,11 +63,11 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=4, help="tokens to generate (each re-reads all 14 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     ap.add_argument("--skip-forward64", action="store_true")
-    ap.add_argument("--shape", default="bloom-7b1", help="another shape from checkpoint.SHAPES (smoke tests)")
+    ap.add_argument("--shape", default="bloom-7b1", help="another shape from minibloom.bench.SHAPES (smoke tests)")
     args = ap.parse_args(argv)
     import numpy as np
 
-    from checkpoint import SHAPES, ensure_checkpoint
+    from minibloom.bench import SHAPES, ensure_checkpoint
 
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(args.dir)) or ".").free
     if not os.path.isdir(args.dir) and free < 16e9:
@@ -84,12 +80,12 @@ def main(argv=None) -> int:
     print(f"{args.shape} shape (hidden {hidden}, {n_layer} layers, {n_head} heads), float16 file {size / 1e9:.2f} GB "
           f"(ready in {time.perf_counter() - t:.0f} s); float32 would be {2 * size / 1e9:.1f} GB", flush=True)
     try:
-        d = _run(DECODE.format(here=HERE, path=args.dir, new=args.new))
+        d = _run(DECODE.format(path=args.dir, new=args.new))
         print(f"low-memory float32 greedy decode: load {d['load_s']:.2f} s, 16-token prompt -> first token "
               f"{d['first_token_s']:.1f} s, then {d['decode_tok_s'] or float('nan'):.3f} tok/s; "
               f"peak RSS {d['peak_rss'] / 1e9:.2f} GB; tokens {d['tokens']}", flush=True)
         if not args.skip_forward64:
-            f = _run(FORWARD64.format(here=HERE, path=args.dir))
+            f = _run(FORWARD64.format(path=args.dir))
             print(f"low-memory float64 512-token forward (all logits {f['shape']} {f['dtype']}, finite "
                   f"{f['finite']}): {f['forward_s']:.1f} s; peak RSS {f['peak_rss'] / 1e9:.2f} GB", flush=True)
     finally:

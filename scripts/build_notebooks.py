@@ -18,6 +18,7 @@ host.
     python scripts/build_notebooks.py 03 05           # only the notebooks whose names start with these prefixes
     python scripts/build_notebooks.py --no-execute    # write the cells without running them
     python scripts/build_notebooks.py --check         # exit 1 if a committed .ipynb differs from its source
+    python scripts/build_notebooks.py --no-write 03   # execute from the source without writing (what CI runs)
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("only", nargs="*", help="name prefixes (e.g. 03) of the notebooks to build")
     p.add_argument("--no-execute", action="store_true")
     p.add_argument("--check", action="store_true", help="only check that every .ipynb matches its source")
+    p.add_argument("--no-write", action="store_true",
+                   help="build and execute, but leave the committed .ipynb as it is (a cell error exits 1)")
     p.add_argument("--timeout", type=int, default=600, help="per-cell timeout in seconds")
     args = p.parse_args(argv)
     chosen = [s for s in sources() if not args.only or any(os.path.basename(s).startswith(o) for o in args.only)]
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
             seconds = execute(nb, args.timeout)
             figures = sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
             print(f"{name}: {seconds:.1f} s, {figures} figures, {count_assertions(nb)} assertions", flush=True)
-        nbformat.write(strip_volatile(nb), target(src))
+        if not args.no_write:
+            nbformat.write(strip_volatile(nb), target(src))
     return 0
 
 

@@ -5,7 +5,7 @@
 
 What it writes, each trace in the minibloom.trace .npz format:
 - ``tests/golden/tiny/``: a tiny BLOOM checkpoint (config.json + float32 model.safetensors) built with transformers,
-  every parameter randomized (tests/factory.py), 6 heads so the extra-slope ALiBi rule is covered;
+  every parameter randomized (``minibloom.oracle.hf.random_model``), 6 heads so the extra-slope ALiBi rule is covered;
 - ``tests/golden/tiny.trace.npz``: its input ids (two rows, the second left-padded), float64 hidden states, attention
   probabilities and logits;
 - ``tests/golden/default.trace.npz``: the same for the shipped default model (weights/default), from a line of the
@@ -54,14 +54,13 @@ def golden_trace(directory: str, ids, mask, out: str, attentions: bool) -> None:
 
 
 def make_tiny() -> None:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from factory import make_model, save
+    from minibloom.oracle.hf import random_model
 
     directory = os.path.join(GOLDEN, "tiny")
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
         os.remove(os.path.join(directory, name))
-    save(make_model(seed=2026, **TINY), directory)
+    random_model(seed=2026, **TINY).save_pretrained(directory)
     for extra in ("generation_config.json",):  # not needed to load; keep the golden set minimal
         p = os.path.join(directory, extra)
         if os.path.exists(p):

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 SHAPES = {"560m": {"vocab": 250880, "hidden": 1024, "n_layer": 24, "n_head": 16},
           "tiny": {"vocab": 320, "hidden": 64, "n_layer": 2, "n_head": 4}}
@@ -41,11 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bnb", action="store_true")
     args = ap.parse_args(argv)
 
-    import factory
     import torch
 
     import minibloom
     from minibloom.oracle.compare import compare_models, random_prompts
+    from minibloom.oracle.hf import random_model
     from minibloom.gguf import convert_hf_to_gguf
     from minibloom.testing import rel_error
 
@@ -54,10 +53,11 @@ def main(argv=None) -> int:
     src = os.path.join(work, "source")
     shape = SHAPES[args.shape]
     t0 = time.time()
-    hf = factory.make_model(seed=args.seed, std=args.std, **shape)
-    factory.save(hf, src)
+    hf = random_model(seed=args.seed, std=args.std, **shape)
+    hf.save_pretrained(src)
     ids = random_prompts(shape["vocab"], args.prompts, args.length, seed=args.seed + 1)
-    hf_logits = [factory.hf_logits(hf, row[None])[0] for row in ids]
+    with torch.no_grad():
+        hf_logits = [hf(torch.as_tensor(row[None])).logits[0].numpy() for row in ids]
     del hf
     gc.collect()
     ref = minibloom.load(src)

@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 
-import minibloom
 from minibloom.tokenizer import left_pad as _left_pad
 
 torch = None
@@ -28,36 +27,13 @@ def _import_torch():
     return torch, transformers
 
 
-def hf_config(vocab=256, hidden=48, n_layer=3, n_head=6, post_ln=False, tp=1, slow=False, **kw):
-    _import_torch()
-    return transformers.BloomConfig(
-        vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head,
-        apply_residual_connection_post_layernorm=post_ln, pretraining_tp=tp, slow_but_exact=slow,
-        attn_implementation="eager", **kw)
-
-
-def randomize_(model, seed=0, std=0.08):
-    """Give every parameter a random value: matrices N(0, std), biases N(0, std), LayerNorm weights 1 + N(0, 0.2)."""
-    _import_torch()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if "layernorm" in name or "ln_f" in name:
-                value = 1.0 + 0.2 * noise if name.endswith("weight") else 0.1 * noise
-            else:
-                value = std * noise
-            p.copy_(value.to(p.dtype))
-    return model
-
-
 def make_model(seed=0, std=0.08, base=False, **cfg_kw):
-    """A random ``BloomForCausalLM`` (or bare ``BloomModel``) in float32, eval mode."""
+    """A random ``BloomForCausalLM`` (or bare ``BloomModel``) in float32, eval mode, every parameter random
+    (``minibloom.oracle.hf.random_model``)."""
     _import_torch()
-    cls = transformers.BloomModel if base else transformers.BloomForCausalLM
-    torch.manual_seed(seed)
-    model = cls(hf_config(**cfg_kw)).eval()
-    return randomize_(model, seed=seed, std=std)
+    from minibloom.oracle.hf import random_model
+
+    return random_model(seed=seed, std=std, base=base, **cfg_kw)
 
 
 def save(model, path, dtype=None, max_shard_size=None, legacy_config=False):

@@ -29,11 +29,7 @@ def test_minibloom_bench_help():
 
 
 def test_report_judges_targets_against_the_measured_limits(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench
-    finally:
-        sys.path.pop(0)
+    from minibloom import bench
     C, L, V = 1024, 24, 250880
     n = V * C + 4 * C + L * (12 * C * C + 13 * C)
     wb = 4 * n

@@ -74,3 +74,20 @@ def test_the_wheel_ships_the_policies_and_the_default_model(tmp_path):
     assert "minibloom/oracle/policies.json" in names
     shipped = {n.split("share/minibloom/weights/default/")[1] for n in names if "share/minibloom/weights/default/" in n}
     assert {f for f in os.listdir(os.path.join(root, "weights", "default"))} <= shipped
+
+
+def test_no_cross_folder_import_hacks():
+    """Tests, scripts and benchmarks import the package (and tests their own conftest/factory), never each other's
+    files through sys.path or spec_from_file_location."""
+    root = os.path.dirname(PACKAGE)
+    hacks = re.compile(r"sys\.path\.(insert|append)|spec_from_file_location|runpy\.run_path")
+    found = []
+    for folder in ("minibloom", "tests", "scripts", "benchmarks"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if name.endswith(".py") and path != os.path.abspath(__file__):
+                    with open(path, encoding="utf-8") as f:
+                        found += [f"{os.path.relpath(path, root)}:{i}" for i, line in enumerate(f, 1)
+                                  if hacks.search(line)]
+    assert not found, found

@@ -1,10 +1,8 @@
-"""``minibloom bench``: the performance benchmark of ``benchmarks/bench.py`` (minibloom vs transformers, same run)."""
+"""``minibloom bench``: the performance benchmark ``minibloom.bench`` (minibloom vs transformers, same run)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 
 from ..errors import MinibloomError
 
@@ -21,18 +19,6 @@ first token, load time and peak RSS, next to a NumPy sgemv (bandwidth roofline) 
 in the same rounds. Needs transformers and torch for the comparison; takes several minutes and ~8 GB of RAM.
 Thread counts come from the environment (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS).
 """
-
-
-def _bench_module():
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(here, "benchmarks", "bench.py")
-    if not os.path.isfile(path):
-        raise MinibloomError(f"{path}: the benchmark lives in the repository's benchmarks/ folder; run "
-                             "`minibloom bench` from an editable install (pip install -e .) of a clone")
-    spec = importlib.util.spec_from_file_location("minibloom_benchmarks_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def add_parser(subparsers) -> None:
@@ -52,7 +38,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     if args.rounds < 1 or args.cold_rounds < 1:
         raise MinibloomError("--rounds and --cold-rounds must be at least 1")
-    mod = _bench_module()
+    from ..bench import main
+
     argv = ["--rounds", str(args.rounds), "--cold-rounds", str(args.cold_rounds)]
     if args.dir:
         argv += ["--dir", args.dir]
@@ -60,4 +47,4 @@ def run(args) -> int:
         argv.append("--skip-transformers")
     if args.json:
         argv += ["--json", args.json]
-    return mod.main(argv)
+    return main(argv)

@@ -102,6 +102,30 @@ def comparable_checkpoint(path: str) -> str:
     return directory
 
 
+def random_model(seed: int = 0, std: float = 0.08, base: bool = False, *, vocab: int = 256, hidden: int = 48,
+                 n_layer: int = 3, n_head: int = 6, post_ln: bool = False, tp: int = 1, slow: bool = False, **config):
+    """A transformers ``BloomForCausalLM`` (``BloomModel`` when ``base``) in float32 with EVERY parameter random:
+    matrices and biases N(0, std), LayerNorm weights 1 + N(0, 0.2) and biases N(0, 0.1). transformers' own init
+    leaves biases at 0 and LayerNorm weights at 1, which would hide a port that swaps or drops them; test a port on
+    this model's ``save_pretrained`` files."""
+    torch, transformers = _import_hf()
+    cfg = transformers.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head,
+                                   apply_residual_connection_post_layernorm=post_ln, pretraining_tp=tp,
+                                   slow_but_exact=slow, attn_implementation="eager", **config)
+    torch.manual_seed(seed)
+    model = (transformers.BloomModel if base else transformers.BloomForCausalLM)(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "layernorm" in name or "ln_f" in name:
+                value = 1.0 + 0.2 * noise if name.endswith("weight") else 0.1 * noise
+            else:
+                value = std * noise
+            p.copy_(value.to(p.dtype))
+    return model
+
+
 def hf_trace(path: str, input_ids, attention_mask=None, dtype: str = "float32", attentions: bool = False) -> dict:
     """Trace (minibloom.trace format) of transformers' ``BloomForCausalLM`` for the checkpoint directory ``path``.
 
