@@ -69,3 +69,20 @@ def test_cli_json_and_text_prompts(pair, capsys):
     assert main(["compare", pair[0], pair[1], "--text", "ROMEO: But soft", "--text", "héllo 日本"]) == 0
     out = capsys.readouterr().out
     assert "KL(A||B) mean" in out and "top-1 agreement" in out and "2 prompts" in out
+
+
+def test_cli_model_options_and_positionals_name_the_same_pair(pair, capsys):
+    """--reference/-r and --model/-m (as on every command) or the two positionals: the same report."""
+    spellings = [[pair[0], pair[1]], ["--reference", pair[0], "--model", pair[1]], ["-r", pair[0], "-m", pair[1]],
+                 ["-m", pair[1], pair[0]]]
+    reports = []
+    for models in spellings:
+        assert main(["compare", *models, "--json", "--prompts", "1", "--length", "6"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert all(r == reports[0] for r in reports)
+    swapped = ["--reference", pair[1], "--model", pair[0], "--json", "--prompts", "1", "--length", "6"]
+    assert main(["compare", *swapped]) == 0
+    assert json.loads(capsys.readouterr().out) != reports[0]  # the roles matter (KL(A||B) is not symmetric)
+    for bad in ([pair[0]], [pair[0], pair[1], pair[0]], ["-m", pair[1]]):
+        assert main(["compare", *bad]) == 2
+        assert "--reference A" in capsys.readouterr().err
