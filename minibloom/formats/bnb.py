@@ -26,7 +26,7 @@ import numpy as np
 from ..config import BloomConfig
 from ..errors import MinibloomError
 from .safetensors import round_to_bf16
-from .weights import Checkpoint, _progress, expected_shapes, nest
+from .weights import Checkpoint, _progress, check_layer_count, check_names, expected_shapes, nest
 
 STATE_PREFIX = "quant_state.bitsandbytes__"
 QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -158,6 +158,7 @@ def read_bnb_params(ckpt: Checkpoint, cfg: BloomConfig, np_dtype, config_path: s
     if len(emb.shape) != 2 or emb.shape[1] != cfg.hidden_size:
         raise MinibloomError(f"{ckpt.describe('word_embeddings.weight')}: shape {list(emb.shape)} does not match "
                              f"[vocab, hidden_size={cfg.hidden_size}]")
+    check_layer_count(cfg, len(ckpt.where), where)
     want = expected_shapes(cfg, emb.shape[0])
     quantized = {n for n in want if any(k.startswith(f"{n}.{STATE_PREFIX}") for k in ckpt.where)} \
         if any(STATE_PREFIX in k for k in ckpt.where) else set()
@@ -165,12 +166,7 @@ def read_bnb_params(ckpt: Checkpoint, cfg: BloomConfig, np_dtype, config_path: s
     for n in quantized:
         allowed |= {f"{n}.{s}" for s in QUANT_SUFFIXES}
         allowed |= {k for k in ckpt.where if k.startswith(f"{n}.{STATE_PREFIX}")}
-    extra = [k for k in ckpt.where if k not in allowed]
-    if extra:
-        raise MinibloomError(f"{where}: unexpected tensors {extra[:5]} (n_layer={cfg.n_layer} in config)")
-    missing = [n for n in want if n not in ckpt.where]
-    if missing:
-        raise MinibloomError(f"{where}: missing tensors {missing[:5]} for a {cfg.n_layer}-layer config")
+    check_names(ckpt.where, want, where, cfg.n_layer, allowed)
 
     flat = {}
     bar = _progress(sum(ckpt.info(n).nbytes for n in want), "dequantizing 4-bit", progress)

@@ -242,6 +242,27 @@ class Checkpoint:
             sf.close()
 
 
+def check_layer_count(cfg: BloomConfig, n_tensors: int, where: str) -> None:
+    """Refuse a config whose ``n_layer`` the file cannot hold (each layer has ``len(LAYER_TENSORS)`` tensors) before
+    a name is built for every layer: a forged ``n_layer`` of 10^9 would otherwise take minutes and gigabytes."""
+    if cfg.n_layer * len(LAYER_TENSORS) > n_tensors:
+        raise MinibloomError(f"{where}: the config says n_layer={cfg.n_layer}, but the file holds {n_tensors} tensors "
+                             f"(a {cfg.n_layer}-layer BLOOM has {len(LAYER_TENSORS)} per layer)")
+
+
+def check_names(present, want: dict, where: str, n_layer: int, allowed=frozenset()) -> None:
+    """The one name check of every format: each tensor of ``want`` (the schema, ``expected_shapes``) is present, and
+    nothing else is, apart from ``allowed`` names (an untied head, quantization state ...)."""
+    missing = [n for n in want if n not in present]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MinibloomError(f"{where}: missing tensors {missing[:5]}{more} for a {n_layer}-layer config")
+    extra = [n for n in present if n not in want and n not in allowed]
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise MinibloomError(f"{where}: unexpected tensors {extra[:5]}{more} (n_layer={n_layer} in config)")
+
+
 def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
     """Check names, dtypes and shapes against the config; return the vocab size (rows of the embedding)."""
     if "word_embeddings.weight" not in ckpt.where:
@@ -254,16 +275,9 @@ def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
     if vocab != cfg.vocab_size:
         warnings.warn(f"{where}: config vocab_size {cfg.vocab_size} but the embedding has {vocab} rows; using {vocab}",
                       stacklevel=3)
+    check_layer_count(cfg, len(ckpt.where), where)
     want = expected_shapes(cfg, vocab)
-    missing = [n for n in want if n not in ckpt.where]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise MinibloomError(f"{where}: missing tensors {missing[:5]}{more} for a {cfg.n_layer}-layer config")
-    optional = {"lm_head.weight"}
-    extra = [n for n in ckpt.where if n not in want and n not in optional]
-    if extra:
-        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-        raise MinibloomError(f"{where}: unexpected tensors {extra[:5]}{more} (n_layer={cfg.n_layer} in config)")
+    check_names(ckpt.where, want, where, cfg.n_layer, allowed={"lm_head.weight"})
     for name, shape in want.items():
         info = ckpt.info(name)
         if info.dtype not in FLOAT_CODES:

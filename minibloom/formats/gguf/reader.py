@@ -17,7 +17,7 @@ import numpy as np
 from ...backend import Backend
 from ...config import DTYPES, BloomConfig
 from ...errors import MinibloomError
-from ..weights import LAYER_TENSORS, Loaded, _progress, nest, tree_map
+from ..weights import Loaded, _progress, check_layer_count, check_names, expected_shapes, nest, tree_map
 from .names import ARCH, gguf_to_hf_name, hf_to_gguf_name, qkv_from_gguf
 from .quants import LazyLayer, QuantizedWeight, dequantize
 from .vocab import tokenizer_from_gguf, wrap_tokenizer
@@ -173,16 +173,11 @@ def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> Blo
 
 
 def _expected(cfg: BloomConfig, vocab: int, has_output: bool) -> dict[str, tuple[int, ...]]:
-    """Every GGUF tensor a BLOOM file must hold and its NumPy shape."""
-    C = cfg.hidden_size
-    want = {"token_embd.weight": (vocab, C), "token_embd_norm.weight": (C,), "token_embd_norm.bias": (C,),
-            "output_norm.weight": (C,), "output_norm.bias": (C,)}
-    if has_output:
-        want["output.weight"] = (vocab, C)
-    for i in range(cfg.n_layer):
-        for hf, shape in LAYER_TENSORS:
-            want[hf_to_gguf_name(f"h.{i}.{hf}")] = shape(C)
-    return want
+    """Every GGUF tensor a BLOOM file must hold and its NumPy shape: the one schema (``expected_shapes``) under
+    llama.cpp's names (``output.weight`` only for an untied head)."""
+    if cfg.tie_word_embeddings == has_output:
+        cfg = BloomConfig(**{**cfg.to_dict(), "tie_word_embeddings": not has_output})
+    return {hf_to_gguf_name(name): shape for name, shape in expected_shapes(cfg, vocab).items()}
 
 
 _DEQUANT_OK: dict = {}
@@ -209,14 +204,9 @@ def _can_dequantize(qtype) -> bool:
 def _check_tensors(reader, cfg: BloomConfig, vocab: int, has_output: bool, path: str) -> dict:
     """Names, shapes, types and byte ranges of every tensor; returns {gguf name: ReaderTensor}."""
     tensors = {t.name: t for t in reader.tensors}
+    check_layer_count(cfg, len(tensors), path)
     want = _expected(cfg, vocab, has_output)
-    missing = [n for n in want if n not in tensors]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise MinibloomError(f"{path}: missing tensors {missing[:5]}{more} for a {cfg.n_layer}-layer BLOOM")
-    extra = [n for n in tensors if n not in want]
-    if extra:
-        raise MinibloomError(f"{path}: unexpected tensors {extra[:5]} (block_count={cfg.n_layer})")
+    check_names(tensors, want, path, cfg.n_layer)
     size = os.path.getsize(path)
     for name, shape in want.items():
         t = tensors[name]

@@ -1,0 +1,52 @@
+"""Forged sizes in checkpoint files are refused before anything is built or allocated from them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from bounds import bounded
+
+import minibloom
+from minibloom.errors import MinibloomError
+from minibloom.formats.weights import write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    cfg = minibloom.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2)
+    return write_random_checkpoint(tmp_path_factory.mktemp("hostile") / "m", cfg, 64, np.float32, progress=False)
+
+
+def with_config(src: str, dst, **changes) -> str:
+    os.makedirs(dst, exist_ok=True)
+    os.symlink(os.path.join(src, "model.safetensors"), os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+@pytest.mark.parametrize("n_layer", [3, 10**6, 10**9])
+def test_a_layer_count_the_file_cannot_hold_is_refused_before_names_are_built(tiny, tmp_path, n_layer):
+    path = with_config(tiny, tmp_path / "m", n_layer=n_layer)
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=f"n_layer={n_layer}, but the file holds 29 tensors"):
+        minibloom.load(path)
+
+
+@pytest.mark.parametrize("n_layer", [10**9])
+def test_a_forged_gguf_block_count_is_refused_before_names_are_built(tiny, tmp_path, n_layer):
+    gguf = pytest.importorskip("gguf")
+    from minibloom.gguf import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(tiny, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.fields["bloom.block_count"]
+    field.parts[field.data[0]][0] = n_layer  # patch the value in the mapped file
+    del reader
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=f"n_layer={n_layer}"):
+        minibloom.load(path)
