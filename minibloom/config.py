@@ -7,7 +7,6 @@ Follows ``transformers/models/bloom/configuration_bloom.py``. Two spellings exis
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MinibloomError
+from .jsonfile import read_json_object
 
 DTYPES = {"float32": np.float32, "float64": np.float64}  # the compute dtypes a model loads in
 
@@ -26,6 +26,13 @@ _ALIASES = {
     "n_layer": ("n_layer", "num_hidden_layers"),
     "torch_dtype": ("dtype", "torch_dtype"),
 }
+
+
+# Upper bounds on a config's sizes, checked before anything is built from them. Each admits every released BLOOM
+# (bloom-176b: vocab 250880, hidden 14336, 70 layers, 112 heads) with a wide margin, and keeps a forged value (10^9
+# layers, a 2^40 vocabulary) from turning into minutes of work or an impossible allocation.
+MAXIMA = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "n_layer": 1 << 12, "n_head": 1 << 12,
+          "pretraining_tp": 1 << 12}
 
 
 @dataclass(frozen=True)
@@ -95,26 +102,21 @@ class BloomConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "BloomConfig":
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise MinibloomError(f"{path}: cannot read config ({e.strerror or e})") from None
-        try:
-            d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MinibloomError(f"{path}: config is not valid JSON ({e})") from None
-        cfg = cls.from_dict(d, source=path)
-        return cfg
+        return cls.from_dict(read_json_object(path), source=path)
 
     def validate(self, source: str = "config") -> None:
         def pos_int(name: str) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise MinibloomError(f"{source}: {name} must be a positive integer, got {v!r}")
+            if v > MAXIMA[name]:
+                raise MinibloomError(f"{source}: {name} = {v} is larger than any BLOOM (at most {MAXIMA[name]})")
 
         for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "pretraining_tp"):
             pos_int(name)
+        if self.pretraining_tp > self.hidden_size:
+            raise MinibloomError(f"{source}: pretraining_tp {self.pretraining_tp} is more slices than hidden_size "
+                                 f"{self.hidden_size} has columns")
         if self.hidden_size % self.n_head:
             raise MinibloomError(f"{source}: hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         eps = self.layer_norm_epsilon
@@ -125,7 +127,8 @@ class BloomConfig:
                 raise MinibloomError(f"{source}: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise MinibloomError(f"{source}: {name} must be a non-negative integer or null, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAXIMA["vocab_size"]):
+                raise MinibloomError(f"{source}: {name} must be a token id (0 .. {MAXIMA['vocab_size'] - 1}) or "
+                                     f"null, got {v!r}")
         if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
             raise MinibloomError(f"{source}: quantization_config must be an object")

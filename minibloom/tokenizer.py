@@ -12,13 +12,13 @@ U+FFFD. It keeps a small window of ids and holds text back until the window deco
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from .errors import MinibloomError
+from .jsonfile import read_json
 
 SPECIAL_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 REPLACEMENT = "\ufffd"
@@ -34,11 +34,7 @@ def _token_text(value) -> str | None:
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MinibloomError(f"{path}: not readable JSON ({e})") from None
+    d = read_json(path)
     return d if isinstance(d, dict) else {}
 
 

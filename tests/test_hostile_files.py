@@ -31,10 +31,43 @@ def with_config(src: str, dst, **changes) -> str:
     return str(dst)
 
 
-@pytest.mark.parametrize("n_layer", [3, 10**6, 10**9])
+@pytest.mark.parametrize("n_layer", [3, 4000])
 def test_a_layer_count_the_file_cannot_hold_is_refused_before_names_are_built(tiny, tmp_path, n_layer):
     path = with_config(tiny, tmp_path / "m", n_layer=n_layer)
-    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=f"n_layer={n_layer}, but the file holds 29 tensors"):
+    with bounded(seconds=5, megabytes=256), \
+            pytest.raises(MinibloomError, match=f"n_layer={n_layer}, but the file holds 29 tensors"):
+        minibloom.load(path)
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", 10**6), ("n_layer", 10**9), ("vocab_size", 2**40),
+                                          ("hidden_size", 2**40), ("n_head", 10**9), ("pretraining_tp", 10**9)])
+def test_sizes_larger_than_any_bloom_are_refused(tiny, tmp_path, field, value):
+    path = with_config(tiny, tmp_path / "m", **{field: value})
+    with bounded(seconds=5, megabytes=256), \
+            pytest.raises(MinibloomError, match=f"config.json: {field} = {value} is larger than any BLOOM"):
+        minibloom.load(path)
+
+
+@pytest.mark.parametrize("field", ["eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"])
+@pytest.mark.parametrize("value", [10**30, -1, "x", 1.5])
+def test_token_ids_in_the_config_must_be_token_ids(tiny, tmp_path, field, value):
+    path = with_config(tiny, tmp_path / "m", **{field: value})
+    with pytest.raises(MinibloomError, match=f"config.json: {field} must be a token id"):
+        minibloom.load(path)
+
+
+def test_pretraining_tp_with_more_slices_than_columns_is_refused(tiny, tmp_path):
+    path = with_config(tiny, tmp_path / "m", pretraining_tp=32)
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="pretraining_tp 32 is more slices"):
+        minibloom.load(path)
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, '{"a": ' * 5000 + "1" + "}" * 5000])
+def test_deeply_nested_config_json_is_a_minibloom_error(tiny, tmp_path, text):
+    path = with_config(tiny, tmp_path / "m")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(text)
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="config.json: JSON nested deeper"):
         minibloom.load(path)
 
 
@@ -48,5 +81,5 @@ def test_a_forged_gguf_block_count_is_refused_before_names_are_built(tiny, tmp_p
     field = reader.fields["bloom.block_count"]
     field.parts[field.data[0]][0] = n_layer  # patch the value in the mapped file
     del reader
-    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=f"n_layer={n_layer}"):
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=f"n_layer = {n_layer} is larger"):
         minibloom.load(path)

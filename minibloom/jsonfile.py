@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MinibloomError
+from .errors import MinibloomError
 
 MAX_DEPTH = 64  # real BLOOM configs nest 3 levels deep, tokenizer.json about 6
 MAX_BYTES = 64 * 2**20  # tokenizer.json of BLOOM's 250880-token vocabulary is ~14 MB
@@ -63,7 +63,7 @@ def parse_json(text: str | bytes, where: str, *, max_bytes: int = MAX_BYTES, max
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise MinibloomError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            raise MinibloomError(f"{where}: not valid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
     check_depth(text, where, max_depth)
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates(where), parse_constant=_no_constant(where))
