@@ -159,7 +159,7 @@ def test_duplicate_tensor_across_shards(tmp_path):
 
 
 @pytest.mark.parametrize("index, match", [
-    ("{not json", "not a usable safetensors index"),
+    ("{not json", "index.json: not valid JSON"),
     ('{"weight_map": {"a": "missing.safetensors"}}', "missing"),
     ('{"weight_map": {"a": "../evil.safetensors"}}', "not a .safetensors file in this directory"),
     ('{"weight_map": {"a": "model.bin"}}', "not a .safetensors file"),

@@ -140,6 +140,9 @@ def _set_state(t, **kw):
     (lambda t, c: t.__setitem__(STATE, np.frombuffer(b"{not json", np.uint8).copy()), "not valid JSON"),
     (lambda t, c: _set_state(t, shape=[64, 64]), "field 'shape'"),
     (lambda t, c: _set_state(t, blocksize=0), "field 'blocksize'"),
+    (lambda t, c: _set_state(t, blocksize=2**40), "field 'blocksize' must be a positive integer up to"),
+    (lambda t, c: _set_state(t, nested_blocksize=2**40), "field 'nested_blocksize'"),
+    (lambda t, c: t.__setitem__(STATE, np.frombuffer(b"[" * 5000, np.uint8).copy()), "JSON nested deeper"),
     (lambda t, c: _set_state(t, dtype="int8"), "field 'dtype'"),
     (lambda t, c: _set_state(t, nested_offset=None), "field 'nested_offset'"),
     (lambda t, c: t.pop(QKV + ".absmax"), r"missing .*absmax"),
@@ -151,8 +154,10 @@ def _set_state(t, **kw):
      "8-bit"),
 ])
 def test_malformed_metadata_is_a_clear_error(nf4_dir, tmp_path, change, match):
+    from bounds import bounded
+
     d = _edit(nf4_dir, tmp_path / "bad", change)
-    with pytest.raises(MinibloomError, match=match) as e:
+    with bounded(seconds=10, megabytes=512), pytest.raises(MinibloomError, match=match) as e:
         minibloom.load(d)
     if "8-bit" not in match:
         assert "query_key_value" in str(e.value)  # names the tensor

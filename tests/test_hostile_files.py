@@ -83,3 +83,29 @@ def test_a_forged_gguf_block_count_is_refused_before_names_are_built(tiny, tmp_p
     del reader
     with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=f"n_layer = {n_layer} is larger"):
         minibloom.load(path)
+
+
+def test_deep_json_in_a_safetensors_header_is_a_minibloom_error(tmp_path):
+    from minibloom.formats.safetensors import parse_header
+
+    body = ("{" + '"a": {' * 5000 + "}" * 5001).encode()
+    raw = len(body).to_bytes(8, "little") + body
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="header: JSON nested deeper"):
+        parse_header(raw, len(raw), "x.safetensors")
+
+
+def test_a_zero_byte_tensor_claiming_a_huge_shape_is_refused(tmp_path):
+    from minibloom.formats.safetensors import parse_header
+
+    body = json.dumps({"t": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}).encode()
+    raw = len(body).to_bytes(8, "little") + body
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=r"tensor 't': shape \[0, "):
+        parse_header(raw, len(raw), "x.safetensors")
+
+
+def test_deep_json_in_the_shard_index_is_a_minibloom_error(tiny, tmp_path):
+    path = with_config(tiny, tmp_path / "m")
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        f.write('{"weight_map": ' + "[" * 100000)
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="index.json: JSON nested deeper"):
+        minibloom.load(path)

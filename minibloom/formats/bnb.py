@@ -18,19 +18,20 @@ all in float32, exactly as bitsandbytes computes it. Everything else (embedding,
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
 from ..config import BloomConfig
 from ..errors import MinibloomError
+from ..jsonfile import parse_json
 from .safetensors import round_to_bf16
 from .weights import Checkpoint, _progress, check_layer_count, check_names, expected_shapes, nest
 
 STATE_PREFIX = "quant_state.bitsandbytes__"
 QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 OUT_DTYPES = ("float16", "bfloat16", "float32")
+MAX_BLOCKSIZE = 1 << 16  # bitsandbytes uses 64 .. 4096
 
 
 def check_quantization_config(qc: dict, where: str) -> None:
@@ -66,10 +67,7 @@ def _state(ckpt: Checkpoint, name: str) -> tuple[str, dict]:
     raw = ckpt.raw(key)
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise MinibloomError(f"{ckpt.describe(key)}: quant state must be a 1-D uint8 tensor of JSON bytes")
-    try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MinibloomError(f"{ckpt.describe(key)}: quant state is not valid JSON ({e})") from None
+    meta = parse_json(raw.tobytes(), f"{ckpt.describe(key)}: quant state", max_bytes=1 << 16)
     if not isinstance(meta, dict):
         raise MinibloomError(f"{ckpt.describe(key)}: quant state is not valid JSON (not an object)")
     return key, meta
@@ -102,7 +100,8 @@ def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.n
     where = ckpt.describe(key)
     qtype = key.rsplit("__", 1)[1]
     _field(meta, "quant_type", where, lambda v: v == qtype, f"{qtype!r} (as in the tensor name)")
-    bs = _field(meta, "blocksize", where, _int, "a positive integer")
+    bs = _field(meta, "blocksize", where, lambda v: _int(v) and v <= MAX_BLOCKSIZE,
+                f"a positive integer up to {MAX_BLOCKSIZE}")
     out_dtype = _field(meta, "dtype", where, lambda v: v in OUT_DTYPES, f"one of {OUT_DTYPES}")
     _field(meta, "shape", where, lambda v: isinstance(v, list) and tuple(v) == tuple(shape),
            f"the weight's shape {list(shape)}")
@@ -117,7 +116,8 @@ def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.n
 
     nested = f"{name}.nested_absmax" in ckpt.where
     if nested:
-        nbs = _field(meta, "nested_blocksize", where, _int, "a positive integer")
+        nbs = _field(meta, "nested_blocksize", where, lambda v: _int(v) and v <= MAX_BLOCKSIZE,
+                     f"a positive integer up to {MAX_BLOCKSIZE}")
         offset = _field(meta, "nested_offset", where, lambda v: isinstance(v, (int, float)) and math.isfinite(v),
                         "a finite number")
         akey = f"{name}.absmax"
@@ -139,9 +139,7 @@ def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.n
     q = np.empty(packed.size * 2, np.uint8)
     q[0::2] = packed >> 4  # high nibble first (bitsandbytes), unlike GGUF's low-nibble-first Q4_0
     q[1::2] = packed & 0x0F
-    vals = np.zeros(n_blocks * bs, np.float32)
-    vals[:n] = code[q[:n]]
-    w = (vals.reshape(n_blocks, bs) * absmax.astype(np.float32)[:, None]).reshape(-1)[:n].reshape(shape)
+    w = (code[q[:n]] * absmax.astype(np.float32)[np.arange(n) // bs]).reshape(shape)  # each value by its block's scale
     w = round_to(w, out_dtype)
     if not np.all(np.isfinite(w)):
         raise MinibloomError(f"{ckpt.describe(name)}: NaN or inf after dequantization (corrupt absmax?)")

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import BloomConfig
 from ..errors import MinibloomError
+from ..jsonfile import read_json_object
 from .safetensors import FLOAT_CODES, SafetensorsFile
 
 LAYER_TENSORS = (  # per block, with HF names: (name, shape as a function of C)
@@ -179,13 +180,10 @@ def safetensors_files(directory: str) -> list[str]:
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(index):
-        try:
-            with open(index, "rb") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map must map tensor names to file names")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise MinibloomError(f"{index}: not a usable safetensors index ({e!r})") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MinibloomError(f"{index}: not a usable safetensors index (weight_map must map tensor names to "
+                                 "file names)")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
             if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
