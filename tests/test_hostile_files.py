@@ -109,3 +109,38 @@ def test_deep_json_in_the_shard_index_is_a_minibloom_error(tiny, tmp_path):
         f.write('{"weight_map": ' + "[" * 100000)
     with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="index.json: JSON nested deeper"):
         minibloom.load(path)
+
+
+def with_tensor(src: str, dst, name: str, edit) -> str:
+    """A copy of checkpoint ``src`` with tensor ``name`` (HF saved name) changed by ``edit(array)``."""
+    from minibloom.formats.safetensors import SafetensorsFile, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    with SafetensorsFile(os.path.join(src, "model.safetensors")) as f:
+        tensors = {n: np.array(f.get(n)) for n in f.names}
+    edit(tensors[name])
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    return str(dst)
+
+
+@pytest.mark.parametrize("name", ["transformer.h.1.mlp.dense_h_to_4h.weight", "transformer.word_embeddings.weight",
+                                  "transformer.ln_f.bias"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tiny, tmp_path, name, value, low_memory):
+    def poison(a):
+        a.reshape(-1)[a.size // 2] = value
+
+    path = with_tensor(tiny, tmp_path / "m", name, poison)
+    with pytest.raises(MinibloomError, match=rf"{name.split('.', 1)[1]}.*(nan|inf).*weights must be finite"):
+        model = minibloom.load(path, low_memory=low_memory)
+        model([[1, 2, 3]])  # low-memory reads a layer (and the rows of the embedding) when it is used
+
+
+def test_large_finite_weights_are_not_mistaken_for_inf(tiny, tmp_path):
+    """The sum check overflows on values near float32's largest: the per-value check must then pass them."""
+    path = with_tensor(tiny, tmp_path / "m", "transformer.h.0.mlp.dense_h_to_4h.weight",
+                       lambda a: a.__setitem__(slice(None), 3e38))
+    assert minibloom.load(path).params["h"][0]["mlp"]["dense_h_to_4h"]["weight"].max() == np.float32(3e38)

@@ -26,7 +26,7 @@ from ..config import BloomConfig
 from ..errors import MinibloomError
 from ..jsonfile import parse_json
 from .safetensors import round_to_bf16
-from .weights import Checkpoint, _progress, check_layer_count, check_names, expected_shapes, nest
+from .weights import Checkpoint, _progress, check_finite, check_layer_count, check_names, expected_shapes, nest
 
 STATE_PREFIX = "quant_state.bitsandbytes__"
 QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -153,7 +153,7 @@ def read_bnb_params(ckpt: Checkpoint, cfg: BloomConfig, np_dtype, config_path: s
     if "word_embeddings.weight" not in ckpt.where:
         raise MinibloomError(f"{where}: missing tensor 'word_embeddings.weight' (is this a BLOOM checkpoint?)")
     emb = ckpt.info("word_embeddings.weight")
-    if len(emb.shape) != 2 or emb.shape[1] != cfg.hidden_size:
+    if len(emb.shape) != 2 or emb.shape[1] != cfg.hidden_size or emb.shape[0] == 0:
         raise MinibloomError(f"{ckpt.describe('word_embeddings.weight')}: shape {list(emb.shape)} does not match "
                              f"[vocab, hidden_size={cfg.hidden_size}]")
     check_layer_count(cfg, len(ckpt.where), where)
@@ -178,7 +178,7 @@ def read_bnb_params(ckpt: Checkpoint, cfg: BloomConfig, np_dtype, config_path: s
                                      "(and there is no bitsandbytes quant_state for it)")
             if tuple(info.shape) != shape:
                 raise MinibloomError(f"{ckpt.describe(name)}: shape {list(info.shape)}, expected {list(shape)}")
-            flat[name] = ckpt.get(name, np_dtype)
+            flat[name] = check_finite(ckpt.get(name, np_dtype), ckpt.describe(name))
         bar.update(ckpt.info(name).nbytes)
     bar.close()
     return nest(flat)

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import BloomConfig
 from ..errors import MinibloomError
 from .safetensors import bf16_to_f32
-from .weights import LAYER_TENSORS, Checkpoint, check_tensors, nest
+from .weights import LAYER_TENSORS, Checkpoint, check_finite, check_tensors, nest
 
 HEAD_BLOCK_BYTES = 64 * 2**20  # widened bytes per block of the output head
 
@@ -64,7 +64,7 @@ class LazyMatrix:
         if axis != 0 or out is not None:
             raise MinibloomError(f"{self.name}: low-memory matrices support take(ids, axis=0) only")
         rows = self.raw[np.asarray(indices)]  # fancy indexing copies just these rows out of the map
-        return _widen(rows, self.stored, self.dtype)
+        return check_finite(_widen(rows, self.stored, self.dtype), self.ckpt.describe(self.name))
 
     def __array__(self, dtype=None, copy=None):
         raise MinibloomError(f"{self.name}: refusing to widen the whole {self.shape} matrix in low-memory mode")
@@ -81,7 +81,7 @@ class LazyMatrix:
         itemsize = self.raw.dtype.itemsize
         for lo in range(0, V, step):
             hi = min(V, lo + step)
-            block = _widen(self.raw[lo:hi], self.stored, self.dtype)  # [rows, C]
+            block = check_finite(_widen(self.raw[lo:hi], self.stored, self.dtype), self.ckpt.describe(self.name))
             np.matmul(x, block.T, out=out[:, lo:hi])
             self.ckpt.release(self.name, lo * C * itemsize, hi * C * itemsize)
         return out
@@ -121,7 +121,8 @@ class LazyLayers(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"layer {i} out of range for {len(self)} layers")
-        layer = nest({name.split(".", 2)[2]: self.ckpt.get(name, self.dtype) for name in self.names(i)})
+        layer = nest({name.split(".", 2)[2]: check_finite(self.ckpt.get(name, self.dtype), self.ckpt.describe(name))
+                      for name in self.names(i)})
         del layer["h"]  # nest() always adds the (here empty) layer list
         return layer
 
@@ -141,7 +142,7 @@ def lazy_params(ckpt: Checkpoint, cfg: BloomConfig, np_dtype, backend=None) -> d
         raise MinibloomError(f"low_memory: only the numpy backend is supported, not {backend.name!r}")
     check_tensors(ckpt, cfg, ckpt.files[0].path)
     small = ("word_embeddings_layernorm.weight", "word_embeddings_layernorm.bias", "ln_f.weight", "ln_f.bias")
-    params = nest({name: ckpt.get(name, np_dtype) for name in small})
+    params = nest({name: check_finite(ckpt.get(name, np_dtype), ckpt.describe(name)) for name in small})
     params["word_embeddings"] = {"weight": LazyMatrix(ckpt, "word_embeddings.weight", np_dtype)}
     if not cfg.tie_word_embeddings and "lm_head.weight" in ckpt.where:
         params["lm_head"] = {"weight": LazyMatrix(ckpt, "lm_head.weight", np_dtype)}

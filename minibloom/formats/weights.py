@@ -289,6 +289,25 @@ def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
 READ_THREADS = 4  # at most this many tensors are read at once (see read_params)
 
 
+def check_finite(a: np.ndarray, where: str) -> np.ndarray:
+    """``a`` itself, once it is known to hold no NaN or inf (a MinibloomError naming ``where`` otherwise).
+
+    A sum is one pass over memory with no temporary array and is finite exactly when every value is, unless finite
+    values overflow it; only then (or for a real NaN / inf) are the values checked one block at a time."""
+    flat = np.reshape(a, -1)
+    acc = np.float32 if flat.dtype == np.float16 else None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if flat.size == 0 or np.isfinite(np.add.reduce(flat, dtype=acc)):
+            return a
+    step = 1 << 22
+    for lo in range(0, flat.size, step):
+        bad = ~np.isfinite(flat[lo:lo + step])
+        if bad.any():
+            i = lo + int(np.argmax(bad))
+            raise MinibloomError(f"{where}: holds {flat[i]} at flat index {i} (weights must be finite)")
+    return a
+
+
 def read_params(ckpt: Checkpoint, cfg: BloomConfig, dtype, progress=None) -> dict:
     """Read every tensor as ``dtype`` into fresh memory, nested under HF names.
 
@@ -302,7 +321,7 @@ def read_params(ckpt: Checkpoint, cfg: BloomConfig, dtype, progress=None) -> dic
     bar = _progress(total, "loading weights", progress)
 
     def read(name: str) -> np.ndarray:
-        return ckpt.get(name, dtype)
+        return check_finite(ckpt.get(name, dtype), ckpt.describe(name))
 
     workers = min(READ_THREADS, os.cpu_count() or 1) if hasattr(os, "preadv") else 1  # seek + read is not shareable
     flat = {}
