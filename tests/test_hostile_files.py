@@ -144,3 +144,103 @@ def test_large_finite_weights_are_not_mistaken_for_inf(tiny, tmp_path):
     path = with_tensor(tiny, tmp_path / "m", "transformer.h.0.mlp.dense_h_to_4h.weight",
                        lambda a: a.__setitem__(slice(None), 3e38))
     assert minibloom.load(path).params["h"][0]["mlp"]["dense_h_to_4h"]["weight"].max() == np.float32(3e38)
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------------------
+def gguf_bytes(kv: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_tensors: int = 0, tail: bytes = b"") -> bytes:
+    """A GGUF v3 file written by hand (docs/gguf.md): header, raw metadata and tensor-info bytes, then ``tail``."""
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv + tensors + tail
+
+
+def gstr(s: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(s.encode())) + s.encode()
+
+
+def test_gguf_metadata_arrays_nested_5000_deep_are_refused(tmp_path):
+    import struct
+
+    kv = gstr("x") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0)
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(gguf_bytes(kv, 1))
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="'x': arrays nested deeper"):
+        minibloom.load(str(path))
+
+
+def test_a_gguf_array_claiming_2_to_the_60_elements_is_refused(tmp_path):
+    import struct
+
+    for et in (4, 8, 9):  # uint32, strings, arrays
+        kv = gstr("big") + struct.pack("<I", 9) + struct.pack("<IQ", et, 2**60)
+        path = tmp_path / f"big{et}.gguf"
+        path.write_bytes(gguf_bytes(kv, 1, tail=b"\0" * 64))
+        with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="cannot fit in the rest"):
+            minibloom.load(str(path))
+
+
+@pytest.mark.parametrize("alignment", [0, 3, 48])
+def test_gguf_alignment_must_be_a_positive_power_of_two(tmp_path, alignment):
+    import struct
+
+    kv = gstr("general.alignment") + struct.pack("<II", 4, alignment)
+    path = tmp_path / "a.gguf"
+    path.write_bytes(gguf_bytes(kv, 1))
+    with pytest.raises(MinibloomError, match=f"general.alignment' must be a positive power of two, got {alignment}"):
+        minibloom.load(str(path))
+
+
+@pytest.mark.parametrize("offset", [2**64 - 1, 2**63, 10**12, 8])
+def test_a_gguf_tensor_offset_outside_the_file_is_refused(tmp_path, offset):
+    import struct
+
+    info = gstr("token_embd.weight") + struct.pack("<I", 1) + struct.pack("<Q", 32) + struct.pack("<IQ", 0, offset)
+    path = tmp_path / "o.gguf"
+    path.write_bytes(gguf_bytes(tensors=info, n_tensors=1, tail=b"\0" * 256))
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match="token_embd.weight.*outside"):
+        minibloom.load(str(path))
+
+
+GOOD_META = {"general.architecture": "bloom", "bloom.embedding_length": 16, "bloom.attention.head_count": 2,
+             "bloom.block_count": 2, "bloom.feed_forward_length": 64, "bloom.attention.layer_norm_epsilon": 1e-5,
+             "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+             "tokenizer.ggml.token_type": [1, 1, 1], "tokenizer.ggml.merges": ["a b"]}
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("bloom.attention.layer_norm_epsilon", "1e-5", "layer_norm_epsilon' must be a positive number"),
+    ("bloom.attention.layer_norm_epsilon", [1e-5], "layer_norm_epsilon' must be a positive number"),
+    ("bloom.attention.layer_norm_epsilon", float("nan"), "layer_norm_epsilon' must be a positive number"),
+    ("bloom.feed_forward_length", "64", "feed_forward_length' must be a positive integer"),
+    ("bloom.block_count", [2], "block_count' must be a positive integer"),
+    ("bloom.block_count", 10**9, "n_layer = 1000000000 is larger than any BLOOM"),
+])
+def test_gguf_hyperparameters_of_the_wrong_type_are_refused(key, value, match):
+    from minibloom.formats.gguf import config_from_gguf
+
+    with pytest.raises(MinibloomError, match=match):
+        config_from_gguf({**GOOD_META, key: value}, 10, False, "m.gguf")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("tokenizer.ggml.tokens", "abc", "tokens' must be a list of str"),
+    ("tokenizer.ggml.tokens", [1, 2, 3], "tokens' must be a list of str"),
+    ("tokenizer.ggml.merges", [1, 2], "merges' must be a list of str"),
+    ("tokenizer.ggml.merges", ["a c"], "merges entry 'a c' names a token that is not in"),
+    ("tokenizer.ggml.merges", ["b a"], "merges entry 'b a' names a token that is not in"),
+    ("tokenizer.ggml.token_type", ["x", 1, 1], "token_type' must be a list of int"),
+])
+def test_gguf_vocabulary_metadata_of_the_wrong_type_is_refused(key, value, match):
+    from minibloom.formats.gguf import tokenizer_from_gguf
+
+    with pytest.raises(MinibloomError, match=match):
+        tokenizer_from_gguf({**GOOD_META, key: value}, "m.gguf")
+
+
+def test_the_good_gguf_vocabulary_metadata_builds_a_tokenizer():
+    from minibloom.formats.gguf import tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(GOOD_META, "m.gguf")
+    assert tok.encode("ab").ids == [2]

@@ -8,6 +8,7 @@ blocks ...), never by ``general.file_type``.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
@@ -23,104 +24,135 @@ from .quants import LazyLayer, QuantizedWeight, dequantize
 from .vocab import tokenizer_from_gguf, wrap_tokenizer
 
 
+MAX_ARRAY_DEPTH = 4  # GGUF metadata arrays of arrays; llama.cpp's own files nest one level at most
+MAX_DIMS = 4  # GGML_MAX_DIMS
+PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)  # what a failing parser may still raise
+
+
 def open_reader(path: str):
-    """``gguf.GGUFReader`` on ``path``; a file it cannot parse becomes a MinibloomError naming the bad part."""
+    """``gguf.GGUFReader`` on ``path``, after ``prescan`` has walked the header within bounds; anything the reader
+    still raises (Python errors, or a panic of a Rust extension, a BaseException) becomes a MinibloomError."""
     try:
         from gguf import GGUFReader
     except ImportError:
         raise MinibloomError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise MinibloomError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    prescan(path)
     try:
         return GGUFReader(path, "r")
-    except (ValueError, KeyError, IndexError, OverflowError, struct.error, TypeError) as e:
-        problem = _diagnose(path)
-        raise MinibloomError(f"{path}: {problem or f'corrupt GGUF file ({e})'}") from None
+    except PASS_THROUGH:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the reader of an untrusted file: any failure is the file's
+        raise MinibloomError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
 
 
-def _diagnose(path: str) -> str | None:
-    """Walk the GGUF header by hand (docs/gguf.md) to say which tensor is bad when GGUFReader gives up."""
+class _Header:
+    """A bounds-checked cursor over the mapped file (docs/gguf.md little-endian layout)."""
+
+    SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def __init__(self, buf, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, what: str):
+        raise MinibloomError(f"{self.path}: {what}")
+
+    def take(self, fmt: str):
+        n = struct.calcsize("<" + fmt)
+        if self.pos + n > len(self.buf):
+            self.fail("truncated GGUF header")
+        v = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.take("Q")
+        if n > len(self.buf) - self.pos:
+            self.fail(f"{what}: string of {n} bytes runs past the end of the file")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what}: string is not UTF-8")
+
+    def value(self, t: int, key: str, depth: int = 0):
+        """Skip (or, for short scalars and strings, return) one metadata value of type ``t``."""
+        if t in self.SCALARS:
+            return self.take(self.SCALARS[t])
+        if t == 8:
+            return self.string(f"metadata {key!r}")
+        if t != 9:
+            self.fail(f"metadata {key!r}: unknown value type {t}")
+        if depth >= MAX_ARRAY_DEPTH:
+            self.fail(f"metadata {key!r}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels")
+        et, n = self.take("I"), self.take("Q")
+        least = struct.calcsize("<" + self.SCALARS[et]) if et in self.SCALARS else 8 if et == 8 else 12
+        if et not in self.SCALARS and et not in (8, 9):
+            self.fail(f"metadata {key!r}: unknown array element type {et}")
+        if n * least > len(self.buf) - self.pos:
+            self.fail(f"metadata {key!r}: an array of {n} elements cannot fit in the rest of the file")
+        if et in self.SCALARS:
+            self.pos += n * least
+            return None
+        for _ in range(n):
+            self.value(et, key, depth + 1)
+        return None
+
+
+def prescan(path: str) -> None:
+    """Walk the GGUF header (docs/gguf.md) with every count, length and offset checked against the bytes present,
+    before any parser trusts them: nesting depth, array lengths, ``general.alignment``, tensor dims and types, and
+    each tensor's data range (without integer wrap-around)."""
+    import mmap
+
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        buf = f.read(min(size, 512 * 2**20))
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        n = struct.calcsize(fmt)
-        if pos + n > len(buf):
-            raise EOFError
-        v = struct.unpack_from("<" + fmt, buf, pos)
-        pos += n
-        return v[0] if len(v) == 1 else v
-
-    def string():
-        nonlocal pos
-        n = take("Q")
-        if pos + n > len(buf):
-            raise EOFError
-        s = buf[pos:pos + n].decode("utf-8", "replace")
-        pos += n
-        return s
-
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-    def value(t):
-        if t in scalar:
-            return take(scalar[t])
-        if t == 8:
-            return string()
-        if t == 9:
-            et, n = take("I"), take("Q")
-            if et in scalar and et != 8:
-                nonlocal pos
-                pos += n * struct.calcsize(scalar[et])
-                if pos > len(buf):
-                    raise EOFError
-                return None
-            return [value(et) for _ in range(n)]
-        raise ValueError(f"unknown metadata value type {t}")
-
-    try:
-        take("I")
-        version = take("I")
-        if version not in (2, 3):
-            return f"GGUF version {version} is not supported (2 or 3)"
-        n_tensors, n_kv = take("Q"), take("Q")
-        alignment = 32
-        for _ in range(n_kv):
-            key = string()
-            v = value(take("I"))
-            if key == "general.alignment" and isinstance(v, int):
-                alignment = v
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            n_dims = take("I")
-            dims = [take("Q") for _ in range(n_dims)]
-            infos.append((name, dims, take("I"), take("Q")))
-    except EOFError:
-        return "truncated GGUF header"
-    except (ValueError, UnicodeDecodeError) as e:
-        return f"corrupt GGUF header ({e})"
-    data_start = (pos + alignment - 1) // alignment * alignment
+        if size < 4 or f.read(4) != b"GGUF":
+            f.seek(0)
+            raise MinibloomError(f"{path}: not a GGUF file (magic {f.read(4)!r}, expected b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            h = _Header(buf, path)
+            h.pos = 4
+            version = h.take("I")
+            if version not in (2, 3):
+                h.fail(f"GGUF version {version} is not supported (2 or 3)")
+            n_tensors, n_kv = h.take("Q"), h.take("Q")
+            if n_kv * 12 > size or n_tensors * 24 > size:
+                h.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds")
+            alignment = 32
+            for _ in range(n_kv):
+                key = h.string("metadata key")
+                v = h.value(h.take("I"), key)
+                if key == "general.alignment":
+                    if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v & (v - 1):
+                        h.fail(f"metadata 'general.alignment' must be a positive power of two, got {v!r}")
+                    alignment = v
+            infos = []
+            for _ in range(n_tensors):
+                name = h.string("tensor name")
+                n_dims = h.take("I")
+                if n_dims > MAX_DIMS:
+                    h.fail(f"tensor {name!r}: {n_dims} dimensions (ggml has at most {MAX_DIMS})")
+                dims = [h.take("Q") for _ in range(n_dims)]
+                infos.append((name, dims, h.take("I"), h.take("Q")))
+            data_start = (h.pos + alignment - 1) // alignment * alignment
     for name, dims, type_id, offset in infos:
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
-            return f"tensor {name!r}: unknown ggml type id {type_id}"
+            raise MinibloomError(f"{path}: tensor {name!r}: unknown ggml type id {type_id}") from None
         block, type_size = GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        n = math.prod(dims) if dims else 1
         if dims and dims[0] % block:
-            return f"tensor {name!r}: row length {dims[0]} is not a multiple of the {qtype.name} block size {block}"
-        end = data_start + offset + n // block * type_size
-        if end > size:
-            return f"tensor {name!r}: data ends at byte {end} but the file has {size} bytes (truncated file?)"
-    return None
+            raise MinibloomError(f"{path}: tensor {name!r}: row length {dims[0]} is not a multiple of the "
+                                 f"{qtype.name} block size {block}")
+        end = data_start + offset + n // block * type_size  # Python integers: no wrap-around
+        if offset % alignment or end > size:
+            raise MinibloomError(f"{path}: tensor {name!r}: data at offset {offset} ({n // block * type_size} "
+                                 f"bytes) lies outside the {size}-byte file or off its {alignment}-byte alignment "
+                                 "(truncated or forged file?)")
 
 
 def metadata(reader) -> dict:
@@ -129,18 +161,26 @@ def metadata(reader) -> dict:
     for name, field in reader.fields.items():
         try:
             out[name] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError):
+        except PASS_THROUGH:
+            raise
+        except BaseException:  # noqa: BLE001 - an unreadable field reads as absent; the keys we need are checked
             out[name] = None
     return out
 
 
-def _need(meta: dict, key: str, path: str, kind=int):
-    v = meta.get(key)
+def _need(meta: dict, key: str, path: str, default=None) -> int:
+    """Metadata ``key`` as a positive int (``default`` when absent, if given)."""
+    v = meta.get(key, default)
     if v is None:
         raise MinibloomError(f"{path}: metadata {key!r} is missing")
-    if kind is int and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0):
-        raise MinibloomError(f"{path}: metadata {key!r} must be a positive integer, got {v!r}")
-    return kind(v)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise MinibloomError(f"{path}: metadata {key!r} must be a positive integer, got {_short(v)}")
+    return int(v)
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> BloomConfig:
@@ -150,13 +190,17 @@ def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> Blo
         raise MinibloomError(f"{path}: general.architecture is {arch!r}, minibloom reads only 'bloom' GGUF files")
     C = _need(meta, "bloom.embedding_length", path)
     H = _need(meta, "bloom.attention.head_count", path)
-    ff = meta.get("bloom.feed_forward_length", 4 * C)
+    ff = _need(meta, "bloom.feed_forward_length", path, 4 * C)
     if ff != 4 * C:
         raise MinibloomError(f"{path}: bloom.feed_forward_length {ff} is not 4 x embedding_length ({4 * C})")
-    kv = meta.get("bloom.attention.head_count_kv", H)
+    kv = _need(meta, "bloom.attention.head_count_kv", path, H)
     if kv != H:
         raise MinibloomError(f"{path}: bloom.attention.head_count_kv {kv} != head_count {H} (BLOOM has no GQA)")
     eps = meta.get("bloom.attention.layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not (
+            np.isfinite(eps) and eps > 0):
+        raise MinibloomError(f"{path}: metadata 'bloom.attention.layer_norm_epsilon' must be a positive number, "
+                             f"got {_short(eps)}")
     # stored as float32: 1e-5 reads back as 9.99999974e-06; its shortest float32 spelling is the number HF used
     eps = float(str(np.float32(eps)))
     ids = {}

@@ -24,8 +24,9 @@ def tokenizer_from_gguf(meta: dict, path: str = "gguf"):
     ByteLevel(use_regex=False); CONTROL tokens become special added tokens, USER_DEFINED plain added tokens.
     """
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
+    if tokens is None or (isinstance(tokens, list) and not tokens):
         return None
+    tokens = _list_of(meta, "tokenizer.ggml.tokens", str, path)
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         warnings.warn(f"{path}: tokenizer.ggml.model is {model!r}, not byte-level BPE ('gpt2'); no tokenizer",
@@ -43,7 +44,7 @@ def tokenizer_from_gguf(meta: dict, path: str = "gguf"):
         pre_tokenizers,
     )
 
-    types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    types = _list_of(meta, "tokenizer.ggml.token_type", int, path) or [TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise MinibloomError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     vocab, specials, user = {}, [], []
@@ -58,26 +59,46 @@ def tokenizer_from_gguf(meta: dict, path: str = "gguf"):
         elif ty == TOKEN_USER_DEFINED:
             user.append(tok)
     merges = []
-    for m in meta.get("tokenizer.ggml.merges") or []:
+    for m in _list_of(meta, "tokenizer.ggml.merges", str, path):
         parts = m.split(" ")
         if len(parts) != 2:
             raise MinibloomError(f"{path}: tokenizer.ggml.merges entry {m!r} is not 'left right'")
         merges.append((parts[0], parts[1]))
-    try:
-        bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception types
-        raise MinibloomError(f"{path}: tokenizer metadata does not form a BPE model ({e})") from None
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(BLOOM_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)
-    if specials:
-        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    if user:
-        tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in user])
+    missing = next(((a, b) for a, b in merges if a not in vocab or b not in vocab or a + b not in vocab), None)
+    if missing is not None:
+        raise MinibloomError(f"{path}: tokenizer.ggml.merges entry {' '.join(missing)!r} names a token that is not "
+                             "in tokenizer.ggml.tokens")
+    try:  # the Rust extension panics (a BaseException) on inputs it does not expect
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(BLOOM_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)
+        if specials:
+            tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+        if user:
+            tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in user])
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        raise MinibloomError(f"{path}: tokenizer metadata does not form a BPE model ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
     return tok
+
+
+def _list_of(meta: dict, key: str, kind: type, path: str) -> list:
+    """Metadata ``key`` as a list whose items are all ``kind`` (int excludes bool); [] when absent."""
+    v = meta.get(key)
+    if v is None:
+        return []
+    ok = isinstance(v, list) and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) if kind is int else isinstance(x, kind)
+        for x in v)
+    if not ok:
+        shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+        raise MinibloomError(f"{path}: metadata {key!r} must be a list of {kind.__name__}, got {shown}")
+    return v
 
 
 def wrap_tokenizer(tok, meta: dict, path: str):
@@ -93,8 +114,11 @@ def wrap_tokenizer(tok, meta: dict, path: str):
         i = meta.get(f"tokenizer.ggml.{theirs}")
         if isinstance(i, (int, np.integer)) and 0 <= i < len(tokens):
             config[ours] = tokens[int(i)]
-    if meta.get("tokenizer.chat_template"):
-        config["chat_template"] = meta["tokenizer.chat_template"]
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise MinibloomError(f"{path}: metadata 'tokenizer.chat_template' must be a string")
+    if template:
+        config["chat_template"] = template
     return Tokenizer(tok, config, path)
 
 
