@@ -87,6 +87,8 @@ def names() -> list[str]:
 
 
 def check_messages(messages: Sequence[dict]) -> list[dict]:
+    if not isinstance(messages, (list, tuple)):
+        raise MinibloomError(f"messages: expected a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -122,25 +124,125 @@ def stop_strings(template: str | Template) -> tuple[str, ...]:
     return () if template == TOKENIZER else get(template).stop
 
 
+MAX_TEMPLATE_OUTPUT = 1 << 22  # characters a chat template may render (a long conversation is far below)
+MAX_TEMPLATE_STEPS = 1 << 20  # iterations of range() loops, summed over one render
+MAX_TEMPLATE_SECONDS = 10.0  # checked at every output chunk and every range() step
+
+
 def _render_jinja(messages, tokenizer, add_generation_prompt: bool) -> str:
     source = getattr(tokenizer, "chat_template", None)
     if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(source, str):
-        raise MinibloomError("template 'tokenizer': this tokenizer_config.json has no chat_template")
+        raise MinibloomError("template 'tokenizer': this tokenizer has no chat_template (a string, or a list of "
+                             "{name, template} with a 'default')")
+    where = f"template 'tokenizer' ({getattr(tokenizer, 'path', None) or 'chat_template'})"
+    special = getattr(tokenizer, "special_tokens", {})
+    return render_template(source, where, messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+
+def render_template(source: str, where: str, **context) -> str:
+    """Render an untrusted Jinja ``source`` in a sandbox with limits on output size, loop steps, time and recursion;
+    every failure is a MinibloomError naming ``where``. (jinja2's sandbox blocks attribute escapes; it does not bound
+    work: ``range(10**9)``, ``'a' * 10**10``, ``'%999999999s'|format``, nested loops or ``lipsum(10**8)``.)"""
     try:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise MinibloomError("template 'tokenizer': rendering a Jinja chat_template needs jinja2 "
-                             "(pip install jinja2), or pick a named template with --template") from None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    special = getattr(tokenizer, "special_tokens", {})
+        raise MinibloomError(f"{where}: rendering a Jinja chat_template needs jinja2 (pip install jinja2), or pick "
+                             "a named template with --template") from None
+    import time
+
+    deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+    steps = [0]
+
+    def tick():
+        steps[0] += 1
+        if steps[0] > MAX_TEMPLATE_STEPS:
+            raise _Limit(f"loops ran more than {MAX_TEMPLATE_STEPS} steps")
+        if not steps[0] % 1024 and time.monotonic() > deadline:
+            raise _Limit(f"rendering took more than {MAX_TEMPLATE_SECONDS:.0f} s")
+
+    def counted_range(*args):
+        if any(not isinstance(a, int) or isinstance(a, bool) for a in args) or not 1 <= len(args) <= 3:
+            raise _Limit(f"range{args!r}: expects 1 to 3 integers")
+        for i in range(*args):
+            tick()
+            yield i
+
+    def size(n: int) -> int:
+        if n > MAX_TEMPLATE_OUTPUT:
+            raise _Limit(f"a value of {n} characters or items (at most {MAX_TEMPLATE_OUTPUT})")
+        return n
+
+    class Limited(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        size(len(seq) * max(n, 0))
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+                raise _Limit(f"exponent {right} (at most 1024)")
+            if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, type(left)):
+                size(len(left) + len(right))
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, (str, list, tuple)):
+                    size(len(a))  # a macro doubling a string through its arguments
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            if isinstance(obj, str) and attribute in ("format", "format_map") and any(
+                    int(w) > 10000 for w in re.findall(r"\{[^{}]*?:[^{}]*?(\d+)", obj)):
+                raise _Limit("a format width over 10000")
+            return super().getattr(obj, attribute)
+
+    class Namespace(jinja2.utils.Namespace):
+        def __setitem__(self, name, value):
+            if isinstance(value, (str, list, tuple)):
+                size(len(value))
+            super().__setitem__(name, value)
+
+    def bounded_format(value, *args, **kwargs):
+        if isinstance(value, str) and any(int(w) > 10000 for w in re.findall(r"%[-#0 +]*(\d+)", value)):
+            raise _Limit("a format width over 10000")
+        return size(len(value % (kwargs or args))) and value % (kwargs or args)
+
+    env = Limited(trim_blocks=True, lstrip_blocks=True, loader=None)
+    env.globals["range"] = counted_range
+    env.globals.pop("lipsum", None)
+    env.globals["namespace"] = Namespace
+    env.filters["format"] = bounded_format
     try:
-        return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                              **special)
+        template = env.from_string(source)
+        out, n = [], 0
+        for chunk in template.generate(**context):
+            n += len(chunk)
+            size(n)
+            if time.monotonic() > deadline:
+                raise _Limit(f"rendering took more than {MAX_TEMPLATE_SECONDS:.0f} s")
+            out.append(chunk)
+        return "".join(out)
+    except _Limit as e:
+        raise MinibloomError(f"{where}: the chat_template exceeds a limit: {e}") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except jinja2.TemplateError as e:
-        raise MinibloomError(f"template 'tokenizer': the chat_template does not render ({e})") from None
+        raise MinibloomError(f"{where}: the chat_template does not render ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise MinibloomError(f"{where}: the chat_template recurses too deeply") from None
+    except MemoryError:
+        raise MinibloomError(f"{where}: the chat_template needs more memory than there is") from None
+    except Exception as e:  # noqa: BLE001 - a template's own errors (1/0, 1 + 'a', a missing loader ...)
+        raise MinibloomError(f"{where}: the chat_template fails ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+class _Limit(Exception):
+    """A chat template went past one of the render limits."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
