@@ -123,9 +123,9 @@ def test_unreadable_and_missing_files(tmp_path):
     with pytest.raises(MinibloomError, match="no such trace file"):
         load_trace(tmp_path / "nope.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(MinibloomError, match="not a readable"):
+    with pytest.raises(MinibloomError, match="junk.npz: not a .npz trace"):
         load_trace(tmp_path / "junk.npz")
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, input_ids=np.arange(2), logits=np.zeros((1, 2, 2)), meta=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(MinibloomError, match="not a readable"):  # object arrays need pickle: never loaded
+    with pytest.raises(MinibloomError, match="meta.npy': holds Python objects"):  # pickles are never loaded
         load_trace(pickled)

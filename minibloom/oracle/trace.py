@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MinibloomError
+from ..jsonfile import parse_json
 
 FORMAT_VERSION = 1
 _LAYER_KEY = re.compile(r"^(hidden_states|attentions)\.(\d+)$")
@@ -95,12 +96,72 @@ def load_trace(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MinibloomError(f"{path}: no such trace file")
+    return _validate(_read_members(path), path)
+
+
+MAX_LAYERS = 4096  # layer indices in member names (every BLOOM has at most 70)
+MAX_COMPRESSION = 200  # uncompressed / compressed size a big member may claim (float traces compress < 10x)
+
+
+def _memory_bytes() -> int:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise MinibloomError(f"{path}: not a readable .npz trace ({e})") from None
-    return _validate(raw, path)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def _read_members(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a trace .npz, each member's name, npy header, declared size and compression checked before
+    anything is allocated for it (np.load trusts all of them)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise MinibloomError(f"{path}: not a .npz trace (not a zip archive; a plain .npy file renamed?)")
+    budget = _memory_bytes() // 2
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                what = f"{path}: member {info.filename!r}"
+                if not info.filename.endswith(".npy"):
+                    raise MinibloomError(f"{what}: not a .npy array (an .npz trace holds only NAME.npy members)")
+                key = info.filename[:-4]
+                m = _LAYER_KEY.match(key)
+                if m and int(m.group(2)) >= MAX_LAYERS:
+                    raise MinibloomError(f"{what}: layer index {m.group(2)} (at most {MAX_LAYERS - 1})")
+                if info.file_size > 1 << 26 and info.file_size > MAX_COMPRESSION * max(info.compress_size, 1):
+                    raise MinibloomError(f"{what}: claims {info.file_size} bytes from {info.compress_size} "
+                                         "compressed (a decompression bomb?)")
+                with z.open(info) as f:
+                    out[key] = _read_npy(f, info.file_size, budget, what)
+                budget -= out[key].nbytes
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise MinibloomError(f"{path}: not a readable .npz trace ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _read_npy(f, file_size: int, budget: int, what: str) -> np.ndarray:
+    """One .npy member: its header read and checked (no objects, a size the member holds and memory allows)."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(f)
+        shape, fortran, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError ...
+        raise MinibloomError(f"{what}: not a valid .npy header ({type(e).__name__}: {e})") from None
+    if dtype.hasobject:
+        raise MinibloomError(f"{what}: holds Python objects (pickles are never loaded)")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize if shape else dtype.itemsize
+    if nbytes > file_size:
+        raise MinibloomError(f"{what}: header declares shape {list(shape)} ({nbytes} bytes) but the member holds "
+                             f"{file_size} bytes")
+    if nbytes > budget:
+        raise MinibloomError(f"{what}: {nbytes} bytes would not fit in memory")
+    data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise MinibloomError(f"{what}: ends after {len(data)} of {nbytes} bytes")
+    a = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    return np.array(a)  # writable, owns its memory
 
 
 def _validate(raw: dict, path: str) -> dict:
@@ -141,6 +202,10 @@ def _validate(raw: dict, path: str) -> dict:
         if stacked.get(name) is not None and layers[name]:
             raise MinibloomError(f"{path}: holds both a stacked '{name}' and per-layer '{name}.i' keys; use one")
         if name in stacked:
+            want = 4 if name == "hidden_states" else 5
+            if stacked[name].ndim != want:
+                raise MinibloomError(f"{path}: stacked '{name}' must have {want} dimensions [layer, ...], got shape "
+                                     f"{list(stacked[name].shape)}")
             seq = list(stacked[name])
         elif layers[name]:
             n = max(layers[name]) + 1
@@ -151,6 +216,10 @@ def _validate(raw: dict, path: str) -> dict:
         else:
             seq = None
         tr[name] = seq
+    if tr["hidden_states"] is not None and tr["attentions"] is not None and \
+            len(tr["attentions"]) != len(tr["hidden_states"]) - 1:
+        raise MinibloomError(f"{path}: {len(tr['attentions'])} attention arrays for {len(tr['hidden_states'])} hidden "
+                             "states (one per block: hidden states - 1)")
     if tr.get("logits") is None and tr["hidden_states"] is None:
         raise MinibloomError(f"{path}: holds neither 'logits' nor hidden states; nothing to compare")
     for i, h in enumerate(tr["hidden_states"] or []):
@@ -167,10 +236,7 @@ def _validate(raw: dict, path: str) -> dict:
 def _meta(a: np.ndarray, path: str) -> dict:
     if a.dtype.kind not in "US" or a.ndim != 0:
         raise MinibloomError(f"{path}: 'meta' must be a 0-d string array holding JSON (np.array(json.dumps(d)))")
-    try:
-        meta = json.loads(str(a))
-    except json.JSONDecodeError as e:
-        raise MinibloomError(f"{path}: 'meta' is not valid JSON ({e})") from None
+    meta = parse_json(str(a), f"{path}: 'meta'", max_bytes=1 << 20)
     if not isinstance(meta, dict):
         raise MinibloomError(f"{path}: 'meta' must be a JSON object")
     return meta
