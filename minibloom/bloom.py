@@ -136,6 +136,15 @@ class Bloom:
 
     def new_cache(self, batch: int, max_len: int) -> M.KVCache:
         """An empty preallocated KV cache for ``batch`` rows and up to ``max_len`` positions."""
+        for name, v in (("batch", batch), ("max_len", max_len)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise MinibloomError(f"{name}: must be a positive integer, got {v!r}")
+        from .generate import decode_bytes, memory_bytes
+
+        need = decode_bytes(self, int(batch), int(max_len))
+        if need > memory_bytes():
+            raise MinibloomError(f"max_len={max_len}: a KV cache for {batch} row(s) of {max_len} positions would take "
+                                 f"{need / 2**30:.2f} GiB, more than this process can take")
         c = self.config
         return M.KVCache(self.backend.xp, c.n_layer, batch, c.n_head, c.head_dim, max_len,
                          self.params["word_embeddings"]["weight"].dtype)
@@ -175,6 +184,9 @@ def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32
     """
     from .formats.loading import read_checkpoint
 
+    if path_or_repo_id is not None and not isinstance(path_or_repo_id, (str, os.PathLike)):
+        raise MinibloomError(f"path_or_repo_id: expected a path, a hub repo id or None, got "
+                             f"{type(path_or_repo_id).__name__}")
     name, be = _dtype_name(dtype), Backend(backend)
     got = read_checkpoint(path_or_repo_id, dtype=name, backend=be, revision=revision, cache_dir=cache_dir,
                           progress=progress, low_memory=low_memory, keep_quantized=keep_quantized)

@@ -20,13 +20,13 @@ identical on every backend.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Iterator
 
 import numpy as np
 
 from .errors import MinibloomError
+from .jsonfile import field, read_json_object
 from .model import softmax
 
 
@@ -74,18 +74,98 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # Options
 
 
-def _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise MinibloomError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
-    if do_sample and not (temperature is not None and float(temperature) > 0):
-        raise MinibloomError(f"temperature: must be > 0 when sampling, got {temperature!r} "
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and bool(np.isfinite(v))
+
+
+def _shown(v) -> str:
+    s = repr(int(v) if _is_int(v) else float(v) if isinstance(v, np.floating) else v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed=None):
+    """Every option's type and range, before any work (NumPy would otherwise fail deep inside, or never)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise MinibloomError(f"max_new_tokens: must be an integer >= 0, got {_shown(max_new_tokens)}")
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise MinibloomError(f"do_sample: must be True or False, got {_shown(do_sample)}")
+    if do_sample and not (_is_number(temperature) and temperature > 0):
+        raise MinibloomError(f"temperature: must be a finite number > 0 when sampling, got {_shown(temperature)} "
                              "(use do_sample=False for greedy decoding)")
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
-        raise MinibloomError(f"top_k: must be an integer >= 0 (0 or None disables it), got {top_k!r}")
-    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-        raise MinibloomError(f"top_p: must be in (0, 1], got {top_p!r}")
-    if not float(repetition_penalty) > 0:
-        raise MinibloomError(f"repetition_penalty: must be > 0, got {repetition_penalty!r}")
+    if temperature is not None and not _is_number(temperature):
+        raise MinibloomError(f"temperature: must be a finite number, got {_shown(temperature)}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise MinibloomError(f"top_k: must be an integer >= 0 (0 or None disables it), got {_shown(top_k)}")
+    if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
+        raise MinibloomError(f"top_p: must be a number in (0, 1], got {_shown(top_p)}")
+    if not (_is_number(repetition_penalty) and repetition_penalty > 0):
+        raise MinibloomError(f"repetition_penalty: must be a finite number > 0, got {_shown(repetition_penalty)}")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise MinibloomError(f"seed: must be an integer in [0, 2**63) or None, got {_shown(seed)}")
+
+
+def _token_ids(value, name: str, vocab: int) -> np.ndarray:
+    """``eos_token_id`` / ``pad_token_id``: an id or a list of ids, each in [0, vocab)."""
+    items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    for v in items:
+        if not _is_int(v) or not 0 <= v < vocab:
+            raise MinibloomError(f"{name}: must be a token id in [0, {vocab}) (or a list of them), got {_shown(v)}")
+    return np.array([int(v) for v in items], np.int64)
+
+
+def decode_bytes(model, batch: int, length: int) -> int:
+    """Bytes the KV cache and the mask take for ``batch`` rows of ``length`` positions (preallocated by stream)."""
+    c = model.config
+    itemsize = np.dtype(model.dtype).itemsize  # the compute dtype's name ("float32" / "float64")
+    return 2 * c.n_layer * batch * length * c.hidden_size * itemsize + batch * length * 8
+
+
+def memory_bytes() -> int:
+    """Memory this process can still take: the smallest of the machine's available memory (MemAvailable), what the
+    address-space limit (RLIMIT_AS) leaves, and what the cgroup's memory.max leaves; physical memory, or a generous
+    fallback, where the platform says none of these."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                limits.append(soft - int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE"))
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            cap = f.read().strip()
+            if cap != "max":
+                limits.append(int(cap) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            limits.append(1 << 36)
+    return max(0, min(limits))
+
+
+def _check_length(model, batch: int, prompt: int, max_new_tokens: int) -> None:
+    need = decode_bytes(model, batch, prompt + max_new_tokens)
+    have = memory_bytes()
+    if need > have:
+        raise MinibloomError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} row(s) of {prompt} + "
+                             f"{max_new_tokens} positions would take {need / 2**30:.2f} GiB, and this process can "
+                             f"take {have / 2**30:.2f} GiB more; ask for fewer tokens")
 
 
 def _default(value, fallback):
@@ -105,15 +185,19 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, d
     Same options as :func:`generate`. Finished rows yield ``pad_token_id``. Stop early by leaving the loop (or
     ``.close()``); the generator stops by itself when every row has emitted eos or after ``max_new_tokens``.
     """
-    _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+    _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
     ids = model._ids(input_ids)
     B, P = ids.shape
-    mask = np.zeros((B, P + max_new_tokens), np.int64)  # grows one column per step; HF appends ones to every row
-    mask[:, :P] = model._mask(attention_mask, (B, P))
+    _check_length(model, B, P, max_new_tokens)
     cfg = model.config
     eos = _default(eos_token_id, cfg.eos_token_id)
-    eos_ids = np.array([] if eos is None else np.atleast_1d(eos), np.int64)
+    eos_ids = _token_ids([] if eos is None else eos, "eos_token_id", model.vocab_size)
     pad = _default(pad_token_id, _default(cfg.pad_token_id, int(eos_ids[0]) if eos_ids.size else 0))
+    if isinstance(pad, (list, tuple, np.ndarray)):
+        raise MinibloomError(f"pad_token_id: must be one token id, got {_shown(pad)}")
+    pad = int(_token_ids(pad, "pad_token_id", model.vocab_size)[0])
+    mask = np.zeros((B, P + max_new_tokens), np.int64)  # grows one column per step; HF appends ones to every row
+    mask[:, :P] = model._mask(attention_mask, (B, P))
     if max_new_tokens == 0:
         return
 
@@ -214,17 +298,13 @@ def generation_options(model, *, temperature=None, top_k=None, top_p=None, repet
                  max_new_tokens=max_new_tokens)
     opts = dict(BUILTIN)
     directory = model_dir(model)
-    if directory and os.path.isfile(os.path.join(directory, "generation_config.json")):
-        try:
-            with open(os.path.join(directory, "generation_config.json")) as f:
-                gc = json.load(f)
-        except (OSError, ValueError):
-            gc = {}
-        if isinstance(gc.get("do_sample"), bool):
-            opts["do_sample"] = gc["do_sample"]
-        for k in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
-            if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool):
-                opts[k] = gc[k]
+    path = os.path.join(directory, "generation_config.json") if directory else None
+    if path and os.path.isfile(path):
+        gc = read_json_object(path)
+        opts["do_sample"] = field(gc, "do_sample", bool, path, default=opts["do_sample"])
+        for k, kind, lo, hi in (("temperature", float, 0, 1e6), ("top_k", int, 0, 1 << 31), ("top_p", float, 0, 1),
+                                ("repetition_penalty", float, 1e-6, 1e6), ("max_new_tokens", int, 0, 1 << 31)):
+            opts[k] = field(gc, k, kind, path, default=opts[k], lo=lo, hi=hi)
     for k, v in given.items():
         if v is not None:
             opts[k] = v

@@ -38,6 +38,20 @@ def _read_json(path: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def _utf8(text: str, name: str) -> str:
+    """``text`` if it can be encoded as UTF-8 (a lone surrogate such as ``"\\udcff"`` cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MinibloomError(f"{name}: not valid Unicode text ({e.reason} at position {e.start})") from None
+    return text
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
 PADDING_SIDES = ("left", "right")
 
 
@@ -158,10 +172,11 @@ class Tokenizer:
     def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
         """Token ids of ``text`` (no BOS/EOS added; special tokens written in the text, like ``</s>``, are matched)."""
         if isinstance(text, str):
-            return self._tk.encode(text, add_special_tokens=False).ids
-        if not all(isinstance(t, str) for t in text):
-            raise MinibloomError("text: expected a string or a list of strings")
-        return [e.ids for e in self._tk.encode_batch(list(text), add_special_tokens=False)]
+            return self._tk.encode(_utf8(text, "text"), add_special_tokens=False).ids
+        if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+            raise MinibloomError(f"text: expected a string or a list of strings, got {type(text).__name__}")
+        texts = [_utf8(t, f"text[{i}]") for i, t in enumerate(text)]
+        return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: Sequence[str], pad_token_id: int | None = None, *,
                      padding_side: str = "left") -> tuple[np.ndarray, np.ndarray]:
@@ -177,10 +192,24 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False):
         """Text of ``ids`` ([seq] -> str, [batch, seq] -> list of str). Special tokens are kept unless skipped."""
-        a = np.asarray(ids)
+        if isinstance(ids, (str, bytes)):
+            raise MinibloomError(f"ids: expected token ids (a list or an array of integers), got {type(ids).__name__}")
+        try:
+            a = np.asarray(ids)
+        except (ValueError, TypeError, OverflowError):
+            a = None
+        if a is None or (a.size and a.dtype.kind not in "iu" and not (
+                a.dtype == object and all(isinstance(i, int) and not isinstance(i, bool) for i in a.reshape(-1)))):
+            raise MinibloomError(f"ids: expected integers, got {_short(ids)}")
         if a.ndim == 2:
             return [self.decode(row, skip_special_tokens) for row in a]
-        return self._tk.decode([int(i) for i in a.reshape(-1)], skip_special_tokens=skip_special_tokens)
+        if a.ndim > 2:
+            raise MinibloomError(f"ids: expected [seq] or [batch, seq], got {a.ndim} dimensions")
+        flat = [int(i) for i in a.reshape(-1)]
+        bad = next((i for i in flat if not 0 <= i < 2**32), None)
+        if bad is not None:  # ids past the vocabulary (a model's padded embedding rows) decode to nothing, as in HF
+            raise MinibloomError(f"ids: {bad} is not a token id (ids are integers from 0)")
+        return self._tk.decode(flat, skip_special_tokens=skip_special_tokens)
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
