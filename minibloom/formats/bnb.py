@@ -26,7 +26,8 @@ from ..config import BloomConfig
 from ..errors import MinibloomError
 from ..jsonfile import parse_json
 from .safetensors import round_to_bf16
-from .weights import Checkpoint, _progress, check_finite, check_layer_count, check_names, expected_shapes, nest
+from .weights import (Checkpoint, _progress, check_finite, check_layer_count, check_names, embedding_rows,
+                      expected_shapes, nest)
 
 STATE_PREFIX = "quant_state.bitsandbytes__"
 QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -150,14 +151,9 @@ def read_bnb_params(ckpt: Checkpoint, cfg: BloomConfig, np_dtype, config_path: s
     """Every tensor of a transformers bitsandbytes 4-bit BLOOM checkpoint, dequantized, nested under HF names."""
     where = ckpt.files[0].path
     check_quantization_config(cfg.quantization_config or {}, config_path)
-    if "word_embeddings.weight" not in ckpt.where:
-        raise MinibloomError(f"{where}: missing tensor 'word_embeddings.weight' (is this a BLOOM checkpoint?)")
-    emb = ckpt.info("word_embeddings.weight")
-    if len(emb.shape) != 2 or emb.shape[1] != cfg.hidden_size or emb.shape[0] == 0:
-        raise MinibloomError(f"{ckpt.describe('word_embeddings.weight')}: shape {list(emb.shape)} does not match "
-                             f"[vocab, hidden_size={cfg.hidden_size}]")
+    vocab = embedding_rows(ckpt, cfg, where)
     check_layer_count(cfg, len(ckpt.where), where)
-    want = expected_shapes(cfg, emb.shape[0])
+    want = expected_shapes(cfg, vocab)
     quantized = {n for n in want if any(k.startswith(f"{n}.{STATE_PREFIX}") for k in ckpt.where)} \
         if any(STATE_PREFIX in k for k in ckpt.where) else set()
     allowed = set(want) | {"lm_head.weight"}

@@ -261,15 +261,20 @@ def check_names(present, want: dict, where: str, n_layer: int, allowed=frozenset
         raise MinibloomError(f"{where}: unexpected tensors {extra[:5]}{more} (n_layer={n_layer} in config)")
 
 
-def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
-    """Check names, dtypes and shapes against the config; return the vocab size (rows of the embedding)."""
+def embedding_rows(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
+    """The vocabulary size a checkpoint holds: rows of its [vocab, hidden_size] word embedding (at least one)."""
     if "word_embeddings.weight" not in ckpt.where:
         raise MinibloomError(f"{where}: missing tensor 'word_embeddings.weight' (is this a BLOOM checkpoint?)")
     emb = ckpt.info("word_embeddings.weight")
     if len(emb.shape) != 2 or emb.shape[1] != cfg.hidden_size or emb.shape[0] == 0:
         raise MinibloomError(f"{ckpt.describe('word_embeddings.weight')}: shape {list(emb.shape)} does not match "
                              f"[vocab, hidden_size={cfg.hidden_size}]")
-    vocab = emb.shape[0]
+    return int(emb.shape[0])
+
+
+def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
+    """Check names, dtypes and shapes against the config; return the vocab size (rows of the embedding)."""
+    vocab = embedding_rows(ckpt, cfg, where)
     if vocab != cfg.vocab_size:
         warnings.warn(f"{where}: config vocab_size {cfg.vocab_size} but the embedding has {vocab} rows; using {vocab}",
                       stacklevel=3)
