@@ -280,6 +280,7 @@ def detect(name_or_path: str | None = None, tokenizer=None, default: str = "bloo
 
 # ---- a conversation: the session behind ``minibloom chat`` ----------------------------------------------------
 COMMANDS_HELP = "commands: /reset  forget the conversation | /show  print the prompt | /quit  leave | /help"
+KNOWN_COMMANDS = ("/quit", "/exit", "/q", "/reset", "/help", "/show")
 
 
 class StopWatcher:
@@ -347,7 +348,7 @@ def reply(model, prompt: str, opts: dict, stops, out) -> str:
         raise MinibloomError("chat: the rendered prompt is empty")
     dec = tok.stream_decoder(skip_special_tokens=True)
     watch = StopWatcher(stops)
-    text, stopped = [], False
+    text, stopped, interrupted = [], False, False
     gen = stream(model, [ids], **opts)
     try:
         for nxt in gen:
@@ -358,9 +359,12 @@ def reply(model, prompt: str, opts: dict, stops, out) -> str:
                 text.append(piece)
             if stopped:
                 break
+    except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on with what was said so far
+        interrupted = True
+        out.write(" [stopped]")
     finally:
         gen.close()
-    if not stopped:
+    if not stopped and not interrupted:
         tail, _ = watch.feed(dec.flush())
         tail += watch.rest()
         out.write(tail)
@@ -371,18 +375,21 @@ def reply(model, prompt: str, opts: dict, stops, out) -> str:
 
 
 def _read_line(stdin, stdout, interactive: bool) -> str | None:
-    """One line of user input, or None at end of input. On a terminal, ``input()`` gives line editing."""
-    if interactive and stdin is sys.stdin and stdout is sys.stdout:
-        try:
+    """One line of user input, or None at end of input (Ctrl-D, or Ctrl-C at the prompt). On a terminal, ``input()``
+    gives line editing. Input that is not UTF-8 is a MinibloomError."""
+    try:
+        if interactive and stdin is sys.stdin and stdout is sys.stdout:
             return input("you> ")
-        except EOFError:
-            stdout.write("\n")
-            return None
-    if interactive:
-        stdout.write("you> ")
-        stdout.flush()
-    line = stdin.readline()
-    return line or None
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        return line or None
+    except (EOFError, KeyboardInterrupt):
+        stdout.write("\n")
+        return None
+    except UnicodeDecodeError as e:
+        raise MinibloomError(f"stdin: not UTF-8 text ({e.reason})") from None
 
 
 def chat_loop(model, template: str, opts: dict, stdin, stdout, system: str | None = None,
@@ -396,6 +403,8 @@ def chat_loop(model, template: str, opts: dict, stdin, stdout, system: str | Non
 
     def prompt_of(msgs):
         return render(msgs, template, tokenizer=tok)
+
+    prompt_of(base + [{"role": "user", "content": "hello"}])  # a template that cannot render fails before any input
 
     budget = max(1, max_context - int(opts["max_new_tokens"]))
     while True:
@@ -418,9 +427,15 @@ def chat_loop(model, template: str, opts: dict, stdin, stdout, system: str | Non
         if cmd == "/show":
             stdout.write(repr(prompt_of(messages + [{"role": "user", "content": "…"}])) + "\n")
             continue
+        if cmd.startswith("/") and cmd.split()[0] not in KNOWN_COMMANDS:
+            stdout.write(f"(unknown command {cmd.split()[0]}; {COMMANDS_HELP})\n")
+            continue
         messages.append({"role": "user", "content": line})
         messages = fit_context(messages, prompt_of, tok.encode, budget)
         if interactive:
             stdout.write("bot> ")
         answer = reply(model, prompt_of(messages), opts, stops, stdout)
         messages.append({"role": "assistant", "content": answer})
+        if not interactive:
+            stdout.write("\n")  # piped replies stay apart: a blank line after each
+            stdout.flush()

@@ -117,6 +117,9 @@ class BloomConfig:
         if self.pretraining_tp > self.hidden_size:
             raise MinibloomError(f"{source}: pretraining_tp {self.pretraining_tp} is more slices than hidden_size "
                                  f"{self.hidden_size} has columns")
+        if self.hidden_size % self.pretraining_tp:  # BLOOM was trained on tp slices of equal width
+            raise MinibloomError(f"{source}: hidden_size {self.hidden_size} is not divisible by pretraining_tp "
+                                 f"{self.pretraining_tp}")
         if self.hidden_size % self.n_head:
             raise MinibloomError(f"{source}: hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         eps = self.layer_norm_epsilon
@@ -127,8 +130,9 @@ class BloomConfig:
                 raise MinibloomError(f"{source}: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAXIMA["vocab_size"]):
-                raise MinibloomError(f"{source}: {name} must be a token id (0 .. {MAXIMA['vocab_size'] - 1}) or "
+            # an id the vocabulary does not hold would fail only when generation first stops or pads
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
+                raise MinibloomError(f"{source}: {name} must be a token id (0 .. {self.vocab_size - 1}) or "
                                      f"null, got {v!r}")
         if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
             raise MinibloomError(f"{source}: quantization_config must be an object")

@@ -184,6 +184,8 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, d
 
     Same options as :func:`generate`. Finished rows yield ``pad_token_id``. Stop early by leaving the loop (or
     ``.close()``); the generator stops by itself when every row has emitted eos or after ``max_new_tokens``.
+    Every argument is checked when ``stream`` is called, before the first step (a caller can print nothing until
+    the arguments are known good).
     """
     _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
     ids = model._ids(input_ids)
@@ -198,9 +200,16 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, d
     pad = int(_token_ids(pad, "pad_token_id", model.vocab_size)[0])
     mask = np.zeros((B, P + max_new_tokens), np.int64)  # grows one column per step; HF appends ones to every row
     mask[:, :P] = model._mask(attention_mask, (B, P))
+    return _steps(model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                  eos_ids, pad, seed)
+
+
+def _steps(model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_ids, pad,
+           seed) -> Iterator[np.ndarray]:
+    """The decoding loop of ``stream``, on checked arguments."""
+    B, P = ids.shape
     if max_new_tokens == 0:
         return
-
     processing = do_sample or float(repetition_penalty) != 1.0
     penalty = float(repetition_penalty)
     seen = None

@@ -148,6 +148,8 @@ def _set_state(t, **kw):
     (lambda t, c: t.pop(QKV + ".absmax"), r"missing .*absmax"),
     (lambda t, c: t.__setitem__(QKV + ".absmax", t[QKV + ".absmax"][:-1].copy()), "absmax"),
     (lambda t, c: t.__setitem__(QKV + ".quant_map", np.zeros(8, np.float32)), "quant_map"),
+    (lambda t, c: t.__setitem__(QKV + ".quant_map", t[QKV + ".quant_map"] * 1e30), "code tables lie in"),
+    (lambda t, c: t.__setitem__(QKV + ".nested_quant_map", t[QKV + ".nested_quant_map"] * np.nan), "entry 0 is nan"),
     (lambda t, c: t.__setitem__(QKV, t[QKV][:-2].copy()), "packed 4-bit codes"),
     (lambda t, c: t.__setitem__(QKV + ".quant_state.bitsandbytes__fp4", t[STATE].copy()), "expected one"),
     (lambda t, c: c["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False, load_in_8bit=True),

@@ -149,8 +149,8 @@ def test_chat_keeps_the_conversation(ckpt):
         text = text.split(stop)[0]
     assert msgs[3]["content"] == text
     shown = out.getvalue().splitlines()
-    assert shown[0] == msgs[1]["content"] and shown[1] == msgs[3]["content"]
-    assert "<|prompter|>How are you?</s>" in shown[2]  # /show prints the prompt with the history
+    assert shown[:4] == [msgs[1]["content"], "", msgs[3]["content"], ""]  # piped replies: a blank line after each
+    assert "<|prompter|>How are you?</s>" in shown[4]  # /show prints the prompt with the history
 
 
 def test_chat_reset(ckpt):

@@ -112,8 +112,18 @@ def test_offline_env_without_a_copy_explains_what_to_do(weights, monkeypatch):
     with pytest.raises(MinibloomError) as e:
         minibloom.load(REPO)
     msg = str(e.value)
-    assert "HF_HUB_OFFLINE" in msg and "someorg--tiny-bloom" in msg and "HF_HOME" in msg
-    assert "minibloom download someorg/tiny-bloom" in msg
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in msg and "someorg--tiny-bloom" in msg and "HF_HOME" in msg
+    # the advice turns offline mode off (a plain `minibloom download` would fail the same way) and names the cache
+    assert "unset HF_HUB_OFFLINE" in msg and "HF_HUB_OFFLINE=0 minibloom download someorg/tiny-bloom" in msg
+    assert os.environ["HF_HUB_CACHE"] in msg
+
+
+def test_offline_mode_named_by_transformers_offline_is_reported_as_such(weights, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub())
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    with pytest.raises(MinibloomError, match=r"offline mode is on \(TRANSFORMERS_OFFLINE=yes\)") as e:
+        hub.download(REPO)
+    assert "unset TRANSFORMERS_OFFLINE" in str(e.value)
 
 
 def test_offline_env_uses_the_hf_cache(weights, tmp_path, monkeypatch):
@@ -169,3 +179,25 @@ def test_missing_repo_is_a_clear_error(weights, monkeypatch):
 def test_not_a_repo_id_is_a_clear_error(weights):
     with pytest.raises(MinibloomError, match="no such file or directory"):
         minibloom.load("no-such-model")
+
+
+@pytest.mark.parametrize("name", ["weights/nonexistent", "./x", "../x", "/abs/x", "x.safetensors", "x.gguf",
+                                  "org/model.safetensors", "~/no-such-minibloom-model"])
+def test_a_local_looking_path_that_does_not_exist_is_a_missing_path_not_a_hub_id(weights, tmp_path, monkeypatch,
+                                                                                 name):
+    def no_network(*a, **kw):
+        raise AssertionError("a local-looking path must never reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)  # tmp_path holds weights/, so "weights/nonexistent" names a local folder
+    with pytest.raises(MinibloomError, match=f"^{name}: no such file or directory") as e:
+        minibloom.load(name)
+    assert "minibloom download" not in str(e.value)
+
+
+def test_a_bare_safetensors_file_name_without_a_config_names_the_real_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    with pytest.raises(MinibloomError, match="no config.json") as e:
+        minibloom.load("x.safetensors")
+    assert str(e.value).startswith(f"{tmp_path}: no config.json")

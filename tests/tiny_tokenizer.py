@@ -55,19 +55,23 @@ def write_checkpoint(directory, vocab: int = 320, hidden: int = 32, n_layer: int
     import numpy as np
 
     from minibloom.formats.safetensors import save_file
-    from minibloom.formats.weights import LAYER_TENSORS
+    from minibloom.config import BloomConfig
+    from minibloom.formats.weights import expected_shapes
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
+    # names and shapes come from the one schema; draws keep their order: embedding, the two outer LayerNorms, layers
+    shapes = expected_shapes(BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head),
+                             vocab)
+    outer = [k for k in shapes if not k.startswith(("h.", "word_embeddings."))]
+    tensors = {"transformer.word_embeddings.weight": rng.normal(0, 0.3, shapes["word_embeddings.weight"])}
+    for name in outer:
+        tensors[f"transformer.{name}"] = (1 + rng.normal(0, 0.2, shapes[name]) if name.endswith(".weight")
+                                          else rng.normal(0, 0.1, shapes[name]))
+    for name in (k for k in shapes if k.startswith("h.")):
+        tensors[f"transformer.{name}"] = rng.normal(0, 0.08, shapes[name])
     C = hidden
-    tensors = {"transformer.word_embeddings.weight": rng.normal(0, 0.3, (vocab, C))}
-    for name in ("word_embeddings_layernorm", "ln_f"):
-        tensors[f"transformer.{name}.weight"] = 1 + rng.normal(0, 0.2, C)
-        tensors[f"transformer.{name}.bias"] = rng.normal(0, 0.1, C)
-    for i in range(n_layer):
-        for name, shape in LAYER_TENSORS:
-            tensors[f"transformer.h.{i}.{name}"] = rng.normal(0, 0.08, shape(C))
     tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), {"format": "pt"},
               bf16=tuple(tensors) if bf16 else ())

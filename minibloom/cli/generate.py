@@ -56,6 +56,19 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens_help: str) -> N
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def read_stdin() -> str:
+    """All of standard input as text; bytes that are not UTF-8 are a MinibloomError, not a traceback."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MinibloomError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def load_model(args):
     """``minibloom.load`` with the CLI's model options (progress bars on a terminal for big checkpoints)."""
     from ..bloom import load
@@ -92,7 +105,7 @@ def run(args, stdout=None, stderr=None) -> int:
 
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     t0 = time.perf_counter()
     model = load_model(args)
     t_load = time.perf_counter() - t0
@@ -104,6 +117,7 @@ def run(args, stdout=None, stderr=None) -> int:
     if not ids:
         raise MinibloomError("PROMPT: empty prompt (BLOOM adds no start token, so there is nothing to continue)")
     opts = generation_options(args, model)
+    steps = stream(model, [ids], **opts)  # checks every option before anything is printed
     if args.stats:
         mode = "greedy" if not opts["do_sample"] else \
             f"sampling T={opts['temperature']} top-k={opts['top_k']} top-p={opts['top_p']} seed={opts['seed']}"
@@ -115,7 +129,7 @@ def run(args, stdout=None, stderr=None) -> int:
     n = 0
     t1 = time.perf_counter()
     t_first = None
-    for nxt in stream(model, [ids], **opts):
+    for nxt in steps:
         if t_first is None:
             t_first = time.perf_counter()
         n += 1
@@ -130,6 +144,6 @@ def run(args, stdout=None, stderr=None) -> int:
         prefill = (t_first or t_end) - t1
         decode = t_end - (t_first or t_end)
         rate = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
-        print(f"[load {t_load:.2f} s; prompt {len(ids)} tokens, prefill + first token {prefill * 1e3:.1f} ms; "
-              f"{n} new tokens, decode {rate:.1f} tokens/s]", file=stderr)
+        print(f"[load {t_load:.2f} s; prompt {plural(len(ids), 'token')}, prefill + first token "
+              f"{prefill * 1e3:.1f} ms; {plural(n, 'new token')}, decode {rate:.1f} tokens/s]", file=stderr)
     return 0

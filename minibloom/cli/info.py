@@ -23,6 +23,14 @@ read, so it is instant even for bloom-176b.
 """
 
 
+def count(n: int) -> str:
+    """12,345 -> "12.3K", 559,214,592 -> "559.2M": three significant figures at least, never "0.0M"."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "info", help="sizes, dtype, parameter count and memory needed of a checkpoint",
@@ -161,7 +169,7 @@ def run(args) -> int:
         f"{c['head_dim']}, vocab {c['vocab_rows']} rows"
         + (", post-LN residual" if c["apply_residual_connection_post_layernorm"] else "")
         + (f", pretraining_tp {c['pretraining_tp']}" if c["pretraining_tp"] != 1 else ""),
-        f"parameters      {facts['n_params']:,} ({facts['n_params'] / 1e6:.1f}M)",
+        f"parameters      {facts['n_params']:,} ({count(facts['n_params'])})",
         f"on disk         {human(facts['disk_bytes'])}; "
         + ", ".join(f"{k} x{v['tensors']} ({human(v['bytes'])})" for k, v in facts["tensor_dtypes"].items()),
     ]

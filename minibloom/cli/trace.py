@@ -203,7 +203,9 @@ def describe_layout(mask: np.ndarray) -> str:
 def run(args) -> int:
     import minibloom
     from ..oracle.trace import save_trace, trace
+    from . import output_path
 
+    output_path(args.out, "--out")
     model = minibloom.load(args.model, dtype=args.dtype)
     ids, mask = inputs_from_args(args, model)
     tr = trace(model, ids, mask, attentions=args.attentions)

@@ -95,6 +95,18 @@ def _floats(ckpt: Checkpoint, key: str, n: int, owner: str) -> np.ndarray:
     return ckpt.get(key, np.float32)
 
 
+def _code_table(ckpt: Checkpoint, key: str, n: int, name: str) -> np.ndarray:
+    """A code table (``quant_map``, ``nested_quant_map``): bitsandbytes normalises its NF4, FP4 and dynamic 8-bit
+    tables to a largest magnitude of exactly 1, so an entry outside [-1, 1] (or NaN) is a forged table whose
+    weights could overflow the forward pass."""
+    table = _floats(ckpt, key, n, name)
+    if not np.all(np.abs(table) <= 1):
+        bad = int(np.flatnonzero(~(np.abs(table) <= 1))[0])
+        raise MinibloomError(f"{ckpt.describe(key)}: entry {bad} is {float(table[bad])!r}; bitsandbytes' code tables "
+                             "lie in [-1, 1]")
+    return table
+
+
 def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """One bitsandbytes 4-bit weight -> float32 array of ``shape`` (bnb's value in its stored ``dtype``)."""
     key, meta = _state(ckpt, name)
@@ -113,7 +125,7 @@ def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.n
     if packed.size != (n + 1) // 2:
         raise MinibloomError(f"{ckpt.describe(name)}: {packed.size} bytes of packed 4-bit codes, expected "
                              f"{(n + 1) // 2} for shape {list(shape)}")
-    code = _floats(ckpt, f"{name}.quant_map", 16, name)
+    code = _code_table(ckpt, f"{name}.quant_map", 16, name)
 
     nested = f"{name}.nested_absmax" in ckpt.where
     if nested:
@@ -129,7 +141,7 @@ def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.n
             raise MinibloomError(f"{ckpt.describe(akey)}: expected uint8 codes of shape [{n_blocks}] (double "
                                  f"quantization), got {a_info.dtype} {list(a_info.shape)}")
         acodes = ckpt.raw(akey).astype(np.intp)
-        nmap = _floats(ckpt, f"{name}.nested_quant_map", 256, name)
+        nmap = _code_table(ckpt, f"{name}.nested_quant_map", 256, name)
         nabs = _floats(ckpt, f"{name}.nested_absmax", -(-n_blocks // nbs), name)
         absmax = nmap[acodes] * nabs[np.arange(n_blocks) // nbs] + np.float32(offset)
     else:

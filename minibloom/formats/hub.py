@@ -71,6 +71,39 @@ def _offline_help(repo_id: str, local_dir: str, why: str) -> MinibloomError:
         f"'minibloom download {repo_id}' on a machine with network access and copy the folder over.")
 
 
+def _offline_variable() -> str:
+    """The environment variable that switched offline mode on, with its value (``HF_HUB_OFFLINE=1``)."""
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{v}={os.environ[v]}"
+    return "HF_HUB_OFFLINE"
+
+
+def _hf_cache_dir() -> str:
+    """Where huggingface_hub keeps its cache: HF_HUB_CACHE, else HF_HOME/hub, else the installed version's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except (ImportError, AttributeError):
+        return "$HF_HOME/hub"
+
+
+def _offline_mode_help(repo_id: str, local_dir: str) -> MinibloomError:
+    """Offline mode is on: nothing may be downloaded, so say how to switch it off rather than to download."""
+    var = _offline_variable()
+    name = var.split("=")[0]
+    return MinibloomError(
+        f"{repo_id}: offline mode is on ({var}), so nothing is downloaded, and no local copy was found in "
+        f"{local_dir} or in the Hugging Face cache ({_hf_cache_dir()}; HF_HOME / HF_HUB_CACHE move it). To "
+        f"download it, turn offline mode off: 'unset {name}' (or run '{name}=0 minibloom download {repo_id}'). "
+        f"Or copy the checkpoint directory (config.json, tokenizer.json, *.safetensors) to {local_dir}.")
+
+
 def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
     """huggingface_hub's own cache (HF_HOME / HF_HUB_CACHE), without touching the network."""
     from huggingface_hub import snapshot_download
@@ -113,7 +146,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | os.Path
         found = _local(repo_id, revision, local_dir)
         if found:
             return found
-        raise _offline_help(repo_id, local_dir, "HF_HUB_OFFLINE is set (no network)")
+        raise _offline_mode_help(repo_id, local_dir)
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hf_errors

@@ -23,14 +23,60 @@ def resolve(path_or_repo_id, *, revision=None, cache_dir=None, progress=None) ->
     p = os.fspath(path_or_repo_id)
     if os.path.exists(p):
         return p
+    if p.startswith("~") and os.path.exists(os.path.expanduser(p)):  # a quoted ~ the shell did not expand
+        return os.path.expanduser(p)
     local = os.path.join(weights_dir(), p)
     if os.path.isdir(local):
         return local
     from .hub import download, looks_like_repo_id
 
+    if looks_like_local_path(p):
+        raise MinibloomError(f"{p}: no such file or directory{_nearest_existing(p)}")
     if looks_like_repo_id(p):
         return download(p, revision=revision, cache_dir=cache_dir, progress=progress)
     raise MinibloomError(f"{p}: no such file or directory, and not a hub repo id like 'bigscience/bloom-560m'")
+
+
+# File extensions of checkpoint and config files: a name ending in one is a file, never a hub repo id.
+FILE_EXTENSIONS = (".safetensors", ".gguf", ".json", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".npz", ".msgpack")
+
+
+def looks_like_local_path(p: str) -> bool:
+    """A path the user meant as a local one: it starts with ``.``, ``/`` or ``~``, ends with a file extension, or
+    its first component is an existing directory (``weights/nonexistent`` where ``./weights`` exists)."""
+    if p.startswith((".", "/", "~", os.sep)) or os.path.isabs(p) or p.lower().endswith(FILE_EXTENSIONS):
+        return True
+    parts = p.replace(os.sep, "/").split("/")
+    return len(parts) > 1 and os.path.isdir(parts[0])
+
+
+def _nearest_existing(p: str) -> str:
+    """``" (/abs/dir exists; is the name spelled right?)"`` for the deepest existing parent of ``p`` (nothing when
+    that is the file system root), so a typo in the last part of a path is easy to spot."""
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(p)))
+    while parent and not os.path.isdir(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            return ""
+        parent = up
+    root = os.path.dirname(parent) == parent
+    return "" if root else f" ({parent} exists; is the name spelled right?)"
+
+
+def checkpoint_parts(path: str) -> tuple[str, list[str] | None, str]:
+    """``(directory, files, config.json path)`` of a safetensors checkpoint given as a directory or as one
+    ``.safetensors`` file (``files`` is None for a directory: its index or model.safetensors decides)."""
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise MinibloomError(f"{path}: expected a checkpoint directory, a .safetensors file or a .gguf file")
+        # a bare file name has no dirname: its directory is the current one, named in full in messages
+        directory, files = os.path.dirname(os.path.abspath(path)), [path]
+    else:
+        directory, files = path, None
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise MinibloomError(f"{directory}: no config.json (a BLOOM checkpoint directory needs one)")
+    return directory, files, config_path
 
 
 def read_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=None, cache_dir=None,
@@ -44,15 +90,7 @@ def read_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=N
                                     keep_quantized=keep_quantized)
     if keep_quantized:
         raise MinibloomError(f"keep_quantized: only .gguf files keep their quantized blocks, not {path}")
-    if os.path.isfile(path):
-        if not path.endswith(".safetensors"):
-            raise MinibloomError(f"{path}: expected a checkpoint directory, a .safetensors file or a .gguf file")
-        directory, files = os.path.dirname(path) or ".", [path]
-    else:
-        directory, files = path, None
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise MinibloomError(f"{directory}: no config.json (a BLOOM checkpoint directory needs one)")
+    directory, files, config_path = checkpoint_parts(path)
     cfg = BloomConfig.from_json(config_path)
     ckpt = Checkpoint(files or safetensors_files(directory))
     try:

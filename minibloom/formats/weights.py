@@ -184,6 +184,8 @@ def safetensors_files(directory: str) -> list[str]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise MinibloomError(f"{index}: not a usable safetensors index (weight_map must map tensor names to "
                                  "file names)")
+        if not weight_map:
+            raise MinibloomError(f"{index}: weight_map is empty (it must name the shard of every tensor)")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
             if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ...errors import MinibloomError
 from .writer import OUTTYPES, convert_hf_to_gguf
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
         path = convert_hf_to_gguf(args.src, args.out, args.outtype, duplicate_output=args.duplicate_output,
                                   progress=None)
     except MinibloomError as e:
-        print(f"error: {e}", flush=True)
+        print(f"python -m minibloom.gguf: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return 0

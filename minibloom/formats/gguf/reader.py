@@ -21,7 +21,7 @@ from ...errors import MinibloomError
 from ..weights import Loaded, _progress, check_layer_count, check_names, expected_shapes, nest, tree_map
 from .names import ARCH, gguf_to_hf_name, hf_to_gguf_name, qkv_from_gguf
 from .quants import LazyLayer, QuantizedWeight, dequantize
-from .vocab import tokenizer_from_gguf, wrap_tokenizer
+from .vocab import _list_of, tokenizer_from_gguf, wrap_tokenizer
 
 
 MAX_ARRAY_DEPTH = 4  # GGUF metadata arrays of arrays; llama.cpp's own files nest one level at most
@@ -133,8 +133,8 @@ def prescan(path: str) -> None:
             for _ in range(n_tensors):
                 name = h.string("tensor name")
                 n_dims = h.take("I")
-                if n_dims > MAX_DIMS:
-                    h.fail(f"tensor {name!r}: {n_dims} dimensions (ggml has at most {MAX_DIMS})")
+                if not 1 <= n_dims <= MAX_DIMS:  # ggml has at most 4; every BLOOM tensor has at least 1
+                    h.fail(f"tensor {name!r}: {n_dims} dimensions (expected 1 to {MAX_DIMS})")
                 dims = [h.take("Q") for _ in range(n_dims)]
                 infos.append((name, dims, h.take("I"), h.take("Q")))
             data_start = (h.pos + alignment - 1) // alignment * alignment
@@ -155,8 +155,13 @@ def prescan(path: str) -> None:
                                  "(truncated or forged file?)")
 
 
-def metadata(reader) -> dict:
-    """All metadata as Python values (strings, numbers, lists)."""
+# the vocabulary's list-valued keys and the type of their items: checked as metadata is read, so that every reader
+# of the metadata (the loader, `minibloom info`) sees a list of the right items or gets a MinibloomError
+LIST_METADATA = {"tokenizer.ggml.tokens": str, "tokenizer.ggml.merges": str, "tokenizer.ggml.token_type": int}
+
+
+def metadata(reader, path: str | None = None) -> dict:
+    """All metadata as Python values (strings, numbers, lists); the vocabulary lists are type-checked."""
     out = {}
     for name, field in reader.fields.items():
         try:
@@ -165,6 +170,9 @@ def metadata(reader) -> dict:
             raise
         except BaseException:  # noqa: BLE001 - an unreadable field reads as absent; the keys we need are checked
             out[name] = None
+    where = path or str(getattr(getattr(reader, "data", None), "filename", None) or "gguf")
+    for key, kind in LIST_METADATA.items():
+        _list_of(out, key, kind, where)
     return out
 
 
@@ -207,8 +215,11 @@ def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> Blo
     for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                          ("pad_token_id", "padding_token_id"), ("unk_token_id", "unknown_token_id")):
         v = meta.get(f"tokenizer.ggml.{theirs}")
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            ids[ours] = int(v)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):  # the range is checked by validate()
+            raise MinibloomError(f"{path}: metadata 'tokenizer.ggml.{theirs}' must be a token id, got {_short(v)}")
+        ids[ours] = int(v)
     cfg = BloomConfig(vocab_size=vocab, hidden_size=C, n_layer=_need(meta, "bloom.block_count", path), n_head=H,
                       layer_norm_epsilon=eps, tie_word_embeddings=not has_output, name_or_path=path,
                       **ids)
@@ -287,7 +298,7 @@ def read_gguf(path: str, dtype=np.float32, keep_quantized: bool = False, progres
     reader = open_reader(path)
     if getattr(reader, "byte_order", "I") == "S":
         raise MinibloomError(f"{path}: big-endian GGUF files are not supported")
-    meta = metadata(reader)
+    meta = metadata(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     if meta.get("general.architecture") != ARCH:
         raise MinibloomError(f"{path}: general.architecture is {meta.get('general.architecture')!r}, "

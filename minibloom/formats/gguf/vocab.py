@@ -5,13 +5,13 @@ llama.cpp ``convert_hf_to_gguf.py`` ``_set_vocab_gpt2``).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
 import numpy as np
 
 from ...errors import MinibloomError
+from ...jsonfile import field, read_json_object
 
 BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"  # BLOOM's Split pre-tokenizer (llama.cpp pre "bloom")
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -122,26 +122,43 @@ def wrap_tokenizer(tok, meta: dict, path: str):
     return Tokenizer(tok, config, path)
 
 
+def _short(v) -> str:
+    """``repr(v)`` cut to 60 characters, for messages about untrusted values."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
-    """tokens / token types / merges / special ids from a tokenizer.json, as llama.cpp's ``_set_vocab_gpt2`` does."""
+    """tokens / token types / merges / special ids from a tokenizer.json, as llama.cpp's ``_set_vocab_gpt2`` does.
+
+    Both files are untrusted: read through ``minibloom.jsonfile`` (nesting and size bounded) and every field used is
+    type-checked; token ids must lie in ``[0, max(n_tokens, len(vocab)))`` so no forged id sizes the token list.
+    """
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, "rb") as f:
-            tj = json.load(f)
-        model = tj["model"]
-        vocab: dict = dict(model["vocab"])
-        raw_merges = model.get("merges") or []
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MinibloomError(f"{path}: not a usable tokenizer.json ({e!r})") from None
+    tj = read_json_object(path)
+    model = field(tj, "model", dict, path)
     if model.get("type") not in (None, "BPE"):
-        raise MinibloomError(f"{path}: model type {model.get('type')!r}, expected a byte-level BPE")
-    added = {a["id"]: a for a in tj.get("added_tokens") or []}
-    for i, a in added.items():
-        vocab.setdefault(a["content"], i)
-    by_id = {i: t for t, i in vocab.items()}
-    n = max(n_tokens, max(by_id) + 1)
+        raise MinibloomError(f"{path}: model type {_short(model.get('type'))}, expected a byte-level BPE")
+    vocab = dict(field(model, "vocab", dict, f"{path}: model"))
+    raw_merges = field(model, "merges", list, f"{path}: model", default=[])
+    added_list = field(tj, "added_tokens", list, path, default=[])
+    limit = max(n_tokens, len(vocab) + len(added_list))
+    added = {}
+    for a in added_list:
+        if not isinstance(a, dict):
+            raise MinibloomError(f"{path}: added_tokens entries must be objects, got {_short(a)}")
+        i = field(a, "id", int, f"{path}: added token", lo=0, hi=limit - 1)
+        added[i] = a
+        vocab.setdefault(field(a, "content", str, f"{path}: added token {i}"), i)
+    by_id = {}
+    for t, i in vocab.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < limit:
+            raise MinibloomError(f"{path}: token {_short(t)} has id {_short(i)}, expected an integer in "
+                                 f"[0, {limit})")
+        by_id[i] = t
+    n = max(n_tokens, max(by_id, default=-1) + 1)
     tokens, types = [], []
     for i in range(n):
         if i in by_id:
@@ -151,13 +168,20 @@ def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
         else:
             tokens.append(f"[PAD{i}]")
             types.append(TOKEN_UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+    merges = []
+    for m in raw_merges:
+        if isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
+            m = " ".join(m)
+        if not isinstance(m, str):
+            raise MinibloomError(f"{path}: a merge must be a string 'a b' or a pair of strings, got {_short(m)}")
+        merges.append(m)
     template = None
     config_path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(config_path):
-        try:
-            with open(config_path, "rb") as f:
-                template = json.load(f).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            template = None
+        template = read_json_object(config_path).get("chat_template")
+        if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": "..."}]
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise MinibloomError(f"{config_path}: chat_template must be a string, got {_short(template)}")
     return {"tokens": tokens, "types": types, "merges": merges, "chat_template": template}

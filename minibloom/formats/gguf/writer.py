@@ -34,6 +34,10 @@ def convert_hf_to_gguf(src: str | os.PathLike, out_path: str | os.PathLike, outt
     from gguf import GGUFWriter, LlamaFileType, QuantError, quants
 
     src, out_path = os.fspath(src), os.fspath(out_path)
+    if os.path.isdir(out_path):
+        raise MinibloomError(f"{out_path}: is a directory; give the .gguf file to write")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
+        raise MinibloomError(f"{out_path}: the directory {os.path.dirname(os.path.abspath(out_path))} does not exist")
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise MinibloomError(f"outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
