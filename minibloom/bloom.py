@@ -69,6 +69,9 @@ class Bloom:
             a = self.backend.to_numpy(a)
         try:
             return np.asarray(a)
+        except OverflowError:
+            raise MinibloomError(f"{name}: a value does not fit in 64 bits (token ids run from 0 to "
+                                 f"{self.vocab_size - 1})") from None
         except (ValueError, TypeError):
             raise MinibloomError(f"{name}: expected a rectangular array of shape (batch, seq)") from None
 

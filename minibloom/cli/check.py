@@ -53,11 +53,16 @@ def run(args) -> int:
 
 
 class _Encoder:
-    """Just enough of ``Bloom`` for ``rows_from_args``: ``encode`` with the checkpoint's tokenizer, without loading
-    the weights."""
+    """Just enough of ``Bloom`` for ``rows_from_args``: ``encode`` with the checkpoint's tokenizer and the config's
+    ``vocab_size``, without loading the weights."""
 
     def __init__(self, tokenizer, directory: str):
+        import os
+
+        from ..config import BloomConfig
+
         self.tokenizer, self.directory = tokenizer, directory
+        self.vocab_size = BloomConfig.from_json(os.path.join(directory, "config.json")).vocab_size
 
     def encode(self, text: str):
         if self.tokenizer is None:

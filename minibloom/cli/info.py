@@ -52,13 +52,11 @@ def human(n: float) -> str:
 
 def _safetensors_facts(path: str) -> tuple[dict, dict]:
     from ..config import BloomConfig
+    from ..formats.loading import checkpoint_parts
     from ..formats.safetensors import SafetensorsFile
     from ..formats.weights import bare_name, safetensors_files
 
-    directory, files = (os.path.dirname(path) or ".", [path]) if os.path.isfile(path) else (path, None)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise MinibloomError(f"{directory}: no config.json (a BLOOM checkpoint directory needs one)")
+    directory, files, config_path = checkpoint_parts(path)
     cfg = BloomConfig.from_json(config_path)
     files = files or safetensors_files(directory)
     dtypes: Counter = Counter()

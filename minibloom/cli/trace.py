@@ -36,7 +36,11 @@ def rows_from_args(args, model) -> list[list[int]] | None:
     if args.ids and args.text:
         raise MinibloomError("give either --ids or --text, not both")
     if args.ids:
-        return [parse_ids(s) for s in args.ids]
+        rows = [parse_ids(s) for s in args.ids]
+        bad = next((i for r in rows for i in r if not 0 <= i < model.vocab_size), None)
+        if bad is not None:
+            raise MinibloomError(f"--ids: {bad} is not a token id of this model (0 .. {model.vocab_size - 1})")
+        return rows
     if args.text:
         rows = []
         for t in args.text:

@@ -62,6 +62,8 @@ def random_prompts(vocab: int, n: int = 4, length: int = 64, seed: int = 0) -> n
     """``n`` prompts of ``length`` uniformly random token ids [n, length]."""
     if n <= 0 or length <= 0:
         raise MinibloomError(f"prompts: need a positive count and length, got {n} x {length}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise MinibloomError(f"seed: must be an integer in [0, 2**63), got {seed!r}")
     return np.random.default_rng(seed).integers(0, vocab, (n, length))
 
 
