@@ -96,7 +96,8 @@ assert np.array_equal(mine112[:64], seq128[1::2])  # the first 64 are its even t
 print("first extra slopes:", mine112[64:68], " = 2^(-j/16) for j = 1, 3, 5, 7")
 
 # %% [markdown]
-# Small head counts follow the same rule, e.g. 6 heads (our default model) → 4 power-of-two heads plus 2 extras:
+# Small head counts follow the same rule, e.g. 6 heads → 4 power-of-two heads plus 2 extras (our default model has
+# 8 heads, a power of two, so it needs no extras):
 
 # %%
 for n in (1, 3, 6, 12):
