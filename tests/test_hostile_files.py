@@ -244,3 +244,14 @@ def test_the_good_gguf_vocabulary_metadata_builds_a_tokenizer():
 
     tok = tokenizer_from_gguf(GOOD_META, "m.gguf")
     assert tok.encode("ab").ids == [2]
+
+
+@pytest.mark.parametrize("key, value", [("bloom.feed_forward_length", np.uint32(63)),
+                                        ("bloom.attention.layer_norm_epsilon", np.float32(-1.0)),
+                                        ("bloom.block_count", np.int64(-2))])
+def test_messages_show_plain_numbers_not_numpy_reprs(key, value):
+    from minibloom.formats.gguf import config_from_gguf
+
+    with pytest.raises(MinibloomError) as e:
+        config_from_gguf({**GOOD_META, key: value}, 10, False, "m.gguf")
+    assert "np." not in str(e.value) and str(value.item()) in str(e.value)

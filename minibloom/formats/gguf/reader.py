@@ -187,8 +187,18 @@ def _need(meta: dict, key: str, path: str, default=None) -> int:
 
 
 def _short(v) -> str:
-    s = repr(v)
+    """A metadata value for a message: plain Python (never ``np.int64(5)``), cut at 60 characters."""
+    s = repr(plain(v))
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+def plain(v):
+    """NumPy scalars (and lists of them) as Python values."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v[:20]]
+    return v
 
 
 def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> BloomConfig:

@@ -96,7 +96,8 @@ def _list_of(meta: dict, key: str, kind: type, path: str) -> list:
         isinstance(x, (int, np.integer)) and not isinstance(x, bool) if kind is int else isinstance(x, kind)
         for x in v)
     if not ok:
-        shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+        shown = repr(v.item() if isinstance(v, np.generic) else v)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise MinibloomError(f"{path}: metadata {key!r} must be a list of {kind.__name__}, got {shown}")
     return v
 
