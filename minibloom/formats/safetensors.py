@@ -114,19 +114,19 @@ def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     """Values -> BF16 bit patterns (uint16), rounded to nearest even as torch's ``.to(torch.bfloat16)`` does: add
-    0x7FFF plus the lowest kept bit, then drop the low 16 bits (in 64-bit integers, so no pattern wraps). Finite values
-    past the largest bfloat16 become inf; NaN stays NaN (quiet)."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(np.asarray(x, np.float32))
+    0x7FFF plus the lowest kept bit, then drop the low 16 bits. Finite values past the largest bfloat16 become inf; NaN
+    stays NaN (quiet), including the negative NaNs whose sum would wrap around 32 bits."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    bits = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     if nan.any():
-        bits[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+        bits[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
     return bits
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
-    """``x`` rounded to the nearest bfloat16 (``f32_to_bf16``), as float32."""
-    return bf16_to_f32(f32_to_bf16(x))
+    """``x`` rounded to the nearest bfloat16 (``f32_to_bf16``), as float32 of the same shape."""
+    return bf16_to_f32(f32_to_bf16(x)).reshape(np.shape(x))
 
 
 class SafetensorsFile:
