@@ -9,12 +9,16 @@ exists once, in ``minibloom.model``. ``tests/test_primitives.py`` holds every en
   added in place;
 - ``linear_gelu``: the bias add and the tanh GeLU run in place, a block of rows at a time (``GELU_BLOCK_ELEMS``), in
   the reference's order of operations (bitwise equal for the same product);
-- ``attend``: per batch row, group of heads and block of queries (a block fits in the L2 cache). A row whose mask is
-  exactly the causal pattern (query t sees keys up to ``S - T + t``: a row without padding, which it checks) only
-  looks at the keys a block can see, which skips the masked upper half of the prompt's score matrix and confines the
-  mask to the block's last [t, t] square; every other row (padding, or any other mask) sees every key through its
-  mask, as in the reference. The scale goes on q and the softmax's division on the [t, D] result. All three only
-  change rounding (the skipped cells are exact zeros after the softmax);
+- ``attend``: per batch row, group of heads and block of queries (a block fits in the L2 cache), for the shapes
+  ``model.forward`` passes (q [B, H, T, D], k and v [B, H, S, D] of one float dtype, a mask broadcasting to
+  [B, 1, T, S] and ALiBi to [B, H, 1, S]; it checks them, and any other input the reference accepts gets the
+  reference's computation). A row whose mask is exactly the causal pattern (query t sees keys up to ``S - T + t``,
+  with T <= S: a row without padding, which it checks) only looks at the keys a block can see, which skips the
+  masked upper half of the prompt's score matrix and confines the mask to the block's last [t, t] square; a block
+  where some query's largest visible score is not above finfo.min / 2 (-inf, NaN, an additive mask in the bias) is
+  redone over all keys, as the skipped keys would not weigh 0 in the reference. Every other row (padding, or any
+  other mask) sees every key through its mask, as in the reference. The scale goes on q and the softmax's division
+  on the [t, D] result. All three only change rounding (the skipped cells are exact zeros after the softmax);
 - ``residual_add``: writes into the branch output instead of a new array (bitwise equal);
 - ``head``: many rows (a long prompt's logits) go into memory reused from earlier calls' logits once those are gone
   (``BufferPool``); a few rows use ``linear``'s orientation.
@@ -169,12 +173,16 @@ def _upper(t: int) -> np.ndarray:
     return np.triu(np.ones((t, t), bool), 1)
 
 
-def _attend_block(q, k, v, bias, out, scale: float, allowed=None, probs=None) -> None:
-    """softmax((q * scale) @ k.T + bias, masked) @ v for one block, written into ``out``.
+def _attend_block(q, k, v, bias, out, scale: float, allowed=None, probs=None, cut: bool = False) -> bool:
+    """softmax((q * scale) @ k.T + bias, masked) @ v for one block, written into ``out``; False (nothing written)
+    when a cut causal block cannot stand for the full row.
 
     q [h, t, D], k and v [h, s, D], bias [h, 1, s] (ALiBi), out [h, t, D] (a view of the context array).
     ``allowed`` [1, t, s] masks padding and the causal future; without it the block is causal with its queries
-    at the last ``t`` key positions (a row without padding), so only that [t, t] square needs the mask.
+    at the last ``t`` key positions (a row without padding), so only that [t, t] square needs the mask. ``cut``:
+    the row's keys after ``s`` were left out. The reference weighs them exp(finfo.min - row max), exactly 0 unless
+    a query's row max is itself near finfo.min, -inf or NaN: then the block returns False, for its caller to
+    compute it over all keys.
     ``probs`` [h, t, s], if given, receives the attention probabilities.
     Two passes over the [h, t, s] scores are saved against the teaching path: the scale multiplies q ([t, D]) rather
     than the scores, and the softmax is normalised after the product with ``v`` ([t, D] divisions instead of
@@ -188,30 +196,70 @@ def _attend_block(q, k, v, bias, out, scale: float, allowed=None, probs=None) ->
     else:
         t = scores.shape[1]
         np.copyto(scores[:, :, scores.shape[2] - t:], lowest, where=_upper(t))
-    np.subtract(scores, np.max(scores, axis=-1, keepdims=True), out=scores)
+    top = np.max(scores, axis=-1, keepdims=True)  # [h, t, 1]
+    if cut and not np.min(top) > lowest / 2:  # the cut keys would not weigh exactly 0 (NaN compares False)
+        return False
+    np.subtract(scores, top, out=scores)
     np.exp(scores, out=scores)
     den = np.sum(scores, axis=-1, keepdims=True)  # [h, t, 1]
     np.matmul(scores, v, out=out)
     np.divide(out, den, out=out)
     if probs is not None:  # the probabilities themselves, when asked for: [h, t, s]
         np.divide(scores, den, out=probs)
+    return True
+
+
+def _blockwise(q, k, v, alibi, allowed) -> bool:
+    """Whether ``attend``'s blocks compute these inputs as the reference does: q [B, H, T, D] and k, v [B, H, S, D]
+    of one float dtype that already holds the reference's result type, no empty axis, and ``allowed`` / ``alibi``
+    broadcasting to [B, 1, T, S] / [B, H, 1, S] (the shapes ``model.forward`` builds). Anything else the reference
+    accepts (a mask or bias per head or per query, q, k, v broadcasting against each other, mixed dtypes that
+    promote, an empty axis) is left to the reference."""
+    if not all(isinstance(a, np.ndarray) for a in (q, k, v, alibi)) or not q.ndim == k.ndim == v.ndim == 4:
+        return False
+    B, H, T, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D or 0 in q.shape or 0 in k.shape:
+        return False
+    if q.dtype.kind != "f" or np.result_type(q, k, v, alibi) != q.dtype:
+        return False
+    S = k.shape[2]
+    return _broadcasts_to(np.shape(allowed), (B, 1, T, S)) and _broadcasts_to(alibi.shape, (B, H, 1, S))
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` broadcasts to exactly ``target`` (``np.broadcast_shapes`` without its cost)."""
+    return len(shape) <= len(target) and all(n == 1 or n == t for n, t in zip(reversed(shape), reversed(target)))
 
 
 def attend(q, k, v, alibi, allowed, probs: bool = False):
     """``model.attend`` in L2-sized blocks: q [B, H, T, D], k and v [B, H, S, D], alibi [B, H, 1, S], allowed
     [B, 1, T, S] -> context [B, T, H, D] (and probabilities [B, H, T, S] when ``probs``).
 
-    ``allowed`` and ``alibi`` may broadcast over the batch. A row whose mask equals the causal pattern
-    (``causal_mask``) has its blocks cut to the keys they can see (see ``_attend_block``); any other row is masked in
-    full.
+    What it exploits, and how it checks each assumption (inputs outside them get the reference's computation):
+
+    - the shapes and dtypes ``model.forward`` passes (``_blockwise``); ``allowed`` and ``alibi`` may still broadcast
+      over the batch, and ``allowed`` may be any dtype (read as truthiness, as the reference's ``where`` does);
+    - a causal row: a batch row whose mask equals the causal pattern (``causal_mask``, with T <= S so every query
+      sees a key) has its blocks cut to the keys they can see (see ``_attend_block``). The cut keys would get
+      exp(finfo.min - row max) = 0 in the reference, which holds while every query's largest visible score is above
+      finfo.min / 2: a block whose row maximum is lower, -inf or NaN is recomputed over all S keys with its mask.
+      Any other row (padding, a bidirectional or arbitrary mask, a query that sees nothing) is masked in full.
     """
+    if not _blockwise(q, k, v, alibi, allowed):
+        return M.attend(q, k, v, alibi, allowed, probs)
     B, H, T, D = q.shape
     S = k.shape[2]
     past = S - T  # keys before the first query
-    allowed = np.broadcast_to(allowed, (B, 1, T, S))
+    allowed = np.asarray(allowed)
+    allowed = np.broadcast_to(allowed if allowed.dtype == bool else allowed.astype(bool), (B, 1, T, S))
     alibi = np.broadcast_to(alibi, (B, H, 1, S))
-    causal = causal_mask(T, S)
-    full_rows = [np.array_equal(allowed[b, 0], causal) for b in range(B)]
+    causal = causal_mask(T, S) if past >= 0 else None
+    if causal is None:
+        full_rows = [False] * B
+    elif allowed.strides[0] == 0:  # one mask for the whole batch: checked once
+        full_rows = [np.array_equal(allowed[0, 0], causal)] * B
+    else:
+        full_rows = [np.array_equal(allowed[b, 0], causal) for b in range(B)]
     scale = 1.0 / math.sqrt(D)
     ctx = np.empty((B, T, H, D), q.dtype)
     weights = np.zeros((B, H, T, S), q.dtype) if probs else None
@@ -222,11 +270,14 @@ def attend(q, k, v, alibi, allowed, probs: bool = False):
             h = slice(h0, min(H, h0 + hg))
             for t0 in range(0, T, step):
                 t1 = min(T, t0 + step)
-                s = past + t1 if full_rows[b] else S  # keys this block can see (all of them when the row has padding)
-                mask = None if full_rows[b] else allowed[b, :, t0:t1, :s]
-                _attend_block(q[b, h, t0:t1], k[b, h, :s], v[b, h, :s], alibi[b, h, :, :s],
-                              ctx[b, t0:t1, h].transpose(1, 0, 2), scale, mask,
-                              None if weights is None else weights[b, h, t0:t1, :s])
+                out = ctx[b, t0:t1, h].transpose(1, 0, 2)
+                if full_rows[b]:  # only the keys this block can see
+                    s = past + t1
+                    if _attend_block(q[b, h, t0:t1], k[b, h, :s], v[b, h, :s], alibi[b, h, :, :s], out, scale,
+                                     None, None if weights is None else weights[b, h, t0:t1, :s], cut=s < S):
+                        continue
+                _attend_block(q[b, h, t0:t1], k[b, h], v[b, h], alibi[b, h], out, scale, allowed[b, :, t0:t1],
+                              None if weights is None else weights[b, h, t0:t1])
     return ctx, weights
 
 

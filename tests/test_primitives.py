@@ -425,6 +425,80 @@ def test_attend_broadcasts_the_mask_and_alibi_over_the_batch(rng, dtype, mask_ba
     assert_rel_close(probs, ref_probs, tol(dtype), "probabilities, broadcast inputs")
 
 
+def unusual_inputs(rng, dtype) -> dict[str, tuple]:
+    """Inputs the reference accepts outside the shapes ``model.forward`` builds: (q, k, v, alibi, allowed)."""
+    B, H, T, S, D = 2, 6, 5, 9, 8
+    q, k, v = (rng.standard_normal((B, H, n, D)).astype(dtype) for n in (T, S, S))
+    alibi = rng.standard_normal((B, H, 1, S)).astype(dtype)
+    causal = np.tri(T, S, S - T, dtype=bool)[None, None]
+    random = rng.random((B, 1, T, S)) < 0.6
+    wide = np.float64 if dtype == np.float32 else np.float32
+    return {
+        "mask-per-head": (q, k, v, alibi, rng.random((B, H, T, S)) < 0.6),
+        "alibi-per-query": (q, k, v, rng.standard_normal((B, H, T, S)).astype(dtype), causal),
+        "kv-broadcast-over-batch": (q, k[:1], v[:1], alibi, causal),
+        "q-broadcast-over-batch": (q[:1], k, v, alibi, causal),
+        "mask-gives-the-batch": (q[:1], k[:1], v[:1], alibi[:1], np.concatenate([random, causal])),
+        "int-mask": (q, k, v, alibi, random.astype(np.int64)),
+        "float-mask": (q, k, v, alibi, random.astype(np.float32)),
+        "mask-2d": (q, k, v, alibi, causal[0, 0]),
+        "mixed-dtypes": (q, k, v.astype(wide), alibi.astype(wide), causal),
+        "more-queries-than-keys": (q, k[:, :, :3], v[:, :, :3], alibi[..., :3], np.tri(T, 3, 3 - T, dtype=bool)),
+        "no-queries": (q[:, :, :0], k, v, alibi, causal[:, :, :0]),
+    }
+
+
+UNUSUAL = ["mask-per-head", "alibi-per-query", "kv-broadcast-over-batch", "q-broadcast-over-batch",
+           "mask-gives-the-batch", "int-mask", "float-mask", "mask-2d", "mixed-dtypes", "more-queries-than-keys",
+           "no-queries"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", UNUSUAL)
+def test_attend_on_any_input_the_reference_accepts(rng, dtype, which, blocks):
+    """fast.attend is a drop-in: masks and biases per head or per query, q, k, v broadcasting against each other, a
+    non-bool mask, mixed dtypes, more queries than keys (the causal pattern then leaves queries seeing nothing) give
+    the reference's shapes, dtypes and values."""
+    q, k, v, alibi, allowed = unusual_inputs(rng, dtype)[which]
+    before = unchanged(q, k, v, alibi, allowed)
+    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
+    assert ctx.shape == ref_ctx.shape and probs.shape == ref_probs.shape, which
+    assert ctx.dtype == ref_ctx.dtype and probs.dtype == ref_probs.dtype, which
+    if ref_ctx.size:
+        assert_rel_close(ctx, ref_ctx, tol(dtype), f"context, {which}")
+        assert_rel_close(probs, ref_probs, tol(dtype), f"probabilities, {which}")
+    np.testing.assert_array_equal(NP.attend(q, k, v, alibi, allowed, False)[0], ctx)
+    assert_unchanged((q, k, v, alibi, allowed), before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", ["minus-inf", "lowest", "nan"])
+def test_attend_causal_rows_whose_visible_keys_weigh_nothing(rng, dtype, bias, blocks):
+    """A causal row's blocks skip the keys after each query, which the reference weighs exp(finfo.min - row max):
+    exactly 0 only while the row max is well above finfo.min. A query whose visible scores are all -inf, or
+    finfo.min, gives every key it may not see the same weight in the reference (and NaN spreads over the row), so
+    the fast attend must not skip them."""
+    S = T = 13
+    q, k, v, alibi, allowed = attention_inputs(rng, np.ones((2, S), np.int64), T, dtype=dtype)
+    value = {"minus-inf": -np.inf, "lowest": float(np.finfo(dtype).min), "nan": np.nan}[bias]  # "lowest": an
+    # additive mask in the bias, as HF builds one
+    alibi = alibi.copy()
+    alibi[1, :, 0, :4] = value  # queries 0..3 of row 1 see only these keys (row 0 is the control)
+    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
+    if bias == "nan":  # the same NaNs, the rest as the reference
+        np.testing.assert_array_equal(np.isnan(probs), np.isnan(ref_probs))
+        np.testing.assert_array_equal(np.isnan(ctx), np.isnan(ref_ctx))
+        ok = ~np.isnan(ref_probs)
+        assert ok.any() and np.isnan(ref_probs).any()
+        assert_rel_close(probs[ok], ref_probs[ok], tol(dtype), "probabilities around NaN")
+        return
+    assert np.all(ref_probs[1, :, 0, 4:] > 0)  # the reference weighs the keys a causal block would skip
+    assert_rel_close(ctx, ref_ctx, tol(dtype), f"context, {bias} visible scores")
+    assert_rel_close(probs, ref_probs, tol(dtype), f"probabilities, {bias} visible scores")
+
+
 def test_attend_can_fail(rng):
     """The comparison is sensitive: one key moved by 1e-9 of its scale is seen."""
     mask = padding_mask("left", 13)

@@ -320,7 +320,7 @@ def read_params(ckpt: Checkpoint, cfg: BloomConfig, dtype, progress=None) -> dic
 
     Tensors are read on up to ``READ_THREADS`` threads (no more than the CPUs): most of the time of a read from the
     page cache goes to the kernel mapping fresh pages and copying into them, which runs in parallel (``os.preadv``
-    releases the GIL), so a few threads load a checkpoint about as many times faster.
+    releases the GIL), so the reads of several tensors overlap.
     """
     vocab = check_tensors(ckpt, cfg, ckpt.files[0].path)
     names = list(expected_shapes(cfg, vocab))

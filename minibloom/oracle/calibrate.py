@@ -2,7 +2,8 @@
 and how far *buggy* ports land — the two populations every verdict policy in ``minibloom.testing`` sits between.
 
 ``minibloom calibrate`` (or ``python -m minibloom.oracle.calibrate``) rebuilds ``minibloom/oracle/policies.json``,
-the one table the policies are read from, and prints it as Markdown: the correct-port table and the bug matrix (kinds x bugs).
+the one table the policies are read from, and prints it as Markdown: the correct-port table and the bug matrix
+(kinds x bugs).
 
 A *kind* is a family of implementations that round the same way. Each is emulated here in NumPy, by running
 ``minibloom.model.forward`` with a primitives table (``primitives_for``) whose entries round as that kind's engines
@@ -32,12 +33,12 @@ random checkpoints (every parameter randomized) of several depths, head counts (
 over ``seeds`` seeds, and the trained models shipped in ``weights/`` (random weights hide activation bugs). A bug is
 *separable* from a kind when the policy fails it on every model it applies to; the matrix says where it is not.
 
-Policies: rounding noise in the logits grows with the model as ``scale = sqrt(n_layer * hidden_size)`` (measured:
-noise / scale stays within ~2x from 2 x 64 to the bloom-560m shape), so each kind's limits are coefficients per unit
-of scale: the worst correct-port figure / scale over all evidence times a margin (``MARGIN_REL`` for the relative
-error and the top-1 disagreement; ``MARGIN_KL`` for the KL divergences, per scale squared, as they grow with the
-square of the logit error), never below the absolute ``FLOOR_*``. ``minibloom.testing.limits`` turns them into the
-limits for one model.
+Policies: rounding noise in the logits grows with the model as ``scale = sqrt(n_layer * hidden_size)`` (noise /
+scale varies little between the shapes of the evidence, from 2 layers x 64 to the bloom-560m shape), so each kind's
+limits are coefficients per unit of scale: the worst correct-port figure / scale over all evidence times a margin
+(``MARGIN_REL`` for the relative error and the top-1 disagreement; ``MARGIN_KL`` for the KL divergences, per scale
+squared, as they grow with the square of the logit error), never below the absolute ``FLOOR_*``.
+``minibloom.testing.limits`` turns them into the limits for one model.
 """
 
 from __future__ import annotations
