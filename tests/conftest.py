@@ -12,6 +12,21 @@ from minibloom import model as M
 MEASURED: list[tuple[str, str, float]] = []  # (test, quantity, value): printed at the end of the run
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker is one process per core: its BLAS gets one thread, so the workers do not fight
+    over the cores (OpenBLAS threads busy-wait between products)."""
+    import os
+
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and int(workers) > 1:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            config._blas_limit = threadpool_limits(limits=max(1, (os.cpu_count() or 1) // int(workers)))
+        except ImportError:
+            pass
+
+
 @pytest.fixture
 def record(request):
     """``record("fp32 rel err", value)``: keep a measured figure for the end-of-run table (and return it). Figures
@@ -122,4 +137,3 @@ def _release_after_slow_tests(request):
     yield
     if request.node.get_closest_marker("slow"):
         release_memory()
-

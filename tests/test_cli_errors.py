@@ -92,11 +92,17 @@ def test_an_unexpected_error_is_one_line_with_a_bug_hint_and_debug_shows_the_tra
 def test_stats_say_one_token_not_one_tokens(capsys):
     rc, out, err = run(capsys, "generate", "ROMEO:", "-n", "1", "--greedy", "--stats")
     assert rc == 0 and "1 new token," in err and "1 new tokens" not in err
+    # one new token means no decode step: no rate is shown rather than "nan tokens/s"
+    assert "no decode steps" in err and "nan" not in err
 
 
 def test_info_counts_a_tiny_model_exactly(capsys):
     rc, out, err = run(capsys, "info", "--model", os.path.join(os.path.dirname(__file__), "golden", "tiny"))
     assert rc == 0 and "0.0M" not in out and "parameters" in out
+    # the exact count, summed by the reference safetensors library rather than by minibloom
+    st = pytest.importorskip("safetensors.numpy")
+    tensors = st.load_file(os.path.join(os.path.dirname(__file__), "golden", "tiny", "model.safetensors"))
+    assert f"{sum(int(v.size) for v in tensors.values()):,}" in out, out
 
 
 def cli(*argv, stdin: bytes = b"", env=None) -> subprocess.CompletedProcess:

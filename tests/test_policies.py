@@ -23,6 +23,8 @@ from minibloom.errors import MinibloomError
 from minibloom.testing import POLICIES, check_logits, limits, logit_metrics, policy_for
 from minibloom.trace import diff_traces, save_trace, trace
 
+pytestmark = pytest.mark.xdist_group("policies")  # one worker computes the calibration evidence once
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DEFAULT = os.path.join(ROOT, "weights", "default")
 CALIB = os.path.join(ROOT, "weights", "calib-12h")

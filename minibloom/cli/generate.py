@@ -143,7 +143,8 @@ def run(args, stdout=None, stderr=None) -> int:
     if args.stats:
         prefill = (t_first or t_end) - t1
         decode = t_end - (t_first or t_end)
-        rate = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
+        # the decode rate counts the tokens after the first; with none of them there is no rate to show
+        speed = f"decode {(n - 1) / decode:.1f} tokens/s" if n > 1 and decode > 0 else "no decode steps"
         print(f"[load {t_load:.2f} s; prompt {plural(len(ids), 'token')}, prefill + first token "
-              f"{prefill * 1e3:.1f} ms; {plural(n, 'new token')}, decode {rate:.1f} tokens/s]", file=stderr)
+              f"{prefill * 1e3:.1f} ms; {plural(n, 'new token')}, {speed}]", file=stderr)
     return 0
