@@ -116,8 +116,8 @@ class MinibloomEngine:
         """Only the matrix products of a ``length``-token forward pass, back to back, on the model's own weights: each
         layer's four linear maps for every position (the last layer's last three for one position when only the last
         logits are wanted, as ``model.forward`` does), then the head for every position or for the last one
-        (with the NumPy head primitive's ``logits_product``). What the pass would take if attention, LayerNorm, GeLU and the
-        adds took no time."""
+        (with the NumPy head primitive's ``logits_product``). What the pass would take if attention, LayerNorm, GeLU
+        and the adds took no time."""
         from . import fast
 
         P = self.model.params
@@ -351,8 +351,8 @@ def machine() -> str:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         ram = float("nan")
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                                     "OPENBLAS_CORETYPE") if k in os.environ)
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
+    env = " ".join(f"{k}={os.environ[k]}" for k in names if k in os.environ)
     env = env or "no thread variables set"
     return f"{cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM, numpy {np.__version__}; {env}"
 

@@ -23,8 +23,8 @@ def test_load_with_a_value_that_is_not_a_path(arg):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(seed=-1), "seed"), (dict(seed="abc"), "seed"), (dict(seed=1.5), "seed"), (dict(seed=2**64), "seed"),
-    (dict(do_sample=True, temperature="hot"), "temperature"), (dict(do_sample=True, temperature=float("nan")),
-                                                              "temperature"),
+    (dict(do_sample=True, temperature="hot"), "temperature"),
+    (dict(do_sample=True, temperature=float("nan")), "temperature"),
     (dict(do_sample=True, temperature=0), "temperature"), (dict(temperature="hot"), "temperature"),
     (dict(top_k=float("inf")), "top_k"), (dict(top_k=float("nan")), "top_k"), (dict(top_k=-3), "top_k"),
     (dict(top_k=2.5), "top_k"), (dict(top_p=1.5), "top_p"), (dict(top_p=0), "top_p"), (dict(top_p="x"), "top_p"),
@@ -42,8 +42,8 @@ def test_generate_arguments(model, kwargs, match):
 
 @pytest.mark.parametrize("n", [10**6, 10**9, 10**15])
 def test_max_new_tokens_beyond_memory_says_what_it_needs(model, n):
-    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=rf"max_new_tokens={n}: the KV cache "
-                                                                                 r".* would take [0-9.]+ GiB"):
+    says = rf"max_new_tokens={n}: the KV cache .* would take [0-9.]+ GiB"
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=says):
         model.generate([[5, 6, 7]], max_new_tokens=n)
 
 

@@ -11,10 +11,10 @@ trained checkpoints. One number is not enough for low precision: a policy (``Pol
 
 The limits per implementation kind (float32, float16, int8-dynamic, q8_0, nf4, ...) are *measured*: ``minibloom
 calibrate`` (``minibloom/oracle/calibrate.py``) runs correct ports of every kind and a matrix of planted port bugs on
-random and trained checkpoints and writes ``minibloom/oracle/policies.json``, which is read here; each limit sits between
-the worst correct port and the bugs (README, "Choosing a policy"). ``FP64_VS_HF`` and ``FP64_SELF`` are exact-arithmetic
-bounds, not calibrated: float64 against transformers in float64 with its float32 softmax and slopes patched (~1e-15
-observed), and float64 paths of minibloom against each other.
+random and trained checkpoints and writes ``minibloom/oracle/policies.json``, which is read here; each limit sits
+between the worst correct port and the bugs (README, "Choosing a policy"). ``FP64_VS_HF`` and ``FP64_SELF`` are
+exact-arithmetic bounds, not calibrated: float64 against transformers in float64 with its float32 softmax and slopes
+patched (~1e-15 observed), and float64 paths of minibloom against each other.
 """
 
 from __future__ import annotations
