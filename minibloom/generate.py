@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import MinibloomError
+from .errors import MinibloomError, shown
 from .jsonfile import field, read_json_object
 from .model import softmax
 
@@ -83,30 +83,25 @@ def _is_number(v) -> bool:
         and bool(np.isfinite(v))
 
 
-def _shown(v) -> str:
-    s = repr(int(v) if _is_int(v) else float(v) if isinstance(v, np.floating) else v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
 def _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed=None):
     """Every option's type and range, before any work (NumPy would otherwise fail deep inside, or never)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise MinibloomError(f"max_new_tokens: must be an integer >= 0, got {_shown(max_new_tokens)}")
+        raise MinibloomError(f"max_new_tokens: must be an integer >= 0, got {shown(max_new_tokens)}")
     if not isinstance(do_sample, (bool, np.bool_)):
-        raise MinibloomError(f"do_sample: must be True or False, got {_shown(do_sample)}")
+        raise MinibloomError(f"do_sample: must be True or False, got {shown(do_sample)}")
     if do_sample and not (_is_number(temperature) and temperature > 0):
-        raise MinibloomError(f"temperature: must be a finite number > 0 when sampling, got {_shown(temperature)} "
+        raise MinibloomError(f"temperature: must be a finite number > 0 when sampling, got {shown(temperature)} "
                              "(use do_sample=False for greedy decoding)")
     if temperature is not None and not _is_number(temperature):
-        raise MinibloomError(f"temperature: must be a finite number, got {_shown(temperature)}")
+        raise MinibloomError(f"temperature: must be a finite number, got {shown(temperature)}")
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise MinibloomError(f"top_k: must be an integer >= 0 (0 or None disables it), got {_shown(top_k)}")
+        raise MinibloomError(f"top_k: must be an integer >= 0 (0 or None disables it), got {shown(top_k)}")
     if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
-        raise MinibloomError(f"top_p: must be a number in (0, 1], got {_shown(top_p)}")
+        raise MinibloomError(f"top_p: must be a number in (0, 1], got {shown(top_p)}")
     if not (_is_number(repetition_penalty) and repetition_penalty > 0):
-        raise MinibloomError(f"repetition_penalty: must be a finite number > 0, got {_shown(repetition_penalty)}")
+        raise MinibloomError(f"repetition_penalty: must be a finite number > 0, got {shown(repetition_penalty)}")
     if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
-        raise MinibloomError(f"seed: must be an integer in [0, 2**63) or None, got {_shown(seed)}")
+        raise MinibloomError(f"seed: must be an integer in [0, 2**63) or None, got {shown(seed)}")
 
 
 def _token_ids(value, name: str, vocab: int) -> np.ndarray:
@@ -114,7 +109,7 @@ def _token_ids(value, name: str, vocab: int) -> np.ndarray:
     items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
     for v in items:
         if not _is_int(v) or not 0 <= v < vocab:
-            raise MinibloomError(f"{name}: must be a token id in [0, {vocab}) (or a list of them), got {_shown(v)}")
+            raise MinibloomError(f"{name}: must be a token id in [0, {vocab}) (or a list of them), got {shown(v)}")
     return np.array([int(v) for v in items], np.int64)
 
 
@@ -196,7 +191,7 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, d
     eos_ids = _token_ids([] if eos is None else eos, "eos_token_id", model.vocab_size)
     pad = _default(pad_token_id, _default(cfg.pad_token_id, int(eos_ids[0]) if eos_ids.size else 0))
     if isinstance(pad, (list, tuple, np.ndarray)):
-        raise MinibloomError(f"pad_token_id: must be one token id, got {_shown(pad)}")
+        raise MinibloomError(f"pad_token_id: must be one token id, got {shown(pad)}")
     pad = int(_token_ids(pad, "pad_token_id", model.vocab_size)[0])
     mask = np.zeros((B, P + max_new_tokens), np.int64)  # grows one column per step; HF appends ones to every row
     mask[:, :P] = model._mask(attention_mask, (B, P))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MinibloomError
+from .errors import MinibloomError, shown
 
 MAX_DEPTH = 64  # real BLOOM configs nest 3 levels deep, tokenizer.json about 6
 MAX_BYTES = 64 * 2**20  # tokenizer.json of BLOOM's 250880-token vocabulary is ~14 MB
@@ -127,12 +127,7 @@ def field(obj: dict, key: str, kind: type, where: str, *, default: Any = ..., lo
     ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
         (isinstance(v, (int, float)) and not isinstance(v, bool)) if kind is float else isinstance(v, kind)
     if not ok:
-        raise MinibloomError(f"{where}: {key!r} must be {_KINDS.get(kind, kind.__name__)}, got {_short(v)}")
+        raise MinibloomError(f"{where}: {key!r} must be {_KINDS.get(kind, kind.__name__)}, got {shown(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise MinibloomError(f"{where}: {key!r} = {_short(v)} is outside [{lo}, {hi}]")
+        raise MinibloomError(f"{where}: {key!r} = {shown(v)} is outside [{lo}, {hi}]")
     return v
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."

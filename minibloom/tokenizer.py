@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import MinibloomError
+from .errors import MinibloomError, shown
 from .jsonfile import read_json
 
 SPECIAL_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -45,11 +45,6 @@ def _utf8(text: str, name: str) -> str:
     except UnicodeEncodeError as e:
         raise MinibloomError(f"{name}: not valid Unicode text ({e.reason} at position {e.start})") from None
     return text
-
-
-def _short(v) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 PADDING_SIDES = ("left", "right")
@@ -200,7 +195,7 @@ class Tokenizer:
             a = None
         if a is None or (a.size and a.dtype.kind not in "iu" and not (
                 a.dtype == object and all(isinstance(i, int) and not isinstance(i, bool) for i in a.reshape(-1)))):
-            raise MinibloomError(f"ids: expected integers, got {_short(ids)}")
+            raise MinibloomError(f"ids: expected integers, got {shown(ids)}")
         if a.ndim == 2:
             return [self.decode(row, skip_special_tokens) for row in a]
         if a.ndim > 2:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...backend import Backend
 from ...config import DTYPES, BloomConfig
-from ...errors import MinibloomError
+from ...errors import MinibloomError, shown
 from ..weights import Loaded, _progress, check_layer_count, check_names, expected_shapes, nest, tree_map
 from .names import ARCH, gguf_to_hf_name, hf_to_gguf_name, qkv_from_gguf
 from .quants import LazyLayer, QuantizedWeight, dequantize
@@ -182,23 +182,8 @@ def _need(meta: dict, key: str, path: str, default=None) -> int:
     if v is None:
         raise MinibloomError(f"{path}: metadata {key!r} is missing")
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-        raise MinibloomError(f"{path}: metadata {key!r} must be a positive integer, got {_short(v)}")
+        raise MinibloomError(f"{path}: metadata {key!r} must be a positive integer, got {shown(v)}")
     return int(v)
-
-
-def _short(v) -> str:
-    """A metadata value for a message: plain Python (never ``np.int64(5)``), cut at 60 characters."""
-    s = repr(plain(v))
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def plain(v):
-    """NumPy scalars (and lists of them) as Python values."""
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [plain(x) for x in v[:20]]
-    return v
 
 
 def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> BloomConfig:
@@ -218,7 +203,7 @@ def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> Blo
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not (
             np.isfinite(eps) and eps > 0):
         raise MinibloomError(f"{path}: metadata 'bloom.attention.layer_norm_epsilon' must be a positive number, "
-                             f"got {_short(eps)}")
+                             f"got {shown(eps)}")
     # stored as float32: 1e-5 reads back as 9.99999974e-06; its shortest float32 spelling is the number HF used
     eps = float(str(np.float32(eps)))
     ids = {}
@@ -228,7 +213,7 @@ def config_from_gguf(meta: dict, vocab: int, has_output: bool, path: str) -> Blo
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):  # the range is checked by validate()
-            raise MinibloomError(f"{path}: metadata 'tokenizer.ggml.{theirs}' must be a token id, got {_short(v)}")
+            raise MinibloomError(f"{path}: metadata 'tokenizer.ggml.{theirs}' must be a token id, got {shown(v)}")
         ids[ours] = int(v)
     cfg = BloomConfig(vocab_size=vocab, hidden_size=C, n_layer=_need(meta, "bloom.block_count", path), n_head=H,
                       layer_norm_epsilon=eps, tie_word_embeddings=not has_output, name_or_path=path,

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from ...errors import MinibloomError
+from ...errors import MinibloomError, shown
 from ...jsonfile import field, read_json_object
 
 BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"  # BLOOM's Split pre-tokenizer (llama.cpp pre "bloom")
@@ -96,9 +96,7 @@ def _list_of(meta: dict, key: str, kind: type, path: str) -> list:
         isinstance(x, (int, np.integer)) and not isinstance(x, bool) if kind is int else isinstance(x, kind)
         for x in v)
     if not ok:
-        shown = repr(v.item() if isinstance(v, np.generic) else v)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise MinibloomError(f"{path}: metadata {key!r} must be a list of {kind.__name__}, got {shown}")
+        raise MinibloomError(f"{path}: metadata {key!r} must be a list of {kind.__name__}, got {shown(v)}")
     return v
 
 
@@ -123,12 +121,6 @@ def wrap_tokenizer(tok, meta: dict, path: str):
     return Tokenizer(tok, config, path)
 
 
-def _short(v) -> str:
-    """``repr(v)`` cut to 60 characters, for messages about untrusted values."""
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
 def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
     """tokens / token types / merges / special ids from a tokenizer.json, as llama.cpp's ``_set_vocab_gpt2`` does.
 
@@ -141,7 +133,7 @@ def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
     tj = read_json_object(path)
     model = field(tj, "model", dict, path)
     if model.get("type") not in (None, "BPE"):
-        raise MinibloomError(f"{path}: model type {_short(model.get('type'))}, expected a byte-level BPE")
+        raise MinibloomError(f"{path}: model type {shown(model.get('type'))}, expected a byte-level BPE")
     vocab = dict(field(model, "vocab", dict, f"{path}: model"))
     raw_merges = field(model, "merges", list, f"{path}: model", default=[])
     added_list = field(tj, "added_tokens", list, path, default=[])
@@ -149,14 +141,14 @@ def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
     added = {}
     for a in added_list:
         if not isinstance(a, dict):
-            raise MinibloomError(f"{path}: added_tokens entries must be objects, got {_short(a)}")
+            raise MinibloomError(f"{path}: added_tokens entries must be objects, got {shown(a)}")
         i = field(a, "id", int, f"{path}: added token", lo=0, hi=limit - 1)
         added[i] = a
         vocab.setdefault(field(a, "content", str, f"{path}: added token {i}"), i)
     by_id = {}
     for t, i in vocab.items():
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < limit:
-            raise MinibloomError(f"{path}: token {_short(t)} has id {_short(i)}, expected an integer in "
+            raise MinibloomError(f"{path}: token {shown(t)} has id {shown(i)}, expected an integer in "
                                  f"[0, {limit})")
         by_id[i] = t
     n = max(n_tokens, max(by_id, default=-1) + 1)
@@ -174,7 +166,7 @@ def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
         if isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
             m = " ".join(m)
         if not isinstance(m, str):
-            raise MinibloomError(f"{path}: a merge must be a string 'a b' or a pair of strings, got {_short(m)}")
+            raise MinibloomError(f"{path}: a merge must be a string 'a b' or a pair of strings, got {shown(m)}")
         merges.append(m)
     template = None
     config_path = os.path.join(directory, "tokenizer_config.json")
@@ -184,5 +176,5 @@ def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
             template = next((t.get("template") for t in template
                              if isinstance(t, dict) and t.get("name") == "default"), None)
         if template is not None and not isinstance(template, str):
-            raise MinibloomError(f"{config_path}: chat_template must be a string, got {_short(template)}")
+            raise MinibloomError(f"{config_path}: chat_template must be a string, got {shown(template)}")
     return {"tokens": tokens, "types": types, "merges": merges, "chat_template": template}
