@@ -79,3 +79,23 @@ def empty_private(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if nbytes < (1 << 20):
         return np.empty(shape, dtype)
     return np.frombuffer(anonymous_memory(nbytes), dtype).reshape(shape)
+
+
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in the process heap for reuse (glibc's ``mallopt``), instead of a fresh mapping per large
+    array that the kernel must fault in page by page again.
+
+    A training step allocates and frees the same large activations (probabilities [B, H, T, T], logits [B, T, V])
+    every step; above glibc's mmap threshold (at most 32 MiB) each one is a new mapping. Raising the threshold and the
+    trim threshold makes them come from, and go back to, the heap. Process-wide; returns False where the C library
+    is not glibc (nothing changes there)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 31))

@@ -17,6 +17,8 @@ from . import model as M
 from .backend import Backend
 from .config import DTYPES, BloomConfig
 from .errors import MinibloomError
+from .backward import IGNORE_INDEX, check_labels
+from .formats.weights import flatten
 
 
 def _dtype_name(dtype) -> str:
@@ -158,6 +160,50 @@ class Bloom:
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
+    # ---- training -------------------------------------------------------------------------------------------
+    def _labels(self, labels, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The labels to score: ``input_ids`` with padding ignored when None, else checked (ids or -100)."""
+        if labels is None:
+            return np.where(mask != 0, ids, IGNORE_INDEX)
+        lab = self._array(labels, "labels")
+        if lab.ndim == 1 and ids.shape[0] == 1:
+            lab = lab[None, :]
+        check_labels(lab, self.vocab_size, ids.shape)
+        return lab.astype(np.int64)
+
+    def trainable(self) -> None:
+        """Raise unless every parameter is a plain array of the backend (not memory-mapped or quantized)."""
+        kind = type(self.params["ln_f"]["weight"])
+        lazy = not isinstance(self.params["h"], list) or any(type(v) is not kind for v in flatten(self.params).values())
+        if lazy:
+            raise MinibloomError(f"{self.path or 'model'}: gradients need every weight in memory as a plain array; "
+                                 "load it without low_memory / keep_quantized")
+
+    def value_and_grad(self, input_ids, attention_mask=None, labels=None, *,
+                       to_numpy: bool = True) -> tuple[float, dict[str, Any]]:
+        """transformers' causal-LM loss and the gradient of every parameter (the gradient oracle).
+
+        ``labels`` [batch, seq]: position t is scored on predicting ``labels[:, t + 1]``; positions labelled -100 are
+        ignored; the loss is the mean over the rest (``BloomForCausalLM(..., labels=labels).loss``). ``None`` means
+        the input ids with padded positions ignored. Returns ``(loss, grads)``: ``grads`` maps transformers'
+        ``named_parameters()`` names (``transformer.h.0.self_attention.query_key_value.weight``, ...,
+        ``lm_head.weight`` only when the head is untied) to arrays in the model's dtype (NumPy unless
+        ``to_numpy=False``). The maths is ``minibloom.backward``.
+        """
+        from . import backward
+
+        self.trainable()
+        ids = self._ids(input_ids)
+        mask = self._mask(attention_mask, ids.shape)
+        lab = self._labels(labels, ids, mask)
+        if not (lab[:, 1:] != IGNORE_INDEX).any():
+            raise MinibloomError("labels: no position after the first is labelled, so there is no loss")
+        be = self.backend
+        loss, grads = backward.value_and_grad(self.params, be.asarray(ids), be.asarray(mask), be.asarray(lab),
+                                              self.config, ops=self.primitives)
+        conv = be.to_numpy if to_numpy else (lambda a: a)
+        return float(be.to_numpy(loss)), {name: conv(g) for name, g in hf_names(grads).items()}
+
     # ---- text helpers (need a tokenizer) ---------------------------------------------------------------------
     def encode(self, text: str | Sequence[str]):
         if self.tokenizer is None:
@@ -168,6 +214,12 @@ class Bloom:
         if self.tokenizer is None:
             raise MinibloomError(f"{self.path}: this model has no tokenizer.json")
         return self.tokenizer.decode(ids)
+
+
+def hf_names(tree: dict) -> dict:
+    """A parameter (or gradient) tree -> a flat dict under transformers' ``BloomForCausalLM.named_parameters()``
+    names: ``transformer.h.0.self_attention.query_key_value.weight``, ..., ``lm_head.weight``."""
+    return {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in flatten(tree).items()}
 
 
 def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32", backend: str = "numpy", *,

@@ -302,4 +302,117 @@ def logits_product(x2: np.ndarray, head) -> np.ndarray:
     return matmul_t(x2, head)
 
 
-PRIMITIVES = M.Primitives("numpy", layer_norm, linear, linear_gelu, attend, residual_add, head)
+# ---------------------------------------------------------------------------------------------------------------
+# Training kernels: minibloom.backward's hot spots, in place and in cache-sized blocks (same formulas)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """``model.gelu`` into a new array (``gelu_`` on a copy: the caller keeps the pre-activation)."""
+    y = np.array(x, copy=True)
+    gelu_(np.reshape(y, (-1, y.shape[-1])))
+    return y
+
+
+def gelu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``backward.gelu_backward`` written into ``dy``, a block of rows at a time."""
+    d2, x2 = np.reshape(dy, (-1, dy.shape[-1])), np.reshape(x, (-1, x.shape[-1]))
+    a, b = 0.79788456, 0.044715
+    rows = max(1, GELU_BLOCK_ELEMS // x2.shape[-1])
+    for r in range(0, x2.shape[0], rows):
+        xb, db = x2[r:r + rows], d2[r:r + rows]
+        sq = np.multiply(xb, xb)
+        t = np.multiply(sq, b)
+        np.add(t, 1.0, out=t)
+        np.multiply(t, xb, out=t)
+        np.multiply(t, a, out=t)
+        np.tanh(t, out=t)  # tanh u
+        np.multiply(sq, 3.0 * b, out=sq)
+        np.add(sq, 1.0, out=sq)
+        np.multiply(sq, a, out=sq)  # a (1 + 3 b x^2)
+        u = np.multiply(t, t)
+        np.subtract(1.0, u, out=u)  # 1 - tanh^2 u
+        np.multiply(u, xb, out=u)
+        np.multiply(u, sq, out=u)  # x (1 - tanh^2 u) a (1 + 3 b x^2)
+        np.add(t, 1.0, out=t)
+        np.add(t, u, out=t)
+        np.multiply(t, 0.5, out=t)
+        np.multiply(db, t, out=db)
+    return dy
+
+
+def attend_backward(dctx, q, k, v, probs):
+    """``backward.attend_backward`` one batch row at a time, the softmax's backward in place in ``probs``.
+
+    A causal row of T = S queries is done in two halves of queries: the first half's probabilities on the second
+    half's keys are exactly 0 (checked), so its products skip those keys, a quarter of the work. Any other row (a
+    pad's uniform row, a past) runs over all keys.
+    """
+    dctx, q, k, v, probs = (np.asarray(a) for a in (dctx, q, k, v, probs))
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    scale = 1.0 / math.sqrt(D)
+    dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    half = T // 2 if T == S and T >= 64 else 0
+    for b in range(B):
+        p = probs[b]  # [H, T, S]
+        cut = half and not p[:, :half, half:].any()
+        for t0, t1, s in ((0, half, half), (half, T, S)) if cut else ((0, T, S),):
+            g = dctx[b, t0:t1].transpose(1, 0, 2)  # [H, t, D]
+            pb = p[:, t0:t1, :s]  # [H, t, s]
+            dv[b, :, :s] += pb.transpose(0, 2, 1) @ g  # dv = p^T dctx
+            dp = g @ v[b, :, :s].transpose(0, 2, 1)  # [H, t, s]
+            row = np.einsum("hts,hts->ht", dp, pb)[..., None]  # sum(dp p) over keys
+            np.subtract(dp, row, out=dp)
+            np.multiply(dp, pb, out=dp)  # ds
+            np.matmul(dp, k[b, :, :s], out=dq[b, :, t0:t1])
+            dk[b, :, :s] += dp.transpose(0, 2, 1) @ q[b, :, t0:t1]
+    np.multiply(dq, scale, out=dq)
+    np.multiply(dk, scale, out=dk)
+    return dq, dk, dv
+
+
+def layer_norm_backward(dy, x, weight, eps: float):
+    """``backward.layer_norm_backward`` with fewer temporaries (x^ is rebuilt in place, g written into it)."""
+    xc = x - _mean(x)
+    r = _mean(xc * xc)
+    np.add(r, eps, out=r)
+    np.sqrt(r, out=r)
+    np.divide(1.0, r, out=r)  # [..., 1]
+    xhat = np.multiply(xc, r, out=xc)
+    C = x.shape[-1]
+    dy2 = np.reshape(dy, (-1, C))
+    grads = {"weight": np.einsum("nc,nc->c", dy2, np.reshape(xhat, (-1, C))), "bias": np.add.reduce(dy2, axis=0)}
+    g = dy * weight
+    m1 = _mean(g)
+    m2 = np.einsum("...c,...c->...", g, xhat)[..., None]
+    np.divide(m2, C, out=m2)
+    np.multiply(xhat, m2, out=xhat)
+    np.subtract(g, m1, out=g)
+    np.subtract(g, xhat, out=g)
+    np.multiply(g, r, out=g)
+    return g, grads
+
+
+def cross_entropy(logits, labels):
+    """``backward.cross_entropy`` with the gradient written over ``logits`` (one [B, T, V] pass per step)."""
+    logits = np.ascontiguousarray(logits)
+    B, T, V = logits.shape
+    z, y = logits[:, :-1, :], np.asarray(labels)[:, 1:]
+    scored = y != -100
+    w = scored.astype(logits.dtype)
+    w /= w.sum()
+    y = np.where(scored, y, 0)[..., None]
+    np.subtract(z, np.max(z, axis=-1, keepdims=True), out=z)
+    picked = np.take_along_axis(z, y, axis=-1)[..., 0]  # z[label] after the shift
+    np.exp(z, out=z)
+    sum_e = np.sum(z, axis=-1)
+    loss = -np.sum((picked - np.log(sum_e)) * w)
+    np.multiply(z, (w / sum_e)[..., None], out=z)  # softmax / n
+    np.put_along_axis(z, y, np.take_along_axis(z, y, axis=-1) - w[..., None], axis=-1)  # minus onehot / n
+    logits[:, -1, :] = 0
+    return loss, logits
+
+
+PRIMITIVES = M.Primitives("numpy", layer_norm, linear, linear_gelu, attend, residual_add, head, gelu=gelu,
+                          gelu_backward=gelu_backward, attend_backward=attend_backward, cross_entropy=cross_entropy,
+                          layer_norm_backward=layer_norm_backward)

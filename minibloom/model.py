@@ -204,6 +204,12 @@ class Primitives:
     attend: Callable  # (q, k, v, alibi, allowed, probs) -> (context [B, T, H, D], probabilities or None)
     residual_add: Callable  # (a, x) -> a + x (may write into a, a fresh branch output)
     head: Callable  # (x [B, T, C], weight [V, C]) -> logits [B, T, V]
+    gelu: Callable = gelu  # (x) -> gelu(x), a new array (training keeps x: the MLP's pre-activation)
+    # training kernels, the hot spots of minibloom.backward; None: that module's reference function
+    gelu_backward: Callable | None = None  # (dy, x) -> dx (may write into dy)
+    attend_backward: Callable | None = None  # (dctx, q, k, v, probs) -> dq, dk, dv (may write into probs)
+    cross_entropy: Callable | None = None  # (logits, labels) -> loss, dlogits (may write into logits)
+    layer_norm_backward: Callable | None = None  # (dy, x, weight, eps) -> dx, {"weight", "bias"}
 
 
 REFERENCE = Primitives("reference", layer_norm, linear, linear_gelu, attend, residual_add, head)
@@ -219,11 +225,12 @@ def _last(x, keep: int | None):
 
 
 def attention(x, p, alibi, allowed, n_head: int, tp: int = 1, cache: KVCache | None = None, layer: int = 0, *,
-              keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True):
+              keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True, saved: dict | None = None):
     """BloomAttention: fused QKV, ALiBi-biased causal softmax attention, output projection (without residual).
 
     x [B, T, C] -> ([B, T, C], probabilities [B, H, T, S] or None). Keys and values are made (and cached) for all
     T positions; queries only for the last ``keep`` (default all), and the output has those rows only.
+    ``saved``: a dict that receives what ``minibloom.backward.attention_backward`` needs (q, k, v, probs, ctx).
     """
     xp = _ns(x)
     B, T, C = x.shape
@@ -237,34 +244,50 @@ def attention(x, p, alibi, allowed, n_head: int, tp: int = 1, cache: KVCache | N
         k, v = cache.update(layer, k, v)  # [B, H, S, D]
     if keep is not None:
         q, allowed = q[:, :, T - keep:, :], allowed[:, :, T - keep:, :]
-    ctx, weights = ops.attend(q, k, v, alibi, allowed, probs)  # [B, Tq, H, D]
+    ctx, weights = ops.attend(q, k, v, alibi, allowed, probs or saved is not None)  # [B, Tq, H, D]
     ctx = xp.reshape(ctx, (B, q.shape[2], C))  # heads back side by side (_merge_heads)
+    if saved is not None:
+        saved.update(q=q, k=k, v=v, probs=weights, ctx=ctx)
     return ops.linear(ctx, p["dense"]["weight"], p["dense"]["bias"], tp), weights
 
 
-def mlp(x, p, tp: int = 1, *, ops: Primitives = REFERENCE):
-    """BloomMLP: C -> 4C, GeLU, 4C -> C (without residual)."""  # [B, T, C] -> [B, T, C]
+def mlp(x, p, tp: int = 1, *, ops: Primitives = REFERENCE, saved: dict | None = None):
+    """BloomMLP: C -> 4C, GeLU, 4C -> C (without residual).  # [B, T, C] -> [B, T, C]
+
+    ``saved`` receives the pre-activation ``h`` and ``g = gelu(h)`` for ``minibloom.backward.mlp_backward``.
+    """
     h4h, h4 = p["dense_h_to_4h"], p["dense_4h_to_h"]
-    return ops.linear(ops.linear_gelu(x, h4h["weight"], h4h["bias"]), h4["weight"], h4["bias"], tp)
+    if saved is None:
+        g = ops.linear_gelu(x, h4h["weight"], h4h["bias"])  # [B, T, 4C]
+    else:  # the backward pass needs the pre-activation too
+        h = ops.linear(x, h4h["weight"], h4h["bias"])  # [B, T, 4C]
+        g = ops.gelu(h)
+        saved.update(h=h, g=g)
+    return ops.linear(g, h4["weight"], h4["bias"], tp)
 
 
 def block(x, p, alibi, allowed, cfg: BloomConfig, cache: KVCache | None = None, layer: int = 0, *,
-          keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True):
+          keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True, saved: dict | None = None):
     """BloomBlock: two residual branches, each behind a LayerNorm.  # [B, T, C] -> [B, T, C] (or [B, keep, C])
 
     With ``apply_residual_connection_post_layernorm`` the residual is the LayerNorm output instead of its input.
-    Each sub-module of ``p`` is read once (a lazily widened layer builds it on every read).
+    Each sub-module of ``p`` is read once (a lazily widened layer builds it on every read). ``saved`` receives the
+    activations ``minibloom.backward.block_backward`` needs.
     """
     tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
     eps, post = cfg.layer_norm_epsilon, cfg.apply_residual_connection_post_layernorm
     ln = p["input_layernorm"]
     ln1 = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
+    sub = None if saved is None else {"x": x, "ln1": ln1, "attention": {}, "mlp": {}}
     a, weights = attention(ln1, p["self_attention"], alibi, allowed, cfg.n_head, tp, cache, layer, keep=keep,
-                           ops=ops, probs=probs)
+                           ops=ops, probs=probs, saved=None if sub is None else sub["attention"])
     x = ops.residual_add(a, _last(ln1 if post else x, keep))
     ln = p["post_attention_layernorm"]
     ln2 = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
-    return ops.residual_add(mlp(ln2, p["mlp"], tp, ops=ops), ln2 if post else x), weights
+    if sub is not None:
+        saved.update(sub, x1=x, ln2=ln2)
+    m = mlp(ln2, p["mlp"], tp, ops=ops, saved=None if sub is None else sub["mlp"])
+    return ops.residual_add(m, ln2 if post else x), weights
 
 
 @dataclass
@@ -280,18 +303,21 @@ class BloomOutput:
 
 def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache: KVCache | None = None,
             output_hidden_states: bool = False, output_attentions: bool = False, logits: str = "all", *,
-            ops: Primitives = REFERENCE) -> BloomOutput:
+            ops: Primitives = REFERENCE, saved: dict | None = None) -> BloomOutput:
     """BloomForCausalLM.forward.  # ids [B, T], mask [B, S] -> logits [B, T, V]
 
     ``params`` is the nested dict of HF names (``params["h"][i]["self_attention"]["dense"]["weight"]``).
     ``attention_mask`` covers past and new tokens (S = cache.length + T). ``logits``: "all", "last" or "none".
     ``ops``: the primitives to compute with (``REFERENCE``, or ``minibloom.fast.PRIMITIVES`` on NumPy).
+    ``saved``: a dict that receives the activations of every layer for ``minibloom.backward`` (training).
     """
     E = params["word_embeddings"]["weight"]  # [V, C]
     eln = params["word_embeddings_layernorm"]
     xp = _ns(eln["weight"])
     B, T = input_ids.shape
     x = xp.reshape(xp.take(E, xp.reshape(input_ids, (-1,)), axis=0), (B, T, E.shape[1]))  # [B, T, C]
+    if saved is not None:
+        saved.update(embedded=x, layers=[{} for _ in range(len(params["h"]))])
     x = ops.layer_norm(x, eln["weight"], eln["bias"], cfg.layer_norm_epsilon)
     dtype = x.dtype
     slopes = _slopes_on(xp, cfg.n_head, "float64" if dtype == xp.float64 else "float32")
@@ -299,22 +325,26 @@ def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache: KVCache 
     allowed = causal_mask(attention_mask, T)  # [B, 1, T, S]
     # with neither all logits, nor hidden states, nor attention probabilities wanted, the last layer only needs its
     # last position's output (keys and values of every position are still made, for the cache)
-    keep = 1 if logits != "all" and not (output_hidden_states or output_attentions) else None
+    keep = 1 if logits != "all" and not (output_hidden_states or output_attentions or saved is not None) else None
     hidden, attns = [x], []
     n = len(params["h"])
     for i, p in enumerate(params["h"]):
         x, probs = block(x, p, alibi, allowed, cfg, cache, i, keep=keep if i == n - 1 else None, ops=ops,
-                         probs=output_attentions)
+                         probs=output_attentions, saved=None if saved is None else saved["layers"][i])
         if output_hidden_states:
             hidden.append(x)
         if output_attentions:
             attns.append(probs)
     if cache is not None:
         cache.length += T
+    if saved is not None:
+        saved.update(alibi=alibi, allowed=allowed, final=x)
     x = ops.layer_norm(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.layer_norm_epsilon)
     hidden[-1] = x
     if logits == "last":
         x = x[:, x.shape[1] - 1:, :]
     weight = params["lm_head"]["weight"] if "lm_head" in params else E  # tied to the embedding unless stored
+    if saved is not None:
+        saved["ln_f"] = x
     out = None if logits == "none" else ops.head(x, weight)  # [B, T, C] -> [B, T, V]
     return BloomOutput(out, hidden if output_hidden_states else None, attns if output_attentions else None)

@@ -6,7 +6,8 @@ import os
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = "default"  # weights/default: the small Shakespeare BLOOM trained by scripts/train_default.py
+CORPUS = "tinyshakespeare.txt"  # data/: the default model's training text (public domain)
+DEFAULT_MODEL = "default"  # weights/default: the small Shakespeare BLOOM (trained by `minibloom train`)
 
 
 def weights_dir() -> str:
@@ -22,3 +23,11 @@ def weights_dir() -> str:
 
 def default_model_path() -> str:
     return os.path.join(weights_dir(), DEFAULT_MODEL)
+
+
+def corpus_path() -> str:
+    """The bundled training text (Tiny Shakespeare): the clone's ``data/`` or the installed copy."""
+    for d in (os.path.join(REPO_ROOT, "data"), os.path.join(sys.prefix, "share", "minibloom", "data")):
+        if os.path.isfile(os.path.join(d, CORPUS)):
+            return os.path.join(d, CORPUS)
+    return os.path.join(REPO_ROOT, "data", CORPUS)

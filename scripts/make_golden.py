@@ -80,7 +80,7 @@ def make_default() -> bool:
     directory = default_model_path()
     if not os.path.isfile(os.path.join(directory, "config.json")):
         print(f"skipped the default model: {directory} has no checkpoint yet (train it with "
-              "scripts/train_default.py, then rerun this script)")
+              "`minibloom train` (the command is in weights/default/README.md), then rerun this script)")
         return False
     tok = load_tokenizer(directory)
     if tok is None:

@@ -1,4 +1,5 @@
-"""``minibloom trace``: write one forward pass (ids, every hidden state, logits, optionally attention) to a .npz."""
+"""``minibloom trace``: write one forward pass (ids, every hidden state, logits, optionally attention and the
+gradients of the loss) to a .npz."""
 
 from __future__ import annotations
 
@@ -85,6 +86,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="float64 is the oracle mode (default: float32)")
     p.add_argument("--attentions", action="store_true", help="also save each block's attention probabilities")
+    p.add_argument("--grads", action="store_true",
+                   help="also save the causal-LM loss on the input ids (padding ignored) and the gradient of every "
+                        "parameter (grad.NAME under transformers' names), for `minibloom diff` of a backward pass")
     p.add_argument("--out", required=True, help="output .npz path")
     p.set_defaults(func=run)
 
@@ -212,8 +216,9 @@ def run(args) -> int:
     output_path(args.out, "--out")
     model = minibloom.load(args.model, dtype=args.dtype)
     ids, mask = inputs_from_args(args, model)
-    tr = trace(model, ids, mask, attentions=args.attentions)
+    tr = trace(model, ids, mask, attentions=args.attentions, grads=args.grads)
     path = save_trace(tr, args.out)
+    grads = f", loss {tr['loss']:.6f} and {len(tr['grads'])} gradients" if args.grads else ""
     print(f"wrote {path}: {ids.shape[0]} row(s) x {ids.shape[1]} tokens ({describe_layout(mask)}), "
-          f"{len(tr['hidden_states'])} hidden states, logits {list(tr['logits'].shape)}, {args.dtype}")
+          f"{len(tr['hidden_states'])} hidden states, logits {list(tr['logits'].shape)}{grads}, {args.dtype}")
     return 0

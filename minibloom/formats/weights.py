@@ -118,15 +118,46 @@ def write_random_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, voca
                shapes.items()]
     with bar:
         write_file(os.path.join(directory, "model.safetensors"), entries, {"format": "pt"})
+    write_config(directory, cfg, vocab, dtype.name)
+    return directory
+
+
+def write_config(directory: str, cfg: BloomConfig, vocab: int, dtype: str) -> None:
+    """``config.json`` as transformers' ``save_pretrained`` writes it for ``BloomForCausalLM``."""
     hf = {"architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": vocab,
           "hidden_size": cfg.hidden_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
           "layer_norm_epsilon": cfg.layer_norm_epsilon, "initializer_range": 0.02,
           "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
           "pretraining_tp": cfg.pretraining_tp, "slow_but_exact": cfg.slow_but_exact,
-          "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
-          "unk_token_id": 0, "use_cache": True, "dtype": dtype.name}
+          "tie_word_embeddings": cfg.tie_word_embeddings,
+          **{k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")},
+          "use_cache": True, "dtype": dtype}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
+
+
+STORED = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "bfloat16": None}
+
+
+def write_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, params: dict, dtype: str = "float32",
+                     metadata: dict | None = None) -> str:
+    """``config.json`` + ``model.safetensors`` of an in-memory BLOOM (the nested NumPy parameter tree), under
+    transformers' saved names, stored in ``dtype`` (float16, bfloat16, float32, float64): a checkpoint both
+    transformers' ``from_pretrained`` and ``minibloom.load`` read. A tied head is stored once, as transformers does.
+    Returns the directory."""
+    from .safetensors import save_file
+
+    if dtype not in STORED:
+        raise MinibloomError(f"dtype: {dtype!r} cannot be stored (use one of {', '.join(STORED)})")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    flat = {f"{'' if k.startswith('lm_head.') else 'transformer.'}{k}": np.asarray(v) for k, v in
+            flatten(params).items()}
+    store = STORED[dtype]
+    tensors = {k: v.astype(np.float32 if store is None else store) for k, v in flat.items()}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), {"format": "pt", **(metadata or {})},
+              bf16=tuple(tensors) if store is None else ())
+    write_config(directory, cfg, int(flat["transformer.word_embeddings.weight"].shape[0]), dtype)
     return directory
 
 

@@ -126,6 +126,48 @@ def random_model(seed: int = 0, std: float = 0.08, base: bool = False, *, vocab:
     return model
 
 
+def hf_value_and_grad(model, input_ids, attention_mask=None, labels=None, dtype: str = "float64"):
+    """transformers' causal-LM loss and torch autograd's gradient of every parameter: the reference for
+    ``Bloom.value_and_grad``.
+
+    ``model``: a checkpoint directory or a transformers ``BloomForCausalLM`` (converted to ``dtype`` in place).
+    ``labels`` None: the ids with padded positions ignored (-100). In float64 it runs inside ``hf_float64_exact``,
+    and the loss is ``ForCausalLMLoss``'s (labels shifted by one, -100 ignored, mean over the rest) without its
+    ``logits.float()``, which would round a float64 model's logits to float32. transformers' ``slow_but_exact`` path
+    drops the ``dense`` biases (minibloom keeps them); it is switched off, which computes the same function as
+    minibloom's sliced products up to rounding. Returns ``(loss, {named_parameters() name: NumPy gradient})``.
+    """
+    torch, transformers = _import_hf()
+    if dtype not in DTYPES:
+        raise MinibloomError(f"dtype: {dtype!r} is not supported (use float32 or float64)")
+    tdt = getattr(torch, dtype)
+    if isinstance(model, (str, os.PathLike)):
+        model = transformers.BloomForCausalLM.from_pretrained(os.fspath(model), dtype=tdt,
+                                                              attn_implementation="eager")
+    model = model.to(tdt).eval()
+    model.config.slow_but_exact = False
+    for blk in model.transformer.h:
+        blk.self_attention.slow_but_exact = blk.mlp.slow_but_exact = False
+    ids = torch.as_tensor(np.asarray(input_ids, np.int64))
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(np.asarray(attention_mask, np.int64))
+    mask = mask.reshape(ids.shape)
+    lab = torch.where(mask != 0, ids, -100) if labels is None else torch.as_tensor(np.asarray(labels, np.int64))
+    lab = lab.reshape(ids.shape)
+    model.zero_grad(set_to_none=True)
+    patch = hf_float64_exact() if dtype == "float64" else contextlib.nullcontext()
+    with patch:
+        logits = model(ids, attention_mask=mask).logits  # [B, T, V]
+        V = logits.shape[-1]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), lab[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+        loss.backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().numpy().copy()
+             for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
 def hf_trace(path: str, input_ids, attention_mask=None, dtype: str = "float32", attentions: bool = False) -> dict:
     """Trace (minibloom.trace format) of transformers' ``BloomForCausalLM`` for the checkpoint directory ``path``.
 

@@ -83,6 +83,12 @@ FP64_VS_HF = Tolerance(1e-10, "float64 vs transformers float64 (softmax and slop
                        reference="same file")
 FP64_SELF = Tolerance(1e-12, "float64 vs float64 within minibloom", "float64")
 
+# Gradients: float64 vs float64 (torch autograd through transformers, patched as FP64_VS_HF) agree to ~5e-13;
+# float32 gradients (minibloom's or torch's) are ~1e-6 from float64 on the test models; GRAD_FP32 keeps a margin
+# for depth and width, and a real bug (a missing term, a wrong constant) is off by 1e-3 or more.
+GRAD_FP64 = Tolerance(1e-10, "float64 gradients vs minibloom's float64 gradients", "float64")
+GRAD_FP32 = Tolerance(1e-4, "float32 gradients vs minibloom's float64 gradients", "float32")
+
 POLICY_FILE = os.path.join(os.path.dirname(__file__), "policies.json")
 _WHAT = {
     "float32": "float32 implementation (BLAS order) vs minibloom float64",
@@ -414,6 +420,48 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
                              "implementation (format: minibloom.trace) and compare it with `minibloom trace --dtype "
                              "float64` using `minibloom diff`")
     return verdict.rel
+
+
+# ---- gradient verdicts ------------------------------------------------------------------------------------------
+def reference_grads(model, input_ids, attention_mask=None, labels=None) -> tuple[float, dict]:
+    """minibloom's float64 ``(loss, grads)`` (``Bloom.value_and_grad``) for ``model`` (a Bloom, path or hub id)."""
+    return reference_model(model).value_and_grad(input_ids, attention_mask, labels)
+
+
+def assert_grads_close(actual: dict, model, input_ids, attention_mask=None, labels=None,
+                       tol: Tolerance | float | None = None, what: str = "gradients", *, loss=None) -> float:
+    """Check another implementation's gradients against minibloom's float64 gradients (the gradient oracle).
+
+    ``actual``: {transformers parameter name: gradient} (torch tensors, any float dtype; ``dict(model.named_
+    parameters())`` grads, or minibloom's own), for the causal-LM loss of ``input_ids`` with ``labels`` (-100
+    ignored; None: the ids with padding ignored). Every parameter of the model must be there. ``tol``: default
+    ``GRAD_FP64`` for float64 gradients, ``GRAD_FP32`` otherwise; each tensor passes when max|a - b| <= tol *
+    max|b|. ``loss``, when given, is checked too. Raises ``AssertionError`` naming each failing tensor (worst
+    first); returns the largest relative error.
+    """
+    ref_loss, ref = reference_grads(model, input_ids, attention_mask, labels)
+    got = {name: _numpy_of(g) for name, g in actual.items()}
+    missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+    if missing or extra:
+        raise AssertionError(f"{what}: parameter names differ from the model's: "
+                             + (f"missing {missing[:3]}" if missing else "")
+                             + (f" unknown {extra[:3]}" if extra else ""))
+    dtypes = {dt for _, dt in got.values()}
+    pol = _as_policy(tol) if tol is not None else (GRAD_FP64 if dtypes == {"float64"} else GRAD_FP32)
+    errors = {name: rel_error(a, ref[name]) for name, (a, _) in got.items()}
+    bad = sorted((n for n, e in errors.items() if not (e <= pol.rel)),
+                 key=lambda n: -np.nan_to_num(errors[n], nan=1e300))
+    lines = [f"  {n}: relative max error {errors[n]:.3e} > {pol.rel:.1e}" for n in bad[:10]]
+    if loss is not None:
+        lerr = abs(float(_numpy_of(loss)[0]) - ref_loss) / max(abs(ref_loss), 1e-300)
+        if not lerr <= pol.rel:
+            lines.insert(0, f"  loss: {float(_numpy_of(loss)[0])!r} vs {ref_loss!r} (relative {lerr:.3e})")
+    if lines:
+        raise AssertionError(f"{what} ({'/'.join(sorted(dtypes))}) vs minibloom float64, policy {pol.what}: "
+                             f"{len(lines)} failing\n" + "\n".join(lines) + "\n  to find the first layer that "
+                             "differs, save your gradients as a trace (grad.NAME keys, minibloom.trace) and `minibloom "
+                             "diff` it against `minibloom trace --grads --dtype float64`")
+    return max(errors.values())
 
 
 # ---- GGUF files vs the unquantized source, per ggml type ---------------------------------------------------------

@@ -23,11 +23,17 @@ key                         shape                 meaning
                                                   q8_0, q4_0, nf4 ...; it selects the verdict policy, see
                                                   ``minibloom.testing``), ``implementation``, ``model``,
                                                   ``n_layer``, ``hidden_size``, ``quantized``, ``version``
+``labels``                  [B, T] integers       optional: the labels a gradient trace was scored on (-100 ignored)
+``loss``                    0-d float             optional: transformers' causal-LM loss for ``labels``
+``grad.{name}``             the parameter's       optional: dloss/dparameter, ``name`` as in transformers'
+                            shape                 ``named_parameters()`` (``grad.transformer.h.0.mlp.dense_h_to_4h.
+                                                  weight``, ...)
 ``extra.*``                 anything numeric      ignored by minibloom
 ==========================  ====================  ===================================================================
 
-At least one of ``logits`` / ``hidden_states`` must be present. Arrays may be stored in any float dtype; they are
-compared in float64. No pickled objects are ever read.
+At least one of ``logits`` / ``hidden_states`` / ``grad.*`` must be present. A gradient trace is diffed in the
+order the backward pass computes: the loss, the head and ``ln_f``, the last block ... the first, the embeddings.
+Arrays may be stored in any float dtype; they are compared in float64. No pickled objects are ever read.
 """
 
 from __future__ import annotations
@@ -47,12 +53,14 @@ _LAYER_KEY = re.compile(r"^(hidden_states|attentions)\.(\d+)$")
 
 
 # ---- making a trace ------------------------------------------------------------------------------------------
-def trace(model, input_ids, attention_mask=None, attentions: bool = False, *, dtype: str = "float64") -> dict:
+def trace(model, input_ids, attention_mask=None, attentions: bool = False, *, dtype: str = "float64",
+          grads: bool = False, labels=None) -> dict:
     """Run ``model`` once and return its trace as a dict (the keys of the format above, layers as lists).
 
     ``model``: a ``minibloom.Bloom`` (used in its own dtype) or anything ``minibloom.load`` accepts (loaded in
     ``dtype``). Returns ``{"input_ids", "attention_mask", "hidden_states": [n_layer + 1 arrays], "logits",
-    "attentions": [n_layer arrays] or None, "meta": dict}``.
+    "attentions": [n_layer arrays] or None, "meta": dict}``; with ``grads``, also ``"labels"``, ``"loss"`` and
+    ``"grads"`` ({name: array}, ``Bloom.value_and_grad``; ``labels`` None: the ids, padding ignored).
     """
     from .. import __version__
     from ..bloom import Bloom, load
@@ -65,8 +73,12 @@ def trace(model, input_ids, attention_mask=None, attentions: bool = False, *, dt
     meta = {"format": "minibloom-trace", "version": FORMAT_VERSION, "implementation": f"minibloom {__version__}",
             "dtype": model.dtype, "quantized": _is_quantized(model), "model": str(model.path or "in memory"),
             "n_layer": model.config.n_layer, "n_head": model.config.n_head, "hidden_size": model.config.hidden_size}
-    return {"input_ids": ids, "attention_mask": mask, "hidden_states": list(out.hidden_states),
-            "logits": out.logits, "attentions": list(out.attentions) if attentions else None, "meta": meta}
+    tr = {"input_ids": ids, "attention_mask": mask, "hidden_states": list(out.hidden_states),
+          "logits": out.logits, "attentions": list(out.attentions) if attentions else None, "meta": meta}
+    if grads:
+        tr["labels"] = model._labels(labels, ids, mask)
+        tr["loss"], tr["grads"] = model.value_and_grad(ids, mask, tr["labels"])
+    return tr
 
 
 def _is_quantized(model) -> bool:
@@ -85,6 +97,12 @@ def save_trace(tr: dict, path: str | os.PathLike) -> str:
     for name in ("hidden_states", "attentions"):
         for i, a in enumerate(tr.get(name) or []):
             arrays[f"{name}.{i}"] = np.asarray(a)
+    if tr.get("labels") is not None:
+        arrays["labels"] = np.asarray(tr["labels"], np.int64)
+    if tr.get("loss") is not None:
+        arrays["loss"] = np.asarray(tr["loss"], np.float64)
+    for name, g in (tr.get("grads") or {}).items():
+        arrays[f"grad.{name}"] = np.asarray(g)
     path = os.fspath(path)
     with open(path, "wb") as f:  # np.savez would append ".npz" to a name without it
         np.savez(f, **arrays)
@@ -174,8 +192,10 @@ def _validate(raw: dict, path: str) -> dict:
             layers[m.group(1)][int(m.group(2))] = a
         elif key in ("hidden_states", "attentions"):
             stacked[key] = a
-        elif key in ("input_ids", "attention_mask", "logits"):
+        elif key in ("input_ids", "attention_mask", "logits", "labels", "loss"):
             tr[key] = a
+        elif key.startswith("grad."):
+            tr.setdefault("grads", {})[key[5:]] = a
         elif key == "meta":
             tr["meta"] = _meta(a, path)
         elif not key.startswith("extra."):
@@ -220,8 +240,9 @@ def _validate(raw: dict, path: str) -> dict:
             len(tr["attentions"]) != len(tr["hidden_states"]) - 1:
         raise MinibloomError(f"{path}: {len(tr['attentions'])} attention arrays for {len(tr['hidden_states'])} hidden "
                              "states (one per block: hidden states - 1)")
-    if tr.get("logits") is None and tr["hidden_states"] is None:
-        raise MinibloomError(f"{path}: holds neither 'logits' nor hidden states; nothing to compare")
+    if tr.get("logits") is None and tr["hidden_states"] is None and not tr.get("grads"):
+        raise MinibloomError(f"{path}: holds neither 'logits' nor hidden states nor gradients; nothing to compare")
+    _validate_grads(tr, path, (B, T))
     for i, h in enumerate(tr["hidden_states"] or []):
         _check_shape(h, (B, T, None), f"{path}: hidden_states.{i}")
     for i, a in enumerate(tr["attentions"] or []):
@@ -231,6 +252,49 @@ def _validate(raw: dict, path: str) -> dict:
     else:
         tr["logits"] = None
     return tr
+
+
+def _validate_grads(tr: dict, path: str, shape: tuple[int, int]) -> None:
+    """The optional gradient part of a trace: labels like the ids, a finite-or-not 0-d float loss, float grads."""
+    if tr.get("labels") is not None:
+        lab = tr["labels"]
+        lab = lab[None, :] if lab.ndim == 1 else lab
+        if lab.dtype.kind not in "iu" or lab.shape != shape:
+            raise MinibloomError(f"{path}: labels must be integers of shape {shape}, got {lab.dtype} {lab.shape}")
+        tr["labels"] = lab.astype(np.int64)
+    if tr.get("loss") is not None:
+        if tr["loss"].dtype.kind != "f" or tr["loss"].size != 1:
+            raise MinibloomError(f"{path}: loss must be one float, got {tr['loss'].dtype} {tr['loss'].shape}")
+        tr["loss"] = float(tr["loss"].reshape(()))
+    for name, g in (tr.get("grads") or {}).items():
+        if g.dtype.kind != "f" or not 1 <= g.ndim <= 2:
+            raise MinibloomError(f"{path}: grad.{name} must be a float vector or matrix, got {g.dtype} {g.shape}")
+        if grad_group(name) is None:
+            raise MinibloomError(f"{path}: grad.{name} is not a BLOOM parameter name (transformer.h.0.mlp."
+                                 "dense_h_to_4h.weight, lm_head.weight ...)")
+
+
+_GRAD_NAME = re.compile(r"^(?:transformer\.)?(?:(word_embeddings|word_embeddings_layernorm|ln_f)\.(?:weight|bias)|"
+                        r"h\.(\d{1,4})\.([a-z0-9_.]+)|(lm_head)\.weight)$")
+
+
+def grad_group(name: str) -> tuple[int, str] | None:
+    """The row a parameter's gradient belongs to in a diff, as (order, row name); None for an unknown name.
+    Order is the backward pass's: head and ln_f first, then blocks from the last, the embeddings last."""
+    from ..formats.weights import LAYER_TENSORS
+
+    m = _GRAD_NAME.match(name)
+    if m is None or (m.group(3) is not None and m.group(3) not in {n for n, _ in LAYER_TENSORS}):
+        return None
+    top, layer, _, head = m.groups()
+    if head or top == "ln_f":
+        return (-1, "grad head + ln_f")
+    if top:
+        return (1 << 30, "grad embeddings")
+    i = int(layer)
+    if i >= MAX_LAYERS:
+        return None
+    return (MAX_LAYERS - i, f"grad block {i}")
 
 
 def _meta(a: np.ndarray, path: str) -> dict:
@@ -322,10 +386,13 @@ def _as_trace(t, what: str) -> dict:
         return load_trace(t)
     if isinstance(t, dict):
         t = {**t, "meta": t.get("meta") or {}}
-        raw = {k: v for k, v in t.items() if k not in ("hidden_states", "attentions", "meta") and v is not None}
+        raw = {k: v for k, v in t.items() if k not in ("hidden_states", "attentions", "meta", "grads")
+               and v is not None}
         for name in ("hidden_states", "attentions"):
             for i, a in enumerate(t.get(name) or []):
                 raw[f"{name}.{i}"] = np.asarray(a)
+        for name, g in (t.get("grads") or {}).items():
+            raw[f"grad.{name}"] = np.asarray(g)
         out = _validate({k: np.asarray(v) for k, v in raw.items()}, what)
         out["meta"] = dict(t["meta"])
         return out
@@ -577,6 +644,7 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
         rows.append(logit_row)
     elif (la is None) != (lb is None):
         notes.append(f"logits only in {names[0] if lb is None else names[1]}: not compared")
+    rows += _grad_rows(ta, tb, names, notes, row)
     if not rows:
         raise MinibloomError(f"{names[0]} and {names[1]} have nothing in common to compare")
     for t, nm in ((ta, names[0]), (tb, names[1])):
@@ -584,6 +652,33 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
             notes.append(f"{nm}: computed in {t['meta']['dtype']}" + (" (quantized)" if t["meta"].get("quantized")
                                                                       else ""))
     return DiffReport(rows, float(rtol), float(atol), names, notes, top1, policy, verdict)
+
+
+def _grad_rows(ta: dict, tb: dict, names: tuple[str, str], notes: list[str], row) -> list[LayerDiff]:
+    """Rows for the gradient part of two traces: the loss, then each layer's gradients (all of its parameters as
+    one row, the worst relative error of them), in the order the backward pass computes them."""
+    ga, gb = ta.get("grads"), tb.get("grads")
+    if not ga or not gb:
+        if ga or gb:
+            notes.append(f"gradients only in {names[0] if ga else names[1]}: not compared")
+        return []
+    if set(ga) != set(gb):
+        only = sorted(set(ga) ^ set(gb))[0]
+        raise MinibloomError(f"gradients: {only} is in {names[0] if only in ga else names[1]} only (both traces need "
+                             "the same parameters)")
+    la, lb = ta.get("labels"), tb.get("labels")
+    if la is not None and lb is not None and not np.array_equal(la, lb):
+        raise MinibloomError(f"labels differ between {names[0]} and {names[1]}: gradients of different losses")
+    rows = []
+    if ta.get("loss") is not None and tb.get("loss") is not None:
+        rows.append(row("loss", "loss", np.asarray([ta["loss"]]), np.asarray([tb["loss"]])))
+    groups: dict[tuple[int, str], list[str]] = {}
+    for name in sorted(ga):
+        groups.setdefault(grad_group(name), []).append(name)
+    for (_, label), members in sorted(groups.items()):
+        worst = max((row(label, f"grad.{n}", ga[n], gb[n]) for n in members), key=lambda r: (not r.passed, r.max_rel))
+        rows.append(worst)
+    return rows
 
 
 def verify_trace(candidate, model, kind: str | None = None):

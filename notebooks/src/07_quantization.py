@@ -367,6 +367,6 @@ assert err32 < results["NF4"]["w_err"]
 #
 # ## What's next
 #
-# That closes the tour: tokens → embeddings → ALiBi → attention → the full forward pass → generation → quantized
-# weights. `minibloom check` runs the float32 and float64 comparisons of notebook 5 against transformers on any
-# checkpoint.
+# That closes the forward tour: tokens → embeddings → ALiBi → attention → the full forward pass → generation →
+# quantized weights. `minibloom check` runs the float32 and float64 comparisons of notebook 5 against transformers on
+# any checkpoint. Notebook 8 runs the model backwards: gradients by hand, then training.

@@ -1,0 +1,105 @@
+"""AdamW, its learning-rate schedule and gradient clipping, on flat dicts of arrays (any array-API namespace).
+
+References:
+- Loshchilov, Hutter, "Decoupled Weight Decay Regularization" (AdamW, arXiv:1711.05101); Kingma, Ba, "Adam"
+  (arXiv:1412.6980).
+- pytorch ``torch/optim/adamw.py`` (``_single_tensor_adamw``): the update below is torch's, in its order of
+  operations, so that parameters after N steps equal ``torch.optim.AdamW``'s (tests/test_training.py).
+- pytorch ``torch/nn/utils/clip_grad.py`` (``clip_grad_norm_``); the warm-up + cosine schedule of nanoGPT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def _ns(x):
+    return x.__array_namespace__()
+
+
+@dataclass
+class AdamW:
+    """``torch.optim.AdamW`` over ``params`` ({name: array}, updated in place).
+
+    ``decay``: the names that get weight decay (default: matrices, as nanoGPT and most BLOOM recipes: biases and
+    LayerNorm weights are not decayed). ``state``: the step count and the two moments per name, what a checkpoint
+    must keep to resume exactly.
+    """
+
+    params: dict
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    decay: frozenset | None = None
+    step_count: int = 0
+    m: dict = field(default_factory=dict)  # exp_avg
+    v: dict = field(default_factory=dict)  # exp_avg_sq
+
+    def __post_init__(self):
+        if self.decay is None:
+            self.decay = frozenset(n for n, p in self.params.items() if p.ndim >= 2)
+        for name, p in self.params.items():
+            xp = _ns(p)
+            self.m.setdefault(name, xp.zeros_like(p))
+            self.v.setdefault(name, xp.zeros_like(p))
+
+    def step(self, grads: dict, lr: float | None = None) -> None:
+        """One update with ``grads`` ({name: array}, the same names); ``lr`` overrides the base rate (a schedule)."""
+        lr = self.lr if lr is None else lr
+        b1, b2 = self.betas
+        self.step_count += 1
+        t = self.step_count
+        bias1, bias2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+        for name, p in self.params.items():
+            xp = _ns(p)
+            g, m, v = grads[name], self.m[name], self.v[name]
+            if name in self.decay:
+                p *= 1 - lr * self.weight_decay  # decoupled: the weights shrink, the moments never see it
+            m += (g - m) * (1 - b1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+            v *= b2
+            v += g * g * (1 - b2)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = xp.sqrt(v) / bias2_sqrt + self.eps
+            p -= m / denom * (lr / bias1)
+
+    def state_dict(self) -> dict:
+        """{"step": int, "m.NAME": array, "v.NAME": array}: what ``load_state_dict`` needs to resume."""
+        return {"step": self.step_count, **{f"m.{n}": a for n, a in self.m.items()},
+                **{f"v.{n}": a for n, a in self.v.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        for n in self.params:
+            xp = _ns(self.params[n])
+            self.m[n] = xp.asarray(state[f"m.{n}"], dtype=self.params[n].dtype)
+            self.v[n] = xp.asarray(state[f"v.{n}"], dtype=self.params[n].dtype)
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr * min_lr_ratio`` at ``steps``
+    (``step`` counts from 0)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def global_norm(grads: dict) -> float:
+    """sqrt of the sum of every gradient entry squared (torch's ``total_norm`` with norm_type 2)."""
+    total = 0.0
+    for g in grads.values():
+        xp = _ns(g)
+        total += float(xp.sum(g * g))
+    return math.sqrt(total)
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> float:
+    """Scale ``grads`` in place so their global norm is at most ``max_norm`` (``clip_grad_norm_``: the factor is
+    max_norm / (norm + 1e-6), capped at 1). Returns the norm before clipping."""
+    norm = global_norm(grads)
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for g in grads.values():
+            g *= coef
+    return norm

@@ -1,0 +1,593 @@
+"""Training BLOOM with nothing but NumPy: data, the loop, evaluation, checkpoints that resume exactly.
+
+References:
+- karpathy/nanoGPT ``train.py`` (random windows of a token stream, AdamW, warm-up + cosine, gradient accumulation,
+  clipping, periodic evaluation) and karpathy/llm.c ``train_gpt2.c``.
+- rasbt/LLMs-from-scratch, chapters 5 (pre-training) and 7 (instruction fine-tuning: loss on the response only).
+- The maths is ``minibloom.model.forward`` + ``minibloom.backward`` + ``minibloom.optim``; this module only feeds it.
+
+``train(...)`` (and ``minibloom train``) either trains a new BLOOM from a seed on a text file (by default the bundled
+Tiny Shakespeare), with the tokenizer of a model or a new byte-level BPE with BLOOM's pre-tokenizer, or fine-tunes a
+loaded checkpoint (any format minibloom reads, dequantized), optionally on conversations rendered with a chat
+template and scored on the assistant turns only. Checkpoints are transformers' files (``config.json`` +
+``model.safetensors``, loadable by ``from_pretrained`` unchanged) plus ``trainer_state.safetensors`` /
+``trainer_state.json`` (optimizer moments, step, data-order RNG) so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from . import backward
+from .backend import reuse_freed_memory
+from .bloom import Bloom, hf_names, load
+from .config import BloomConfig
+from .errors import MinibloomError
+from .formats.weights import expected_shapes, nest, write_checkpoint
+from .optim import AdamW, clip_grad_norm, lr_at
+from .paths import corpus_path
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in BLOOM
+BLOOM_SPLIT = " ?[^(\\s|[.,!?…。，、।۔،])]+"  # bigscience/bloom tokenizer.json's Split regex, verbatim
+STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Every choice of a run; saved in ``trainer_state.json`` and the model card. Defaults: the default model's."""
+
+    steps: int = 458
+    batch: int = 16  # sequences per optimizer step (split into ``accumulate`` micro-batches)
+    accumulate: int = 1
+    ctx: int = 256  # tokens per training window
+    lr: float = 2e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: no clipping
+    seed: int = 1234
+    dtype: str = "float32"
+    val_fraction: float = 0.1  # the last 10% of the text's characters are held out
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_windows: int = 32  # held-out windows of a periodic evaluation (the final one uses all)
+    save_every: int = 0
+    # a new model (ignored when fine-tuning)
+    vocab: int = 2000
+    vocab_rows: int = 2048
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    post_ln: bool = False
+    init_std: float = 0.02  # transformers' initializer_range
+
+    def check(self) -> None:
+        counts = ("warmup", "eval_every", "save_every")  # may be 0
+        for name in ("steps", "batch", "accumulate", "ctx", "eval_windows", "vocab", "vocab_rows", "hidden", "layers",
+                     "heads", *counts):
+            v, low = getattr(self, name), 0 if name in counts else 1
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+                raise MinibloomError(f"{name}: must be an integer >= {low}, got {v!r}")
+        if self.batch % self.accumulate:
+            raise MinibloomError(f"accumulate: {self.accumulate} does not divide batch {self.batch}")
+        if self.ctx < 2:
+            raise MinibloomError(f"ctx: a window needs at least 2 tokens, got {self.ctx}")
+        for name in ("lr", "weight_decay", "eps", "grad_clip", "init_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise MinibloomError(f"{name}: must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
+            raise MinibloomError("min_lr_ratio must be in [0, 1] and betas in [0, 1)")
+        if not 0 < self.val_fraction < 1:
+            raise MinibloomError(f"val_fraction: must be between 0 and 1, got {self.val_fraction!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise MinibloomError(f"dtype: train in 'float32' or 'float64', not {self.dtype!r}")
+        if self.hidden % self.heads:
+            raise MinibloomError(f"hidden: {self.hidden} is not divisible by heads {self.heads}")
+        if self.vocab_rows < self.vocab:
+            raise MinibloomError(f"vocab_rows: {self.vocab_rows} rows cannot hold a {self.vocab}-token vocabulary")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def read_text(path: str | None) -> str:
+    """The training text: ``path``, or the bundled Tiny Shakespeare when None."""
+    path = corpus_path() if path is None else os.fspath(path)
+    if not os.path.isfile(path):
+        raise MinibloomError(f"data: {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise MinibloomError(f"data: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise MinibloomError(f"data: {path}: empty")
+    return text
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """By characters: the first (1 - val_fraction) trains, the rest is held out."""
+    cut = int(len(text) * (1 - val_fraction))
+    return text[:cut], text[cut:]
+
+
+def train_bpe(text: str, vocab_size: int):
+    """A byte-level BPE with the structure of bigscience/bloom's tokenizer.json (Split regex, then ByteLevel without
+    prefix space, no normalizer; special tokens <unk> <s> </s> <pad> = 0..3; all 256 bytes in the alphabet, so any
+    text encodes), trained on ``text``. Returns a ``minibloom.tokenizer.Tokenizer``."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer import Tokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(BLOOM_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    return Tokenizer(tok, tokenizer_config(), None)
+
+
+def tokenizer_config() -> dict:
+    """``tokenizer_config.json`` of a BLOOM tokenizer trained here (left padding, BLOOM's special tokens)."""
+    added = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for i, s in enumerate(SPECIAL_TOKENS)}
+    return {"tokenizer_class": "BloomTokenizerFast", "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+            "padding_side": "left", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+            "pad_token": "<pad>", "model_max_length": 1_000_000, "added_tokens_decoder": added}
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """Token ids of ``text`` (int64), encoded in chunks of 2000 lines (BPE never merges across a newline)."""
+    lines = text.splitlines(keepends=True)
+    chunks = ["".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
+    ids = [i for row in tokenizer.encode(chunks) for i in row] if chunks else []
+    return np.asarray(ids, dtype=np.int64)
+
+
+def random_windows(ids: np.ndarray, n: int, ctx: int, rng: np.random.Generator):
+    """``n`` windows of ``ctx`` tokens at random starts (nanoGPT's ``get_batch``) -> (ids [n, ctx], labels)."""
+    starts = rng.integers(0, len(ids) - ctx + 1, size=n)
+    x = np.stack([ids[s:s + ctx] for s in starts])
+    return x, x
+
+
+def eval_windows(ids: np.ndarray, ctx: int, limit: int | None = None) -> list[np.ndarray]:
+    """Consecutive windows ``ids[s : s + ctx + 1]``, s = 0, ctx, 2 ctx ...: each reads up to ``ctx`` tokens and
+    predicts the next, so every token after the first is scored exactly once (context restarts every ctx tokens)."""
+    return [ids[s:s + ctx + 1] for s in range(0, len(ids) - 1, ctx)][:limit]
+
+
+def evaluate(model: Bloom, ids: np.ndarray, ctx: int, limit: int | None = None, batch: int = 16) -> dict:
+    """Held-out cross entropy of ``ids``: {"loss" (nats per token), "perplexity", "nats", "tokens"}."""
+    windows = eval_windows(ids, ctx, limit)
+    if not windows:
+        raise MinibloomError("evaluate: the held-out text has fewer than 2 tokens")
+    full = [w for w in windows if len(w) == ctx + 1]
+    groups = [full[i:i + batch] for i in range(0, len(full), batch)] + [[w] for w in windows if len(w) != ctx + 1]
+    nats, count = 0.0, 0
+    for g in groups:
+        x = np.stack(g)
+        logits = model(x[:, :-1]).astype(np.float64)  # [n, T, V]
+        z = logits - logits.max(axis=-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        nats -= float(np.take_along_axis(logp, x[:, 1:, None], axis=-1).sum())
+        count += x[:, 1:].size
+    return {"loss": nats / count, "perplexity": math.exp(nats / count), "nats": nats, "tokens": count}
+
+
+# ---- conversations (fine-tuning on the assistant turns) ---------------------------------------------------------
+
+
+def read_conversations(path: str) -> list[list[dict]]:
+    """A JSON Lines file, one conversation per line: ``{"messages": [{"role", "content"}, ...]}`` or the bare list."""
+    from .chat import check_messages
+    from .jsonfile import parse_json
+
+    convs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = parse_json(line, f"{path}: line {n}")
+            msgs = obj.get("messages") if isinstance(obj, dict) else obj
+            try:
+                msgs = check_messages(msgs)
+            except MinibloomError as e:
+                raise MinibloomError(f"{path}: line {n}: {e}") from None
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise MinibloomError(f"{path}: line {n}: no assistant turn to learn from")
+            convs.append(msgs)
+    if not convs:
+        raise MinibloomError(f"{path}: no conversations (one JSON object per line: {{\"messages\": [...]}})")
+    return convs
+
+
+def conversation_tokens(tokenizer, messages: list[dict], template: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) of one conversation rendered with ``template``: labels are the ids on each assistant reply
+    (its text and the template's end of turn) and -100 elsewhere (system and user turns, the assistant's tag)."""
+    from .chat import get
+
+    t = get(template)
+    ids, labels = [], []
+    for m in messages:
+        turn = t.turn(m["role"], m["content"])
+        at = turn.find(m["content"]) if m["role"] == "assistant" and m["content"] else -1
+        parts = [(turn, False)] if at < 0 else [(turn[:at], False), (turn[at:], True)]
+        for text, scored in parts:
+            if text:
+                row = tokenizer.encode(text)
+                ids += row
+                labels += row if scored else [backward.IGNORE_INDEX] * len(row)
+    return np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+
+
+def conversation_batch(rows: list[tuple[np.ndarray, np.ndarray]], ctx: int, pad_id: int):
+    """Left-padded (ids, mask, labels) [n, T] of up to ``ctx`` tokens each (longer conversations keep their end)."""
+    rows = [(i[-ctx:], lab[-ctx:]) for i, lab in rows]
+    T = max(len(i) for i, _ in rows)
+    ids = np.full((len(rows), T), pad_id, np.int64)
+    mask = np.zeros((len(rows), T), np.int64)
+    labels = np.full((len(rows), T), backward.IGNORE_INDEX, np.int64)
+    for r, (i, lab) in enumerate(rows):
+        ids[r, T - len(i):], mask[r, T - len(i):], labels[r, T - len(i):] = i, 1, lab
+    return ids, mask, labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def new_params(cfg: BloomConfig, vocab_rows: int, std: float, rng: np.random.Generator, dtype) -> dict:
+    """transformers' ``_init_weights`` for BLOOM: matrices and the embedding N(0, std^2), biases 0, LayerNorm
+    weights 1 and biases 0."""
+    flat = {}
+    for name, shape in expected_shapes(cfg, vocab_rows).items():
+        if "layernorm" in name or name.startswith("ln_f"):
+            flat[name] = (np.ones if name.endswith("weight") else np.zeros)(shape, dtype)
+        elif name.endswith("bias"):
+            flat[name] = np.zeros(shape, dtype)
+        else:
+            flat[name] = (std * rng.standard_normal(shape)).astype(dtype)
+    return nest(flat)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: the model, its figures, and where it was saved."""
+
+    model: Bloom
+    out: str | None
+    history: list = field(default_factory=list)  # {"step", "loss", "lr", "grad_norm", "tokens_per_s"} per step
+    evals: list = field(default_factory=list)  # {"step", "loss", "perplexity", ...}
+    metrics: dict = field(default_factory=dict)
+
+
+def save(out: str, model: Bloom, opt: AdamW, cfg: TrainConfig, step: int, rng: np.random.Generator,
+         extra: dict | None = None, save_dtype: str | None = None) -> str:
+    """A checkpoint transformers loads (config.json, model.safetensors, tokenizer files) plus the trainer state.
+
+    The weights are stored in the training dtype unless ``save_dtype`` asks otherwise; the trainer state then also
+    holds the training-dtype weights, so resuming never starts from rounded ones."""
+    from .formats.safetensors import save_file
+
+    os.makedirs(out, exist_ok=True)
+    be = model.backend
+    params = {k: be.to_numpy(v) for k, v in hf_names(model.params).items()}
+    nested = nest({k.removeprefix("transformer."): v for k, v in params.items()})
+    write_checkpoint(out, model.config, nested, save_dtype or model.dtype, metadata={"trained_by": "minibloom"})
+    state = {k: be.to_numpy(v) for k, v in opt.state_dict().items() if k != "step"}
+    if save_dtype not in (None, model.dtype):
+        state.update({f"p.{k}": v for k, v in params.items()})
+    save_file(state, os.path.join(out, STATE_TENSORS))
+    meta = {"step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
+            "config": asdict(cfg), **(extra or {})}
+    with open(os.path.join(out, STATE_JSON), "w") as f:
+        json.dump(meta, f, indent=1, default=int)
+    if model.tokenizer is not None and model.tokenizer.path != os.path.join(out, "tokenizer.json"):
+        model.tokenizer._tk.save(os.path.join(out, "tokenizer.json"))
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump(model.tokenizer.config or tokenizer_config(), f, indent=1)
+    gen = os.path.join(out, "generation_config.json")
+    if not os.path.exists(gen):
+        with open(gen, "w") as f:
+            json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "do_sample": True,
+                       "temperature": 0.8, "top_k": 40, "max_new_tokens": 200}, f, indent=1)
+    return out
+
+
+def _resume(path: str, backend: str):
+    """(model in its training dtype, trainer state dict, optimizer tensors) of a checkpoint ``save`` wrote."""
+    from .formats.safetensors import SafetensorsFile
+    from .jsonfile import read_json_object
+
+    meta_path = os.path.join(path, STATE_JSON)
+    if not os.path.isfile(meta_path):
+        raise MinibloomError(f"resume: {path} holds no {STATE_JSON} (not a checkpoint minibloom train wrote)")
+    meta = read_json_object(meta_path)
+    dtype = meta.get("config", {}).get("dtype") if isinstance(meta.get("config"), dict) else None
+    if dtype not in ("float32", "float64") or not isinstance(meta.get("step"), int):
+        raise MinibloomError(f"resume: {meta_path} is not a trainer state minibloom train wrote (no step / dtype)")
+    model = load(path, dtype=dtype, backend=backend, progress=False)
+    with SafetensorsFile(os.path.join(path, STATE_TENSORS)) as f:
+        tensors = {name: np.array(f.get(name)) for name in f.names}  # copies: the map closes
+    be = model.backend
+    exact = {k[2:]: v for k, v in tensors.items() if k.startswith("p.")}
+    if exact:  # the weights as trained (model.safetensors holds them rounded)
+        flat = hf_names(model.params)
+        for name, value in exact.items():
+            flat[name][...] = be.asarray(np.asarray(value, dtype=model.dtype))
+    return model, meta, {k: v for k, v in tensors.items() if not k.startswith("p.")}
+
+
+def train(data: str | None = None, *, model: str | Bloom | None = None, out: str | None = None,
+          tokenizer: str | None = None, chat_template: str | None = None, config: TrainConfig | None = None,
+          resume: str | None = None, backend: str = "numpy", save_dtype: str | None = None, progress: bool = True,
+          log=None, **overrides) -> TrainResult:
+    """Train a BLOOM with minibloom's own backward pass and AdamW.
+
+    ``data``: a UTF-8 text file (default: the bundled Tiny Shakespeare), split by characters into training text and
+    the last ``val_fraction`` held out; with ``chat_template`` a JSON Lines file of conversations instead (loss on
+    the assistant replies only, ``read_conversations``). ``model``: fine-tune this checkpoint (a path, hub id or
+    ``Bloom``; quantized files are dequantized) with its tokenizer; None trains a new model from ``config.seed``
+    with ``tokenizer`` (a checkpoint folder or ``tokenizer.json``) or, if None, a new BPE of ``config.vocab``
+    entries trained on the training text. ``config`` (a ``TrainConfig``; keyword ``overrides`` replace its fields).
+    ``out``: where the trained model goes (at the end; every ``save_every`` steps into ``out/checkpoint-STEP``).
+    ``resume``: such a checkpoint (or a finished run) to continue: its saved config, data order and optimizer
+    state apply, so the run ends where the uninterrupted one would (bit for bit); ``steps`` may be raised.
+    ``save_dtype``: the stored weights' dtype (default the training dtype; float16/bfloat16 for a small release).
+    """
+    cfg = replace(config or TrainConfig(), **overrides)
+    cfg.betas = tuple(cfg.betas)
+    log = log or (lambda msg: None)
+    rng = np.random.default_rng(cfg.seed)
+    if resume is not None:
+        m, meta, opt_state = _resume(resume, backend)
+        try:
+            saved = TrainConfig(**{**meta["config"], "betas": tuple(meta["config"]["betas"])})
+        except (TypeError, KeyError) as e:
+            raise MinibloomError(f"resume: {resume}: the saved training config is not readable ({e})") from None
+        cfg = replace(saved, steps=max(cfg.steps, saved.steps) if "steps" in overrides else saved.steps)
+        rng.bit_generator.state = meta["rng"]
+        start = int(meta["step"])
+        chat_template = meta.get("chat_template", chat_template)
+        data = meta.get("data", data)
+    else:
+        opt_state, start = None, 0
+    cfg.check()
+    # ---- the model and its tokenizer
+    if resume is None and model is not None:
+        m = model if isinstance(model, Bloom) else load(model, dtype=cfg.dtype, backend=backend)
+        m.trainable()
+        if m.tokenizer is None:
+            raise MinibloomError(f"model: {m.path} has no tokenizer.json; fine-tuning on text needs one")
+    elif resume is None:
+        m = None
+    # ---- data
+    if chat_template is not None:
+        convs = read_conversations(data)
+        n_val = max(1, int(round(len(convs) * cfg.val_fraction))) if len(convs) > 1 else 0
+        train_convs, val_convs = convs[:len(convs) - n_val], convs[len(convs) - n_val:]
+        text_train = "".join(msg["content"] for c in train_convs for msg in c)
+    else:
+        text = read_text(data)
+        text_train, text_val = split_text(text, cfg.val_fraction)
+    if m is None:
+        tok = _tokenizer(tokenizer, text_train, cfg.vocab)
+        mcfg = BloomConfig(vocab_size=cfg.vocab_rows, hidden_size=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
+                           apply_residual_connection_post_layernorm=cfg.post_ln)
+        mcfg.validate("train")
+        if tok.vocab_size > cfg.vocab_rows:
+            raise MinibloomError(f"vocab_rows: {cfg.vocab_rows} rows cannot hold the tokenizer's {tok.vocab_size}")
+        from .backend import Backend
+
+        be = Backend(backend)
+        params = new_params(mcfg, cfg.vocab_rows, cfg.init_std, np.random.default_rng(cfg.seed), cfg.dtype)
+        m = Bloom(mcfg, _to_backend(params, be), cfg.dtype, be, tokenizer=tok)
+    tok = m.tokenizer
+    pad_id = m.config.pad_token_id if m.config.pad_token_id is not None else 3
+    if chat_template is not None:
+        train_rows = [conversation_tokens(tok, c, chat_template) for c in train_convs]
+        val_rows = [conversation_tokens(tok, c, chat_template) for c in val_convs]
+        train_ids = val_ids = None
+    else:
+        train_ids, val_ids = encode(tok, text_train), encode(tok, text_val)
+        if len(train_ids) < cfg.ctx + 1:
+            raise MinibloomError(f"data: the training text has {len(train_ids)} tokens, fewer than a window "
+                                 f"(ctx {cfg.ctx} + 1)")
+    # ---- optimizer
+    writable(m)
+    flat = hf_names(m.params)  # the model's own arrays: AdamW updates them in place
+    opt = AdamW(flat, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict({"step": meta["optimizer_step"], **opt_state})
+    result = TrainResult(m, out)
+    extra = {"data": None if data is None else os.path.abspath(data), "chat_template": chat_template}
+    micro = cfg.batch // cfg.accumulate
+    if m.backend.name == "numpy":
+        reuse_freed_memory()
+    bar = _bar(cfg.steps, start, progress)
+    t0, tokens = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        batches = []
+        for _ in range(cfg.accumulate):
+            if chat_template is None:
+                x, labels = random_windows(train_ids, micro, cfg.ctx, rng)
+                batches.append((x, np.ones_like(x), labels))
+            else:
+                pick = rng.integers(0, len(train_rows), size=micro)
+                batches.append(conversation_batch([train_rows[i] for i in pick], cfg.ctx, pad_id))
+        loss, norm, n = train_step(m, opt, batches, lr, cfg.grad_clip)
+        if n == 0:
+            continue  # nothing scored in this step's conversations
+        tokens += n
+        rate = tokens / (time.perf_counter() - t0)
+        result.history.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": rate})
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+        bar.update(1)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            result.evals.append({"step": step + 1, **_evaluate(m, val_ids, val_rows if chat_template else None,
+                                                               cfg, pad_id, cfg.eval_windows)})
+            log(f"step {step + 1}: held-out loss {result.evals[-1]['loss']:.4f}")
+        if out and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save(os.path.join(out, f"checkpoint-{step + 1}"), m, opt, cfg, step + 1, rng, extra)
+    bar.close()
+    wall = time.perf_counter() - t0
+    final = _evaluate(m, val_ids, val_rows if chat_template else None, cfg, pad_id, None)
+    result.evals.append({"step": cfg.steps, **final})
+    result.metrics = {"steps": cfg.steps, "train_wall_s": round(wall, 1), "tokens_seen": tokens,
+                      "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+                      "val_loss": final["loss"], "val_ppl": final["perplexity"], "val_tokens": final["tokens"]}
+    if out:
+        save(out, m, opt, cfg, cfg.steps, rng, {**extra, "metrics": result.metrics}, save_dtype)
+        if save_dtype not in (None, cfg.dtype):  # the release as stored (e.g. float16), measured again
+            stored = load(out, dtype="float32", progress=False)
+            as_saved = _evaluate(stored, val_ids, val_rows if chat_template else None, cfg, pad_id, None)
+            result.metrics.update(save_dtype=save_dtype, val_loss_as_saved=as_saved["loss"],
+                                  val_ppl_as_saved=as_saved["perplexity"])
+        source = None if model is None else str(getattr(model, "path", model))
+        command = command_line(cfg, out, data, tokenizer, source, chat_template, save_dtype)
+        result.metrics.update(command=command, n_params=m.n_params, data=extra["data"], chat_template=chat_template)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(result.metrics, f, indent=1)
+        with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(m, cfg, result.metrics, command))
+    return result
+
+
+def writable(model: Bloom) -> None:
+    """Give ``model`` its own writable copy of any read-only weight (a zero-copy view of a mapped file)."""
+    def own(a):
+        return np.array(a) if isinstance(a, np.ndarray) and not a.flags.writeable else a
+
+    from .formats.weights import tree_map
+
+    model.params = tree_map(own, model.params)
+
+
+def train_step(model: Bloom, opt: AdamW, batches, lr: float, grad_clip: float = 1.0) -> tuple[float, float, int]:
+    """One optimizer step on the mean gradient of ``batches`` [(ids, attention_mask, labels), ...] (gradient
+    accumulation: each micro-batch's mean loss weighs 1 / len(batches)), clipped to ``grad_clip`` (0: not clipped).
+    Returns (mean loss, gradient norm before clipping, tokens); a micro-batch with nothing labelled is skipped."""
+    be, grads, loss, tokens = model.backend, None, 0.0, 0
+    batches = [b for b in batches if (np.asarray(b[2])[:, 1:] != backward.IGNORE_INDEX).any()]
+    for x, mask, labels in batches:
+        lv, g = backward.value_and_grad(model.params, be.asarray(x), be.asarray(mask), be.asarray(labels),
+                                        model.config, ops=model.primitives)
+        g = hf_names(g)
+        loss += float(be.to_numpy(lv)) / len(batches)
+        tokens += int(np.asarray(x).size)
+        if len(batches) > 1:
+            for k in g:
+                g[k] /= len(batches)
+        if grads is None:
+            grads = g
+        else:
+            for k in grads:
+                grads[k] += g[k]
+    if grads is None:
+        return float("nan"), float("nan"), 0
+    norm = clip_grad_norm(grads, grad_clip) if grad_clip else float("nan")
+    opt.step(grads, lr)
+    return loss, norm, tokens
+
+
+def command_line(cfg: TrainConfig, out: str, data: str | None, tokenizer: str | None, model: str | None,
+                 chat_template: str | None, save_dtype: str | None) -> str:
+    """The ``minibloom train`` command that repeats a run (every choice spelled out)."""
+    d = cfg
+    parts = ["minibloom train", f"--out {out}"]
+    parts += [f"--data {data}"] if data else []
+    parts += [f"--model {model}"] if model else []
+    parts += [f"--chat {chat_template}"] if chat_template else []
+    if not model:
+        parts += [f"--tokenizer {tokenizer}" if tokenizer else f"--vocab {d.vocab}", f"--vocab-rows {d.vocab_rows}",
+                  f"--hidden {d.hidden}", f"--layers {d.layers}", f"--heads {d.heads}"] + (["--post-ln"] if d.post_ln
+                                                                                           else [])
+    parts += [f"--seed {d.seed}", f"--ctx {d.ctx}", f"--batch {d.batch}"] + \
+        ([f"--accumulate {d.accumulate}"] if d.accumulate > 1 else []) + \
+        [f"--steps {d.steps}", f"--lr {d.lr:g}", f"--warmup {d.warmup}", f"--min-lr-ratio {d.min_lr_ratio:g}",
+         f"--weight-decay {d.weight_decay:g}", f"--beta2 {d.betas[1]:g}", f"--grad-clip {d.grad_clip:g}",
+         f"--dtype {d.dtype}"] + ([f"--save-dtype {save_dtype}"] if save_dtype else [])
+    return " ".join(parts)
+
+
+def model_card(m: Bloom, cfg: TrainConfig, metrics: dict, command: str) -> str:
+    """README.md for a checkpoint ``minibloom train`` wrote: what it is, how it was trained, its held-out figures."""
+    c = m.config
+    saved = (f"; as stored ({metrics['save_dtype']}): perplexity **{metrics['val_ppl_as_saved']:.2f}**"
+             if "val_ppl_as_saved" in metrics else "")
+    return f"""# A BLOOM trained by minibloom
+
+A `BloomForCausalLM` (ALiBi, embedding LayerNorm, fused QKV{", tied LM head" if c.tie_word_embeddings else ""}) with
+{c.n_layer} layers, hidden size {c.hidden_size}, {c.n_head} heads and {m.vocab_size} embedding rows:
+**{m.n_params:,} parameters**. transformers' `BloomForCausalLM.from_pretrained` and `minibloom.load` both read it.
+
+- **Data**: {metrics.get("data") or "the bundled Tiny Shakespeare"}; the last {cfg.val_fraction:.0%} (by
+  {"conversations" if metrics.get("chat_template") else "characters"}) is held out.
+- **Training**: minibloom's NumPy backward pass (`minibloom.backward`) and AdamW (betas {cfg.betas[0]}/{cfg.betas[1]},
+  weight decay {cfg.weight_decay} on matrices), lr {cfg.lr:g} with {cfg.warmup} warm-up steps then cosine decay to
+  {cfg.lr * cfg.min_lr_ratio:g}, gradient norm clipped at {cfg.grad_clip:g}, batch {cfg.batch} x {cfg.ctx} tokens,
+  seed {cfg.seed}, {cfg.dtype}, no dropout: {metrics["steps"]} steps = {metrics["tokens_seen"]:,} tokens in
+  {metrics["train_wall_s"] / 60:.1f} min ({metrics["tokens_per_s"]:,.0f} tokens/s).
+- **Held-out** ({metrics["val_tokens"]:,} scored tokens, consecutive {cfg.ctx}-token windows): loss
+  **{metrics["val_loss"]:.4f}** nats/token, perplexity **{metrics["val_ppl"]:.2f}**{saved}.
+
+Reproduce:
+
+    {command}
+
+`metrics.json` holds these figures; `trainer_state.json` / `trainer_state.safetensors` let `minibloom train --resume`
+continue the run exactly.
+"""
+
+
+def _evaluate(m: Bloom, val_ids, val_rows, cfg: TrainConfig, pad_id: int, limit) -> dict:
+    if val_rows is None:
+        return evaluate(m, val_ids, cfg.ctx, limit)
+    if not val_rows:
+        return {"loss": float("nan"), "perplexity": float("nan"), "nats": 0.0, "tokens": 0}
+    x, mask, labels = conversation_batch(val_rows[:limit], cfg.ctx, pad_id)
+    be = m.backend
+    logits = be.asarray(m(x, mask).astype(np.float64))
+    n = int((labels[:, 1:] != backward.IGNORE_INDEX).sum())
+    loss = float(be.to_numpy(backward.cross_entropy(logits, be.asarray(labels))[0]))
+    return {"loss": loss, "perplexity": math.exp(loss), "nats": loss * n, "tokens": n}
+
+
+def _tokenizer(path: str | None, text: str, vocab: int):
+    if path is None:
+        return train_bpe(text, vocab)
+    from .tokenizer import load_tokenizer
+
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    tok = load_tokenizer(directory)
+    if tok is None:
+        raise MinibloomError(f"tokenizer: {path} holds no tokenizer.json")
+    return tok
+
+
+def _to_backend(params: dict, be):
+    from .formats.weights import tree_map
+
+    return tree_map(be.asarray, params)
+
+
+def _bar(total: int, initial: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not progress, leave=True)
