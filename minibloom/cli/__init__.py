@@ -9,7 +9,8 @@ import sys
 
 from ..errors import MinibloomError
 
-COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "verify", "check", "compare", "calibrate", "bench")
+COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "verify", "check", "compare", "calibrate", "bench",
+            "perplexity", "kl")
 
 
 MODEL_HELP = ("checkpoint directory, .safetensors / .gguf file, name under weights/, or hub repo id "
