@@ -10,7 +10,7 @@ import sys
 from ..errors import MinibloomError
 
 COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "verify", "check", "compare", "calibrate", "bench",
-            "train")
+            "train", "perplexity", "kl")
 
 
 MODEL_HELP = ("checkpoint directory, .safetensors / .gguf file, name under weights/, or hub repo id "

@@ -1,0 +1,141 @@
+"""Spreading window-sized work over a Dask cluster (https://distributed.dask.org): connecting to one, the worker-side
+model cache, and running tasks with their results kept in submission order.
+
+The model travels to the workers as a ``ModelSpec`` (a path or hub id, the compute dtype and ``load`` options), never
+as weights: each worker process loads it once, on its first task, and keeps it in a module-level cache keyed by the
+spec. Dask is an optional dependency (``pip install minibloom[dask]``), imported only when a cluster is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from .bloom import Bloom, load
+from .errors import MinibloomError
+
+DASK_MISSING = "Dask is not installed: pip install minibloom[dask] (or pip install \"dask[distributed]\")"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to load a model: ``path`` (a checkpoint path, a name under weights/, a hub id, or None for
+    the default model), the compute ``dtype`` and the other ``minibloom.load`` keyword arguments as sorted pairs."""
+
+    path: str | None
+    dtype: str = "float32"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, path: str | os.PathLike | None, dtype: str = "float32", **options) -> "ModelSpec":
+        """A spec whose local path is made absolute (workers started elsewhere resolve it the same way)."""
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise MinibloomError(f"model: a Dask worker loads the model itself, so pass it as a path or hub id, got "
+                                 f"{type(path).__name__}")
+        if path is not None:
+            path = os.fspath(path)
+            if os.path.exists(path):
+                path = os.path.abspath(path)
+        return cls(path, str(dtype), tuple(sorted((k, v) for k, v in options.items() if v is not None)))
+
+    def load(self) -> Bloom:
+        return load(self.path, dtype=self.dtype, progress=False, **dict(self.options))
+
+    def __str__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options)
+        return f"{self.path or 'weights/default'} ({self.dtype}{opts})"
+
+
+_MODELS: dict[ModelSpec, Bloom] = {}
+_LOADS: dict[ModelSpec, int] = {}
+_LOCK = threading.Lock()
+
+
+def worker_model(spec: ModelSpec) -> Bloom:
+    """The model ``spec`` names, loaded on this process's first call and kept for the next ones (each Dask worker
+    process holds its own cache; a worker with several threads loads it once too)."""
+    with _LOCK:
+        model = _MODELS.get(spec)
+        if model is None:
+            model = _MODELS[spec] = spec.load()
+            _LOADS[spec] = _LOADS.get(spec, 0) + 1
+        return model
+
+
+def cached_models() -> dict[str, int]:
+    """{spec: times loaded} of this process's cache (``client.run(cached_models)`` asks every worker)."""
+    return {str(spec): n for spec, n in _LOADS.items() if spec in _MODELS}
+
+
+def clear_cache() -> None:
+    """Drop this process's cached models (``client.run(clear_cache)`` on every worker)."""
+    with _LOCK:
+        _MODELS.clear()
+        _LOADS.clear()
+
+
+def _dask():
+    try:
+        import distributed
+    except ImportError:
+        raise MinibloomError(DASK_MISSING) from None
+    return distributed
+
+
+def check_cluster_args(scheduler: str | None, workers: int | None) -> None:
+    if scheduler is not None and workers is not None:
+        raise MinibloomError("scheduler / workers: give one of them (an existing cluster, or N local worker processes)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024):
+        raise MinibloomError(f"workers: must be an integer from 1 to 1024, got {workers!r}")
+    if scheduler is not None and (not isinstance(scheduler, str) or "://" not in scheduler and ":" not in scheduler):
+        raise MinibloomError(f"scheduler: expected an address such as tcp://HOST:8786, got {scheduler!r}")
+
+
+@contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None, *, timeout: float = 30) -> Iterator[Any]:
+    """A ``dask.distributed.Client``: of the cluster at ``scheduler`` (``tcp://HOST:8786``), or of a new
+    ``LocalCluster`` of ``workers`` processes with one thread each, closed on exit (an existing cluster stays up)."""
+    check_cluster_args(scheduler, workers)
+    if scheduler is None and workers is None:
+        raise MinibloomError("scheduler / workers: give an address tcp://HOST:8786 or a number of local workers")
+    dd = _dask()
+    if scheduler is not None:
+        try:
+            client = dd.Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as e:
+            raise MinibloomError(f"scheduler {scheduler}: cannot connect ({e})") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    # memory_limit=0: no spilling or pausing by Dask's memory monitor; a worker's memory is its model and one window
+    with dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                         memory_limit=0, silence_logs=40) as cluster, dd.Client(cluster) as client:
+        yield client
+
+
+def worker_count(client) -> int:
+    return len(client.scheduler_info().get("workers", {}))
+
+
+def map_ordered(client, fn: Callable, tasks: Sequence[tuple], progress: Callable[[], None] | None = None) -> list:
+    """``[fn(*args) for args in tasks]`` on the cluster's workers, returned in the order of ``tasks`` whatever the
+    order they finish in; ``progress()`` is called as each one finishes. A task's error is raised here."""
+    dd = _dask()
+    futures = [client.submit(fn, *args, pure=False) for args in tasks]
+    index = {f.key: i for i, f in enumerate(futures)}
+    results: list = [None] * len(futures)
+    try:
+        for future in dd.as_completed(futures):
+            i = index[future.key]
+            results[i] = future.result()  # a worker's exception is raised here
+            futures[i] = future = None  # the worker may drop the result now
+            if progress is not None:
+                progress()
+        return results
+    finally:
+        client.cancel([f for f in futures if f is not None])

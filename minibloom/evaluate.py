@@ -1,0 +1,515 @@
+"""Corpus evaluation: the perplexity of a long text and the per-token KL divergence between two models over it, in
+sliding windows, on this process or spread over a Dask cluster (``minibloom.distributed``).
+
+Windows follow transformers' guide "Perplexity of fixed-length models"
+(https://huggingface.co/docs/transformers/perplexity): the text is tokenized whole; windows of up to ``context``
+tokens begin at 0, stride, 2 stride, ... (the last one ends at the text's end, where the loop stops); each window
+scores only the tokens no earlier window scored (the guide's ``trg_len = end_loc - prev_end_loc``, its other labels
+-100), and a window's first token is never scored (transformers shifts the labels: nothing in the window predicts
+it). The KL statistics are those of llama.cpp's ``llama-perplexity --kl-divergence``
+(tools/perplexity/perplexity.cpp): KL(P_ref || P_cand) per scored token in float64, its mean (± standard error),
+maximum, percentiles and minimum, and the share of tokens where both models rank the same token first ("same top p").
+
+Exact reduction: every window returns its per-token float64 negative log-likelihoods (and KL values); they are put
+back in window order and summed with ``math.fsum`` (the correctly rounded sum), so the result does not depend on how
+windows were spread over workers, or in what order they finished. Each window is one forward pass of batch 1, the
+same on any process.
+
+The candidate of ``kl`` can also be logits an external engine computed (llama.cpp, ONNX Runtime, ...) for the same
+windows, as a **logits file**: a ``.npy`` array, or a ``.npz`` with ``logits`` (and optionally ``input_ids`` and
+``windows`` to check against):
+
+    logits     float16/32/64 [tokens, V]  row i: the logits that predict the i-th scored token, in window order
+    input_ids  int [N]                    the tokenized text
+    windows    int [W, 3]                 (begin, end, first) of each window: it runs on input_ids[begin:end] and
+                                          scores input_ids[first:end] with its logits at rows first-begin-1 ...
+                                          end-begin-2 (0-based within the window)
+
+``kl(..., save_logits=PATH)`` writes the reference's logits in this format; ``windows(n, context, stride)`` lists
+the windows for an engine that makes its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .bloom import Bloom, load
+from .distributed import ModelSpec, check_cluster_args, connect, map_ordered, worker_count, worker_model
+from .errors import MinibloomError, shown
+from .generate import memory_bytes
+from .oracle.compare import kl_divergence, log_softmax64
+
+MAX_CONTEXT = 1 << 16  # tokens in one window: attention alone holds H x context^2 scores
+KL_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)  # llama.cpp's list, with 95 and 90
+LOGITS_SUFFIXES = (".npy", ".npz")
+
+
+# ---- windows -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Window:
+    """One window over the token ids: it runs on ``ids[begin:end]`` and scores ``ids[first:end]``."""
+
+    begin: int
+    end: int
+    first: int
+
+    @property
+    def scored(self) -> int:
+        return self.end - self.first
+
+    @property
+    def skip(self) -> int:
+        """Leading tokens of the window that are context only (at least 1: position 0 has nothing before it)."""
+        return self.first - self.begin
+
+
+def _positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise MinibloomError(f"{name}: must be an integer, got {shown(v)}")
+    return int(v)
+
+
+def check_window_args(context, stride=None) -> tuple[int, int]:
+    """(context, stride) checked: 2 <= context <= MAX_CONTEXT, 1 <= stride <= context (default: context // 2)."""
+    context = _positive_int(context, "context")
+    if not 2 <= context <= MAX_CONTEXT:
+        raise MinibloomError(f"context: must be from 2 to {MAX_CONTEXT} tokens (a window needs one token of context "
+                             f"and one to score), got {context}")
+    stride = context // 2 if stride is None else _positive_int(stride, "stride")
+    if not 1 <= stride <= context:
+        raise MinibloomError(f"stride: must be from 1 to the context ({context}), got {stride} (a stride above the "
+                             "context would skip tokens)")
+    return context, stride
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """The guide's windows over ``n_tokens`` ids: begins 0, stride, ..., until one reaches the end."""
+    context, stride = check_window_args(context, stride)
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        out.append(Window(begin, end, max(prev_end, begin + 1)))  # targets: the last end - prev_end labels
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+# ---- inputs --------------------------------------------------------------------------------------------------------
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; a missing, unreadable, binary or empty file is a MinibloomError."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MinibloomError(f"{path}: is a directory; give a text file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise MinibloomError(f"{path}: no such file") from None
+    except OSError as e:
+        raise MinibloomError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MinibloomError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if "\x00" in text:
+        raise MinibloomError(f"{path}: not a text file (it holds NUL bytes)")
+    if not text.strip():
+        raise MinibloomError(f"{path}: the file is empty")
+    return text
+
+
+def _id_array(ids, vocab: int) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.ndim == 2 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise MinibloomError(f"text_or_ids: expected a str or a 1-D sequence of token ids, got an array of shape "
+                             f"{a.shape} and dtype {a.dtype}")
+    bad = (a < 0) | (a >= vocab)
+    if bad.any():
+        raise MinibloomError(f"text_or_ids: token id {int(a[bad][0])} is out of range [0, {vocab})")
+    return a.astype(np.int64)
+
+
+def _encode(model: Bloom, text) -> tuple[np.ndarray | None, int]:
+    """(ids of ``text`` with the model's tokenizer, or None when ``text`` is None; the model's vocab size)."""
+    if text is None:
+        return None, model.vocab_size
+    return np.asarray(model.encode(text), np.int64), model.vocab_size
+
+
+def _encode_task(spec: ModelSpec, text) -> tuple[np.ndarray | None, int]:
+    return _encode(worker_model(spec), text)
+
+
+# ---- one window ----------------------------------------------------------------------------------------------------
+
+def _model(m: Bloom | ModelSpec) -> Bloom:
+    return m if isinstance(m, Bloom) else worker_model(m)
+
+
+def window_bytes(model: Bloom, length: int) -> int:
+    """About the memory one window's forward pass and scoring take: the attention scores, a few hidden-state-sized
+    arrays and the MLP's, the logits and their float64 log-softmax."""
+    c, item = model.config, np.dtype(model.dtype).itemsize
+    return (2 * c.n_head * length * length + 12 * c.hidden_size * length) * item + model.vocab_size * length * (
+        item + 24)
+
+
+def _window_logits(model: Bloom, window_ids: np.ndarray, skip: int) -> np.ndarray:
+    """The logits that predict ``window_ids[skip:]`` [n, V], from one batch-1 forward pass over the window."""
+    need, have = window_bytes(model, len(window_ids)), memory_bytes()
+    if need > have:
+        raise MinibloomError(f"context: a window of {len(window_ids)} tokens needs about {need / 2**30:.1f} GiB and "
+                             f"this process can take {have / 2**30:.1f} GiB; use a smaller context")
+    return model(window_ids[None])[0, skip - 1:-1]
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64 [n]."""
+    return -np.take_along_axis(log_softmax64(logits), targets[:, None], axis=-1)[:, 0]
+
+
+def _nll_task(model: Bloom | ModelSpec, window_ids: np.ndarray, skip: int) -> np.ndarray:
+    """Per-token float64 nll of one window's scored tokens."""
+    m = _model(model)
+    return token_nll(_window_logits(m, window_ids, skip), window_ids[skip:])
+
+
+def _kl_task(reference: Bloom | ModelSpec, candidate: Bloom | ModelSpec | None, window_ids: np.ndarray, skip: int,
+             candidate_rows: np.ndarray | None, keep_logits: bool) -> tuple:
+    """One window's (KL per token, same top-1 per token, reference nll, candidate nll, reference logits or None)."""
+    zr = _window_logits(_model(reference), window_ids, skip)
+    if candidate is not None:
+        zc = _window_logits(_model(candidate), window_ids, skip)
+    else:
+        zc = np.asarray(candidate_rows)
+        if not np.isfinite(zc).all():
+            raise MinibloomError("candidate: the logits file holds a NaN or infinite value")
+    if zc.shape != zr.shape:
+        raise MinibloomError(f"candidate: its logits have shape {zc.shape} where the reference's have {zr.shape} "
+                             "(the vocab sizes must match)")
+    targets = window_ids[skip:]
+    return (kl_divergence(zr, zc), zr.argmax(-1) == zc.argmax(-1), token_nll(zr, targets), token_nll(zc, targets),
+            zr if keep_logits else None)
+
+
+# ---- running: this process or a Dask cluster ---------------------------------------------------------------------
+
+@dataclass
+class _Session:
+    """Where windows run: ``client`` None means this process, with ``models`` loaded; otherwise ``models`` are
+    ModelSpecs each Dask worker loads once."""
+
+    client: Any
+    models: list
+
+
+def _load_options(low_memory: bool, load_options: dict | None) -> dict:
+    opts = dict(load_options or {})
+    if low_memory:
+        opts["low_memory"] = True
+    return opts
+
+
+def _local_model(model, dtype: str | None, options: dict) -> Bloom:
+    if isinstance(model, Bloom):
+        if dtype is not None and dtype != model.dtype:
+            raise MinibloomError(f"dtype: the model is loaded in {model.dtype}; load it in {dtype} or leave dtype out")
+        if options:
+            raise MinibloomError(f"{', '.join(options)}: load options apply to a model given as a path; this one is "
+                                 "loaded already")
+        return model
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise MinibloomError(f"model: expected a Bloom, a path, a hub repo id or None, got {type(model).__name__}")
+    return load(model, dtype=dtype or "float32", progress=False, **options)
+
+
+def _spec(model, dtype: str | None, options: dict) -> ModelSpec:
+    if isinstance(model, Bloom):
+        raise MinibloomError("model: with a Dask cluster each worker loads the model itself: pass its path (or hub "
+                             "id), not a loaded Bloom")
+    return ModelSpec.make(model, dtype or "float32", **options)
+
+
+@contextmanager
+def _session(models: Sequence[tuple[Any, str | None, dict]], scheduler, workers, client) -> Iterator[_Session]:
+    """Load ``models`` [(model, dtype, load options)] here, or describe them to a Dask cluster: an existing
+    ``client``, the scheduler at ``scheduler``, or a LocalCluster of ``workers`` processes started for this call."""
+    check_cluster_args(scheduler, workers)
+    if client is None and scheduler is None and workers is None:
+        yield _Session(None, [_local_model(m, d, o) for m, d, o in models])
+        return
+    if client is not None and (scheduler is not None or workers is not None):
+        raise MinibloomError("client: give a Dask client, a scheduler address or a number of workers, not several")
+    specs = [_spec(m, d, o) for m, d, o in models]
+    with (nullcontext(client) if client is not None else connect(scheduler, workers)) as c:
+        yield _Session(c, specs)
+
+
+def _prepare(session: _Session, text_or_ids) -> tuple[np.ndarray, int]:
+    """(the token ids of ``text_or_ids``, tokenized by the reference model (on a worker under Dask), checked; the
+    reference's vocab size)."""
+    text = text_or_ids if isinstance(text_or_ids, str) else None
+    ref = session.models[0]
+    if session.client is None:
+        ids, vocab = _encode(ref, text)
+    else:
+        ids, vocab = session.client.submit(_encode_task, ref, text, pure=False).result()
+    return (ids if ids is not None else _id_array(text_or_ids, vocab)), vocab
+
+
+def _run(session: _Session, fn, tasks: list[tuple], bar) -> list:
+    if session.client is None:
+        out = []
+        for args in tasks:
+            out.append(fn(*args))
+            bar.update()
+        return out
+    return map_ordered(session.client, fn, tasks, bar.update)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="window", disable=not progress, leave=False)
+
+
+def _name(model) -> str:
+    if isinstance(model, Bloom):
+        return str(model.path)
+    return os.fspath(model) if model is not None else "weights/default"
+
+
+def _common(session: _Session, n_input: int, ws: list[Window], context: int, stride: int, t0: float) -> dict:
+    return {"input_tokens": n_input, "windows": len(ws), "context": context, "stride": stride,
+            "workers": worker_count(session.client) if session.client is not None else 0,
+            "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def _fsum(parts: list[np.ndarray]) -> tuple[float, int]:
+    """(correctly rounded float64 sum, count) of per-token values, in window order."""
+    return (math.fsum(np.concatenate(parts).tolist()) if parts else 0.0), sum(len(p) for p in parts)
+
+
+def _needs_tokens(ids: np.ndarray, what: str) -> None:
+    if len(ids) < 2:
+        raise MinibloomError(f"text_or_ids: {len(ids)} token(s); {what} needs at least 2 (the first one is context "
+                             "only)")
+
+
+# ---- the API -------------------------------------------------------------------------------------------------------
+
+def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Sequence[int] | np.ndarray, *,
+               context: int = 1024, stride: int | None = None, dtype: str | None = None, low_memory: bool = False,
+               load_options: dict | None = None, scheduler: str | None = None, workers: int | None = None,
+               client: Any = None, progress: bool = False) -> dict:
+    """Perplexity of a text (or token ids) under ``model``, in the sliding windows of transformers' perplexity guide.
+
+    ``model``: a loaded ``Bloom``, or a path / hub id / None (the default model) loaded with ``dtype`` (default
+    float32; "float64" for the oracle) and ``low_memory`` / ``load_options`` (other ``minibloom.load`` arguments).
+    ``context``: tokens per window (2 ... MAX_CONTEXT); ``stride``: how far each window begins after the previous
+    one (1 ... context, default context // 2).
+
+    Spread over Dask with ``workers=N`` (a LocalCluster of N one-thread processes, started and closed by this call),
+    ``scheduler="tcp://HOST:8786"`` (an existing cluster) or ``client`` (a ``dask.distributed.Client``); the model
+    must then be a path, which every worker loads once. The result is the same to the last bit however the windows
+    are spread.
+
+    Returns a dict: ``perplexity`` = exp(nll / tokens); ``nll``, the exact float64 sum (``math.fsum``) of the
+    per-token negative log-likelihoods (nats); ``tokens``, how many tokens were scored; ``input_tokens``,
+    ``windows``, ``context``, ``stride``, ``model``, ``dtype``, ``workers`` (0: this process) and ``seconds``.
+
+    Exact where the guide approximates: the guide adds each window's mean loss times ``trg_len - 1`` and counts
+    ``trg_len - 1`` tokens, but transformers' loss averages over ``trg_len`` labels in a window whose first target
+    has context before it (every window after the first when stride < context) and over ``trg_len - 1`` only where
+    it has none (the first window; every window when stride == context). ``tokens`` counts the labels the loss
+    really averages over (N - 1 for N tokens when stride < context, N - windows when stride == context), and ``nll``
+    is their exact sum rather than mean x count.
+    """
+    t0 = time.perf_counter()
+    context, stride = check_window_args(context, stride)
+    options = _load_options(low_memory, load_options)
+    with _session([(model, dtype, options)], scheduler, workers, client) as s:
+        ids, _ = _prepare(s, text_or_ids)
+        _needs_tokens(ids, "perplexity")
+        ws = windows(len(ids), context, stride)
+        tasks = [(s.models[0], ids[w.begin:w.end], w.skip) for w in ws if w.scored]
+        with _bar(len(ws), "perplexity", progress) as bar:
+            bar.update(len(ws) - len(tasks))
+            nll, tokens = _fsum(_run(s, _nll_task, tasks, bar))
+        dtype_used = s.models[0].dtype
+        out = {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens, "model": _name(model),
+               "dtype": dtype_used, **_common(s, len(ids), ws, context, stride, t0)}
+    return out
+
+
+def is_logits_file(candidate) -> bool:
+    return isinstance(candidate, (str, os.PathLike)) and os.fspath(candidate).lower().endswith(LOGITS_SUFFIXES)
+
+
+def read_logits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(logits [tokens, V], input_ids or None, windows [W, 3] or None) from a ``.npy`` / ``.npz`` logits file (never
+    pickles; a ``.npy`` is memory-mapped)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MinibloomError(f"{path}: no such logits file")
+    try:
+        if path.lower().endswith(".npy"):
+            logits, ids, ws = np.load(path, mmap_mode="r", allow_pickle=False), None, None
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                if "logits" not in z.files:
+                    raise MinibloomError(f"{path}: no 'logits' array in it (it holds {', '.join(z.files) or 'none'})")
+                logits = z["logits"]
+                ids = z["input_ids"] if "input_ids" in z.files else None
+                ws = z["windows"] if "windows" in z.files else None
+    except MinibloomError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise MinibloomError(f"{path}: not a readable .npy/.npz logits file ({e})") from None
+    if logits.ndim != 2 or logits.dtype.kind != "f":
+        raise MinibloomError(f"{path}: logits must be a float array [tokens, V], got shape {logits.shape} and dtype "
+                             f"{logits.dtype}")
+    return logits, ids, ws
+
+
+def save_logits(path: str | os.PathLike, logits: np.ndarray, input_ids: np.ndarray, ws: Sequence[Window]) -> None:
+    """Write a ``.npz`` logits file (the format ``kl`` reads as a candidate)."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".npz"):
+        raise MinibloomError(f"save_logits: {path}: the file name must end in .npz")
+    table = np.array([(w.begin, w.end, w.first) for w in ws], np.int64).reshape(-1, 3)
+    np.savez(path, logits=logits, input_ids=np.asarray(input_ids, np.int64), windows=table)
+
+
+def _check_logits_file(path: str, logits, file_ids, file_ws, ids: np.ndarray, ws: list[Window], vocab: int) -> None:
+    scored = sum(w.scored for w in ws)
+    if file_ids is not None and not np.array_equal(np.asarray(file_ids), ids):
+        raise MinibloomError(f"{path}: its input_ids are not the text's tokens ({len(file_ids)} ids there, {len(ids)} "
+                             "here): tokenize the same text with the same tokenizer")
+    table = np.array([(w.begin, w.end, w.first) for w in ws], np.int64).reshape(-1, 3)
+    if file_ws is not None and not np.array_equal(np.asarray(file_ws), table):
+        raise MinibloomError(f"{path}: its windows are not these ({len(file_ws)} there, {len(ws)} here): use the "
+                             "context and stride it was made with")
+    if logits.shape[0] != scored:
+        raise MinibloomError(f"{path}: {logits.shape[0]} rows of logits, but these windows score {scored} tokens "
+                             "(one row per scored token, in window order)")
+    if logits.shape[1] != vocab:
+        raise MinibloomError(f"{path}: logits over {logits.shape[1]} ids, but the reference's vocab has {vocab}")
+
+
+def _stats(values: np.ndarray) -> dict:
+    return {"mean": float(np.mean(values)), "max": float(values.max()), "min": float(values.min()),
+            "median": float(np.median(values))}
+
+
+def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.PathLike | np.ndarray | None,
+       text_or_ids: str | Sequence[int] | np.ndarray, *, context: int = 1024, stride: int | None = None,
+       dtype: str | None = None, candidate_dtype: str | None = None, low_memory: bool = False,
+       load_options: dict | None = None, save_logits_to: str | os.PathLike | None = None,
+       scheduler: str | None = None, workers: int | None = None, client: Any = None, progress: bool = False) -> dict:
+    """KL(P_ref || P_cand) per scored token over the windows of ``perplexity``, with llama.cpp's statistics.
+
+    ``reference``: like ``perplexity``'s model. ``candidate``: another model (a ``Bloom``, or a path loaded with
+    ``candidate_dtype``, default ``dtype``, and the same load options), a logits file (``.npy`` / ``.npz``, see the
+    module docstring) or an array [tokens, V] of logits from an external engine; or None with ``save_logits_to``
+    only (the reference's perplexity and its logits file). ``save_logits_to``: write the reference's logits there
+    (``.npz``). Dask: as ``perplexity``.
+
+    Returns a dict: the reference's ``perplexity``, ``nll``, ``tokens`` (as ``perplexity`` returns them) and the
+    candidate's ``perplexity_candidate``, ``nll_candidate``, ``ln_ppl_ratio`` (ln(PPL_cand / PPL_ref)); ``kl_mean``
+    (nats, ± ``kl_mean_stderr``), ``kl_max``, ``kl_min``, ``kl_median``, ``kl_percentiles`` {"99.9": ..., "1.0": ...}
+    (NumPy's linear interpolation); ``top1`` (share of tokens where both models' argmax agree, llama.cpp's "same top
+    p", ± ``top1_stderr``); ``delta_p`` (p_cand - p_ref of the actual next token: mean, rms, max, min, median); and
+    ``input_tokens``, ``windows``, ``context``, ``stride``, ``model``, ``candidate``, ``dtype``, ``workers``,
+    ``seconds``, ``saved_logits``.
+    """
+    t0 = time.perf_counter()
+    context, stride = check_window_args(context, stride)
+    options = _load_options(low_memory, load_options)
+    if save_logits_to is not None and not os.fspath(save_logits_to).lower().endswith(".npz"):
+        raise MinibloomError(f"save_logits: {os.fspath(save_logits_to)}: the file name must end in .npz")
+    external = None
+    if candidate is None:
+        if save_logits_to is None:
+            raise MinibloomError("candidate: give a model or a logits file to compare with (or only save the "
+                                 "reference's logits with save_logits_to)")
+    elif isinstance(candidate, np.ndarray):
+        if candidate.ndim != 2 or candidate.dtype.kind != "f":
+            raise MinibloomError(f"candidate: logits must be a float array [tokens, V], got shape {candidate.shape} "
+                                 f"and dtype {candidate.dtype}")
+        external = ("candidate logits", candidate, None, None)
+    elif is_logits_file(candidate):
+        external = (os.fspath(candidate), *read_logits(candidate))
+    models = [(reference, dtype, options)]
+    if candidate is not None and external is None:
+        models.append((candidate, candidate_dtype or dtype, options))
+    with _session(models, scheduler, workers, client) as s:
+        ids, vocab = _prepare(s, text_or_ids)
+        _needs_tokens(ids, "kl")
+        ws = windows(len(ids), context, stride)
+        scored = [w for w in ws if w.scored]
+        ref, cand = s.models[0], (s.models[1] if len(s.models) > 1 else None)
+        rows = [None] * len(scored)
+        if external is not None:
+            _check_logits_file(external[0], external[1], external[2], external[3], ids, ws, vocab)
+            offsets = np.cumsum([0] + [w.scored for w in scored])
+            rows = [np.asarray(external[1][a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+        keep = save_logits_to is not None
+        tasks = [(ref, cand, ids[w.begin:w.end], w.skip, r, keep) for w, r in zip(scored, rows)]
+        fn = _kl_task if (cand is not None or external is not None) else _ref_only_task
+        with _bar(len(ws), "kl", progress) as bar:
+            bar.update(len(ws) - len(tasks))
+            parts = _run(s, fn, tasks, bar)
+        common = _common(s, len(ids), ws, context, stride, t0)
+        dtype_used = ref.dtype
+        cand_dtype = cand.dtype if cand is not None else None
+    if keep:
+        save_logits(save_logits_to, np.concatenate([p[4] for p in parts]), ids, ws)
+    nll, tokens = _fsum([p[2] for p in parts])
+    out = {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens, "model": _name(reference),
+           "dtype": dtype_used, "saved_logits": None if save_logits_to is None else os.fspath(save_logits_to)}
+    if fn is _kl_task:
+        out.update(_kl_figures(parts, nll, tokens))
+        out["candidate"] = external[0] if external is not None else _name(candidate)
+        out["candidate_dtype"] = None if external is not None else cand_dtype
+    common["seconds"] = round(time.perf_counter() - t0, 4)
+    return {**out, **common}
+
+
+def _ref_only_task(reference, candidate, window_ids: np.ndarray, skip: int, candidate_rows, keep_logits: bool):
+    """The reference's nll and logits of one window (``kl`` with no candidate: only saving the logits file)."""
+    zr = _window_logits(_model(reference), window_ids, skip)
+    return None, None, token_nll(zr, window_ids[skip:]), None, zr if keep_logits else None
+
+
+def _kl_figures(parts: list[tuple], nll_ref: float, tokens: int) -> dict:
+    """llama.cpp's --kl-divergence statistics from the windows' per-token values, concatenated in window order."""
+    kld = np.concatenate([p[0] for p in parts])
+    same = np.concatenate([p[1] for p in parts])
+    nll_c, _ = _fsum([p[3] for p in parts])
+    dp = np.exp(-np.concatenate([p[3] for p in parts])) - np.exp(-np.concatenate([p[2] for p in parts]))
+    n = len(kld)
+    kl_mean = math.fsum(kld.tolist()) / n
+    top1 = float(same.sum()) / n
+    pct = np.percentile(kld, KL_PERCENTILES)
+    return {
+        "perplexity_candidate": math.exp(nll_c / tokens), "nll_candidate": nll_c,
+        "ln_ppl_ratio": (nll_c - nll_ref) / tokens,
+        "kl_mean": kl_mean, "kl_mean_stderr": float(np.std(kld, ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "kl_max": float(kld.max()), "kl_min": float(kld.min()), "kl_median": float(np.median(kld)),
+        "kl_percentiles": {f"{q:.1f}": float(v) for q, v in zip(KL_PERCENTILES, pct)},
+        "top1": top1, "top1_stderr": math.sqrt(top1 * (1 - top1) / (n - 1)) if n > 1 else 0.0,
+        "delta_p": {**_stats(dp), "rms": float(np.sqrt(np.mean(dp * dp)))},
+    }
