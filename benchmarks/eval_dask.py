@@ -2,7 +2,7 @@
 
     flock /tmp/minibloom-heavy.lock python benchmarks/eval_dask.py [--dir /tmp/minibloom-eval]
 
-1. Writes the default model's held-out text (the last 10% of data/tinyshakespeare.txt, as scripts/train_default.py
+1. Writes the default model's held-out text (the last 10% of data/tinyshakespeare.txt, as `minibloom train`
    splits it) and a Q4_0 GGUF of the default model (the KL candidate).
 2. Runs ``minibloom perplexity`` (float64) and ``minibloom kl`` (float64 reference, the Q4_0 file in float32) on it,
    each on this process, with ``--workers 1`` and with ``--workers 2``: each a fresh ``python -m minibloom``, timed
@@ -36,8 +36,7 @@ def prepare(d: str) -> tuple[str, str]:
     with open(held_out, "w", encoding="utf-8") as f:
         f.write(text[int(len(text) * 0.9):])
     gguf = os.path.join(d, "default-q4_0.gguf")
-    if not os.path.exists(gguf):
-        convert_hf_to_gguf(minibloom.load().path, gguf, "q4_0")
+    convert_hf_to_gguf(minibloom.load().path, gguf, "q4_0")  # always afresh: the default model may have changed
     return held_out, gguf
 
 

@@ -209,8 +209,11 @@ def embedding_backward(dx, ids, n_rows: int):
     add_at = getattr(getattr(xp, "add", None), "at", None)  # NumPy's (and CuPy's) unbuffered scatter-add
     if add_at is not None:
         dE = xp.zeros((n_rows, dx.shape[-1]), dtype=dx.dtype)
-        add_at(dE, flat, dx2)
-        return dE
+        try:
+            add_at(dE, flat, dx2)
+            return dE
+        except (NotImplementedError, TypeError):  # a namespace whose ufuncs lack a working ``at``
+            pass
     onehot = xp.astype(flat[:, None] == xp.arange(n_rows)[None, :], dx.dtype)  # [N, n_rows]: the same sum, by GEMM
     return onehot.mT @ dx2
 

@@ -588,6 +588,6 @@ def _to_backend(params: dict, be):
 
 
 def _bar(total: int, initial: int, progress: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not progress, leave=True)

@@ -19,6 +19,9 @@ def pytest_configure(config):
 
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and int(workers) > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # subprocesses: notebooks, CLI
+            os.environ.setdefault(var, threads)
         try:
             from threadpoolctl import threadpool_limits
 

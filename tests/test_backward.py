@@ -13,25 +13,11 @@ from minibloom import fast
 from minibloom import model as M
 from minibloom.bloom import hf_names
 from minibloom.paths import default_model_path
-from minibloom.oracle.testing import GRAD_FP32, GRAD_FP64, assert_grads_close, rel_error
+from minibloom.oracle.testing import GRAD_FP32, GRAD_FP64, assert_grads_close, numerical_gradient, rel_error
 
 # ---------------------------------------------------------------------------------------------------------------
-# Function level: each backward against central differences of its forward function, in float64.
-
-
-def numeric_grad(f, x: np.ndarray, dy: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """d<f(x), dy>/dx by central differences, one entry at a time."""
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + eps
-        up = np.sum(f(x) * dy)
-        x[i] = old - eps
-        down = np.sum(f(x) * dy)
-        x[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
-
+# Function level: each backward against central differences of its forward function (``numerical_gradient``),
+# in float64.
 
 FD_TOL = 1e-7  # central differences with eps 1e-6 in float64: truncation ~1e-12, cancellation ~1e-10 relative
 
@@ -40,9 +26,9 @@ def test_linear_backward(rng):
     x, w, b = rng.normal(size=(2, 3, 5)), rng.normal(size=(4, 5)), rng.normal(size=4)
     dy = rng.normal(size=(2, 3, 4))
     dx, g = G.linear_backward(dy, x, w)
-    assert rel_error(dx, numeric_grad(lambda a: M.linear(a, w, b), x, dy)) < FD_TOL
-    assert rel_error(g["weight"], numeric_grad(lambda a: M.linear(x, a, b), w, dy)) < FD_TOL
-    assert rel_error(g["bias"], numeric_grad(lambda a: M.linear(x, w, a), b, dy)) < FD_TOL
+    assert rel_error(dx, numerical_gradient(lambda a: M.linear(a, w, b), x, dy)) < FD_TOL
+    assert rel_error(g["weight"], numerical_gradient(lambda a: M.linear(x, a, b), w, dy)) < FD_TOL
+    assert rel_error(g["bias"], numerical_gradient(lambda a: M.linear(x, w, a), b, dy)) < FD_TOL
     assert rel_error(M.linear(x, w, b, tp=5), M.linear(x, w, b)) < 1e-14  # tp slices: the same function
 
 
@@ -50,15 +36,15 @@ def test_layer_norm_backward(rng):
     x, w, b = rng.normal(size=(2, 3, 6)) * 3 + 1, 1 + 0.3 * rng.normal(size=6), rng.normal(size=6)
     dy = rng.normal(size=x.shape)
     dx, g = G.layer_norm_backward(dy, x, w, 1e-5)
-    assert rel_error(dx, numeric_grad(lambda a: M.layer_norm(a, w, b, 1e-5), x, dy)) < FD_TOL
-    assert rel_error(g["weight"], numeric_grad(lambda a: M.layer_norm(x, a, b, 1e-5), w, dy)) < FD_TOL
-    assert rel_error(g["bias"], numeric_grad(lambda a: M.layer_norm(x, w, a, 1e-5), b, dy)) < FD_TOL
+    assert rel_error(dx, numerical_gradient(lambda a: M.layer_norm(a, w, b, 1e-5), x, dy)) < FD_TOL
+    assert rel_error(g["weight"], numerical_gradient(lambda a: M.layer_norm(x, a, b, 1e-5), w, dy)) < FD_TOL
+    assert rel_error(g["bias"], numerical_gradient(lambda a: M.layer_norm(x, w, a, 1e-5), b, dy)) < FD_TOL
 
 
 def test_gelu_backward_is_the_derivative_of_blooms_tanh_gelu(rng):
     x = rng.normal(size=(3, 7)) * 3
     dy = rng.normal(size=x.shape)
-    assert rel_error(G.gelu_backward(dy, x), numeric_grad(M.gelu, x, dy)) < FD_TOL
+    assert rel_error(G.gelu_backward(dy, x), numerical_gradient(M.gelu, x, dy)) < FD_TOL
     # at x = 1 by hand: 0.5 (1 + tanh u) + 0.5 (1 - tanh^2 u) a (1 + 3b), u = a (1 + b)
     a, b = 0.79788456, 0.044715
     t = np.tanh(a * (1 + b))
@@ -68,7 +54,7 @@ def test_gelu_backward_is_the_derivative_of_blooms_tanh_gelu(rng):
 
 def test_softmax_backward(rng):
     s, dp = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
-    assert rel_error(G.softmax_backward(dp, M.softmax(s)), numeric_grad(M.softmax, s, dp)) < FD_TOL
+    assert rel_error(G.softmax_backward(dp, M.softmax(s)), numerical_gradient(M.softmax, s, dp)) < FD_TOL
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "left-padded"])
@@ -86,9 +72,9 @@ def test_attend_backward(rng, padded):
     _, probs = M.attend(q, k, v, alibi, allowed, probs=True)
     dq, dk, dv = G.attend_backward(dctx, q, k, v, probs)
     ctx = lambda qq, kk, vv: M.attend(qq, kk, vv, alibi, allowed)[0]  # noqa: E731
-    assert rel_error(dq, numeric_grad(lambda a: ctx(a, k, v), q, dctx)) < FD_TOL
-    assert rel_error(dk, numeric_grad(lambda a: ctx(q, a, v), k, dctx)) < FD_TOL
-    assert rel_error(dv, numeric_grad(lambda a: ctx(q, k, a), v, dctx)) < FD_TOL
+    assert rel_error(dq, numerical_gradient(lambda a: ctx(a, k, v), q, dctx)) < FD_TOL
+    assert rel_error(dk, numerical_gradient(lambda a: ctx(q, a, v), k, dctx)) < FD_TOL
+    assert rel_error(dv, numerical_gradient(lambda a: ctx(q, k, a), v, dctx)) < FD_TOL
 
 
 def test_cross_entropy_and_its_gradient(rng):
@@ -100,7 +86,7 @@ def test_cross_entropy_and_its_gradient(rng):
     terms = [np.log(np.sum(np.exp(logits[b, t]))) - logits[b, t, labels[b, t + 1]]
              for b in range(2) for t in range(3) if labels[b, t + 1] != G.IGNORE_INDEX]
     assert len(terms) == 4 and float(loss) == pytest.approx(np.mean(terms), rel=1e-14)
-    assert rel_error(dlogits, numeric_grad(lambda z: G.cross_entropy(z, labels)[0], logits, np.ones(()))) < FD_TOL
+    assert rel_error(dlogits, numerical_gradient(lambda z: G.cross_entropy(z, labels)[0], logits, np.ones(()))) < FD_TOL
     assert np.all(dlogits[:, -1] == 0)  # the last position predicts nothing
 
 
@@ -183,7 +169,7 @@ def test_float32_gradients_are_within_the_policy(random_checkpoint, record):
     record("float32 grad rel err (torch)", assert_grads_close(ref32, random_checkpoint, ids, mask, labels))
 
 
-def test_finite_differences_witness_every_parameter(random_checkpoint):
+def test_finite_differences_witness_every_parameter(random_checkpoint, record):
     """Torch-free: for each parameter tensor, a random direction u; (L(p + eps u) - L(p - eps u)) / 2 eps must equal
     <grad, u>. Uses minibloom's loss alone.
 
@@ -202,6 +188,7 @@ def test_finite_differences_witness_every_parameter(random_checkpoint):
         logits = model(ids, mask)
         return float(G.cross_entropy(logits, labels)[0])
 
+    worst = 0.0
     for name, p in flat.items():
         u = r.normal(size=p.shape)
         u /= np.linalg.norm(u)  # a unit step: roundoff ~ 1e-15 / eps, truncation ~ eps^2 |L'''|
@@ -213,6 +200,8 @@ def test_finite_differences_witness_every_parameter(random_checkpoint):
         p += eps * u
         numeric, analytic = (up - down) / (2 * eps), float(np.sum(grads[name] * u))
         assert numeric == pytest.approx(analytic, rel=1e-6, abs=1e-8), name
+        worst = max(worst, abs(numeric - analytic) / max(abs(analytic), 1e-8))
+    record("finite-difference rel err", worst)
 
 
 def test_fast_primitives_give_the_reference_gradients(random_checkpoint):
@@ -328,8 +317,8 @@ def test_gradient_traces_diff_layer_by_layer(tiny_checkpoint, tmp_path, capsys):
     theirs = save_trace(torch_trace, tmp_path / "torch.npz")
     report = diff_traces(mine, theirs)
     names = [r.name for r in report.rows]
-    assert report.passed and names[names.index("loss"):] == ["loss", "grad head + ln_f", "grad block 2",
-                                                                "grad block 1", "grad block 0", "grad embeddings"]
+    backward_order = ["loss", "grad head + ln_f", "grad block 2", "grad block 1", "grad block 0", "grad embeddings"]
+    assert report.passed and names[names.index("loss"):] == backward_order
     assert main(["diff", mine, theirs]) == 0
     # one wrong gradient in block 1 (a 1e-6 relative slip) is found, and named
     bad = dict(ref)

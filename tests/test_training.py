@@ -34,7 +34,7 @@ def corpus(tmp_path_factory) -> str:
 # The optimizer, the schedule, clipping
 
 
-def test_adamw_equals_torch_after_ten_steps():
+def test_adamw_equals_torch_after_ten_steps(record):
     torch = pytest.importorskip("torch")
     r = np.random.default_rng(0)
     shapes = {"w": (5, 4), "b": (4,), "ln": (6,), "m": (3, 3)}
@@ -55,7 +55,8 @@ def test_adamw_equals_torch_after_ten_steps():
             g["lr"] = lr
         topt.step()
         opt.step(grads, lr)
-    worst = max(rel_error(params[k], tparams[k].detach().numpy()) for k in params)
+    worst = record("AdamW param rel err, 10 steps", max(rel_error(params[k], tparams[k].detach().numpy())
+                                                        for k in params))
     assert worst <= 1e-13
 
 
@@ -85,7 +86,7 @@ def test_warmup_then_cosine():
 # A whole run against torch
 
 
-def test_ten_training_steps_equal_torch_in_float64(tiny_checkpoint):
+def test_ten_training_steps_equal_torch_in_float64(tiny_checkpoint, record):
     """The same checkpoint, batch and recipe in minibloom and in transformers + torch.optim.AdamW (float64, patched
     like the forward oracle): parameters after 10 steps agree to 1e-10."""
     torch = pytest.importorskip("torch")
@@ -121,7 +122,7 @@ def test_ten_training_steps_equal_torch_in_float64(tiny_checkpoint):
             g["lr"] = lr
         topt.step()
     mine = hf_names(model.params)
-    worst = max(rel_error(mine[n], p.detach().numpy()) for n, p in named.items())
+    worst = record("param rel err after 10 steps", max(rel_error(mine[n], p.detach().numpy()) for n, p in named.items()))
     assert worst <= 1e-10
     assert rel_error(mine["transformer.ln_f.bias"], minibloom.load(tiny_checkpoint).params["ln_f"]["bias"]) > 1e-3
 

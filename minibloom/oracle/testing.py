@@ -423,6 +423,21 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
 
 
 # ---- gradient verdicts ------------------------------------------------------------------------------------------
+def numerical_gradient(f, x: np.ndarray, dy, eps: float = 1e-6) -> np.ndarray:
+    """d<f(x), dy>/dx by central differences, one entry of ``x`` (float64, changed and restored in place) at a time:
+    slow, simple, and independent of any derivation — the witness a hand-written backward is checked against."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + eps
+        up = np.sum(f(x) * dy)
+        x[i] = old - eps
+        down = np.sum(f(x) * dy)
+        x[i] = old
+        g[i] = (up - down) / (2 * eps)
+    return g
+
+
 def reference_grads(model, input_ids, attention_mask=None, labels=None) -> tuple[float, dict]:
     """minibloom's float64 ``(loss, grads)`` (``Bloom.value_and_grad``) for ``model`` (a Bloom, path or hub id)."""
     return reference_model(model).value_and_grad(input_ids, attention_mask, labels)

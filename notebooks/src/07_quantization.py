@@ -324,7 +324,7 @@ assert results["Q8_0"]["kl"] < 0.1 * min(results[k]["kl"] for k in four_bit)
 assert results["FP4"]["w_err"] > max(results["Q4_0"]["w_err"], results["NF4"]["w_err"])
 assert abs(results["Q4_0"]["w_err"] / results["NF4"]["w_err"] - 1) < 0.15  # the two close, at equal bits
 assert results["FP4"]["kl"] > max(results["Q4_0"]["kl"], results["NF4"]["kl"])  # FP4 moves the predictions most
-assert results["FP4"]["top1"] >= min(results["Q4_0"]["top1"], results["NF4"]["top1"])  # yet top-1 does not show it
+assert results["Q8_0"]["top1"] >= max(results[k]["top1"] for k in four_bit)  # top-1: the same order, coarser
 
 # %%
 names = [k for k in results if k != "float32"]
@@ -338,9 +338,10 @@ fig.tight_layout()
 
 # %% [markdown]
 # Reading the numbers: Q8_0 is nearly free, its error an order of magnitude below any 4-bit format and its predictions
-# practically unchanged. At 4.5 bits per weight FP4 has the largest weight error and the largest KL, yet not the
-# lowest top-1 agreement: over a few hundred positions, top-1 is a coarse measure that a lucky format can win, while
-# KL sees every probability move (which is why minibloom's verdict policies bound KL and not top-1 alone). Q4_0 and NF4
+# practically unchanged. At 4.5 bits per weight FP4 has the largest weight error and the largest KL. Top-1
+# agreement tells a similar story more coarsely: over a few hundred positions one flipped argmax moves it by a
+# fraction of a percent, and a lucky format can win it, while KL sees every probability move (which is why
+# minibloom's verdict policies bound KL and not top-1 alone). Q4_0 and NF4
 # come out close, and on this model Q4_0 is even slightly ahead. Two things differ between them: the grid (uniform vs normal quantiles) and the
 # block size (32 vs 64 weights per scale). Which one matters here? Give NF4 Q4_0's block size of 32 (with a float16
 # scale, again 4.5 bits per weight):

@@ -26,27 +26,14 @@ from minibloom import backward as G
 from minibloom import model as M
 from minibloom.bloom import hf_names
 from minibloom.paths import default_model_path
-from minibloom.testing import assert_grads_close, rel_error
+from minibloom.testing import assert_grads_close, numerical_gradient, rel_error
 from minibloom.training import train
 
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7, 3.2)})
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
-
-
-def numeric_grad(f, x, dy, eps=1e-6):
-    """d<f(x), dy>/dx by central differences, one entry at a time (slow, simple, and independent of any derivation)."""
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + eps
-        up = np.sum(f(x) * dy)
-        x[i] = old - eps
-        down = np.sum(f(x) * dy)
-        x[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
-
+# numerical_gradient(f, x, dy): d<f(x), dy>/dx by central differences, one entry at a time (slow, simple, and
+# independent of any derivation; minibloom.testing has it for checking your own backward functions)
 
 # %% [markdown]
 # ## 1. The rule of the game
@@ -63,8 +50,8 @@ x, W, b = rng.normal(size=(2, 3, 5)), rng.normal(size=(4, 5)), rng.normal(size=4
 dy = rng.normal(size=(2, 3, 4))  # pretend this came from the layers above
 dx, grads = G.linear_backward(dy, x, W)
 print("dx", dx.shape, " dW", grads["weight"].shape, " db", grads["bias"].shape)
-assert rel_error(dx, numeric_grad(lambda a: M.linear(a, W, b), x, dy)) < 1e-8
-assert rel_error(grads["weight"], numeric_grad(lambda a: M.linear(x, a, b), W, dy)) < 1e-8
+assert rel_error(dx, numerical_gradient(lambda a: M.linear(a, W, b), x, dy)) < 1e-8
+assert rel_error(grads["weight"], numerical_gradient(lambda a: M.linear(x, a, b), W, dy)) < 1e-8
 
 # %% [markdown]
 # ## 2. LayerNorm
@@ -97,7 +84,7 @@ xhat = (x - mu) * r
 g = dy * w
 dx_by_hand = r * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
 
-dx_fd = numeric_grad(lambda a: M.layer_norm(a, w, b, eps), x, dy)
+dx_fd = numerical_gradient(lambda a: M.layer_norm(a, w, b, eps), x, dy)
 dx_pkg, ln_grads = G.layer_norm_backward(dy, x, w, eps)
 print(f"by hand vs finite differences: {rel_error(dx_by_hand, dx_fd):.1e}   vs minibloom: "
       f"{rel_error(dx_by_hand, dx_pkg):.1e}")
@@ -105,13 +92,16 @@ assert rel_error(dx_by_hand, dx_fd) < 1e-8 and rel_error(dx_by_hand, dx_pkg) < 1
 assert rel_error(ln_grads["weight"], (dy * xhat).sum((0, 1))) < 1e-14
 
 # %% [markdown]
-# Both correction terms are visible: the gradient that reaches `x` has (to rounding) zero mean and zero correlation
-# with `x̂` along every row.
+# Both correction terms are visible: the gradient that reaches `x` has zero mean along every row (a shift of `x`
+# changes nothing), and, were `ε` 0, zero correlation with `x̂` (a scaling of `x` would change nothing either; with
+# `ε` > 0 a small one does, by about `ε / σ²`).
 
 # %%
-print("mean of dx per row (≈ 0):", np.abs(dx_by_hand.mean(-1)).max())
-print("Σ dx·x̂ per row    (≈ 0):", np.abs((dx_by_hand * xhat).sum(-1)).max())
-assert np.abs(dx_by_hand.mean(-1)).max() < 1e-12 and np.abs((dx_by_hand * xhat).sum(-1)).max() < 1e-12
+dx_eps0, _ = G.layer_norm_backward(dy, x, w, 0.0)
+print("mean of dx per row        (≈ 0):", np.abs(dx_by_hand.mean(-1)).max())
+print("Σ dx·x̂ per row, ε = 1e-5:       ", np.abs((dx_by_hand * xhat).sum(-1)).max())
+print("Σ dx·x̂ per row, ε = 0     (≈ 0):", np.abs((dx_eps0 * xhat).sum(-1)).max())
+assert np.abs(dx_by_hand.mean(-1)).max() < 1e-12 and np.abs((dx_eps0 * xhat).sum(-1)).max() < 1e-10
 
 # %% [markdown]
 # ## 3. Attention, with ALiBi and the causal mask
@@ -144,9 +134,9 @@ dq_hand = ds @ k / np.sqrt(D)
 dk_hand = np.swapaxes(ds, -1, -2) @ q / np.sqrt(D)
 
 f = lambda qq, kk, vv: M.attend(qq, kk, vv, alibi, allowed)[0]  # noqa: E731
-checks = {"dq": (dq_hand, numeric_grad(lambda a: f(a, k, v), q, dctx)),
-          "dk": (dk_hand, numeric_grad(lambda a: f(q, a, v), k, dctx)),
-          "dv": (dv_hand, numeric_grad(lambda a: f(q, k, a), v, dctx))}
+checks = {"dq": (dq_hand, numerical_gradient(lambda a: f(a, k, v), q, dctx)),
+          "dk": (dk_hand, numerical_gradient(lambda a: f(q, a, v), k, dctx)),
+          "dv": (dv_hand, numerical_gradient(lambda a: f(q, k, a), v, dctx))}
 for name, (hand, fd) in checks.items():
     print(f"{name}: by hand vs finite differences {rel_error(hand, fd):.1e}")
     assert rel_error(hand, fd) < 1e-8
@@ -216,12 +206,12 @@ else:
 # With gradients in hand, training is a loop: draw a batch of windows from the text, compute loss and gradients,
 # clip their global norm, and let AdamW move every parameter (with a learning rate that warms up, then decays on a
 # cosine). `minibloom.train` is that loop. Here: a 2-layer, 64-wide BLOOM on Tiny Shakespeare with the default
-# model's tokenizer, 300 steps of 8 windows of 64 tokens, in float32.
+# model's tokenizer, 200 steps of 8 windows of 64 tokens, in float32.
 
 # %%
 t0 = time.perf_counter()
-run = train(tokenizer=default_model_path(), layers=2, hidden=64, heads=4, ctx=64, batch=8, steps=300, lr=3e-3,
-            warmup=30, eval_every=100, eval_windows=16, seed=0, progress=False)
+run = train(tokenizer=default_model_path(), layers=2, hidden=64, heads=4, ctx=64, batch=8, steps=200, lr=4e-3,
+            warmup=20, eval_every=50, eval_windows=16, seed=0, progress=False)
 seconds = time.perf_counter() - t0
 losses = np.array([h["loss"] for h in run.history])
 final = run.evals[-1]
