@@ -115,8 +115,8 @@ def attend_backward(dctx, q, k, v, probs):
     return (ds @ k) * scale, (ds.mT @ q) * scale, dv
 
 
-def attention_backward(dy, x, p, saved: dict, n_head: int, ops: M.Primitives = M.REFERENCE):
-    """``model.attention``: dy [B, T, C] and its input x [B, T, C] -> dx [B, T, C], grads of
+def self_attention_backward(dy, x, p, saved: dict, n_head: int, ops: M.Primitives = M.REFERENCE):
+    """``model.attention`` (HF's ``self_attention`` module): dy [B, T, C] and its input x [B, T, C] -> dx [B, T, C], grads of
     {"query_key_value", "dense"}. ``saved`` is what ``attention(..., saved=)`` kept."""
     xp = _ns(dy)
     B, T, C = dy.shape
@@ -136,8 +136,8 @@ def mlp_backward(dy, x, p, saved: dict, ops: M.Primitives = M.REFERENCE):
     return dx, {"dense_h_to_4h": g_in, "dense_4h_to_h": g_out}
 
 
-def block_backward(dy, p, saved: dict, cfg: BloomConfig, ops: M.Primitives = M.REFERENCE):
-    """``model.block``: dy [B, T, C] -> dx [B, T, C] and the layer's grads (same tree as ``p``).
+def layer_backward(dy, p, saved: dict, cfg: BloomConfig, ops: M.Primitives = M.REFERENCE):
+    """``model.block``, one layer ``h[i]``: dy [B, T, C] -> dx [B, T, C] and the layer's grads (same tree as ``p``).
 
     Forward: ln1 = LN(x); x1 = attention(ln1) + r1; ln2 = LN(x1); y = mlp(ln2) + r2, with the residuals r1, r2 the
     LayerNorm inputs (x, x1) or, with ``apply_residual_connection_post_layernorm``, their outputs (ln1, ln2).
@@ -150,7 +150,7 @@ def block_backward(dy, p, saved: dict, cfg: BloomConfig, ops: M.Primitives = M.R
     dx1, g_ln2 = ln_backward(dln2, saved["x1"], p["post_attention_layernorm"]["weight"], eps)
     if not post:
         dx1 = dx1 + dy
-    dln1, g_att = attention_backward(dx1, saved["ln1"], p["self_attention"], saved["attention"], cfg.n_head, ops)
+    dln1, g_att = self_attention_backward(dx1, saved["ln1"], p["self_attention"], saved["attention"], cfg.n_head, ops)
     if post:
         dln1 = dln1 + dx1
     dx, g_ln1 = ln_backward(dln1, saved["x"], p["input_layernorm"]["weight"], eps)
@@ -238,7 +238,7 @@ def value_and_grad(params, input_ids, attention_mask, labels, cfg: BloomConfig, 
     dx, g_lnf = ln_backward(dx, saved["final"], params["ln_f"]["weight"], eps)
     layers = [None] * len(params["h"])
     for i in reversed(range(len(params["h"]))):
-        dx, layers[i] = block_backward(dx, params["h"][i], saved["layers"][i], cfg, ops)
+        dx, layers[i] = layer_backward(dx, params["h"][i], saved["layers"][i], cfg, ops)
         saved["layers"][i] = None  # this layer's activations are no longer needed
     dx, g_eln = ln_backward(dx, saved["embedded"], params["word_embeddings_layernorm"]["weight"], eps)
     dE = embedding_backward(dx, input_ids, E.shape[0])

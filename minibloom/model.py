@@ -230,7 +230,7 @@ def attention(x, p, alibi, allowed, n_head: int, tp: int = 1, cache: KVCache | N
 
     x [B, T, C] -> ([B, T, C], probabilities [B, H, T, S] or None). Keys and values are made (and cached) for all
     T positions; queries only for the last ``keep`` (default all), and the output has those rows only.
-    ``saved``: a dict that receives what ``minibloom.backward.attention_backward`` needs (q, k, v, probs, ctx).
+    ``saved``: a dict that receives what ``minibloom.backward.self_attention_backward`` needs (q, k, v, probs, ctx).
     """
     xp = _ns(x)
     B, T, C = x.shape
@@ -272,7 +272,7 @@ def block(x, p, alibi, allowed, cfg: BloomConfig, cache: KVCache | None = None, 
 
     With ``apply_residual_connection_post_layernorm`` the residual is the LayerNorm output instead of its input.
     Each sub-module of ``p`` is read once (a lazily widened layer builds it on every read). ``saved`` receives the
-    activations ``minibloom.backward.block_backward`` needs.
+    activations ``minibloom.backward.layer_backward`` needs.
     """
     tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
     eps, post = cfg.layer_norm_epsilon, cfg.apply_residual_connection_post_layernorm
