@@ -150,7 +150,8 @@ def layer_backward(dy, p, saved: dict, cfg: BloomConfig, ops: M.Primitives = M.R
     dx1, g_ln2 = ln_backward(dln2, saved["x1"], p["post_attention_layernorm"]["weight"], eps)
     if not post:
         dx1 = dx1 + dy
-    dln1, g_att = self_attention_backward(dx1, saved["ln1"], p["self_attention"], saved["attention"], cfg.n_head, ops)
+    dln1, g_att = self_attention_backward(dx1, saved["ln1"], p["self_attention"], saved["attention"], cfg.n_head,
+                                          ops)
     if post:
         dln1 = dln1 + dx1
     dx, g_ln1 = ln_backward(dln1, saved["x"], p["input_layernorm"]["weight"], eps)

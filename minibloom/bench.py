@@ -46,23 +46,27 @@ PROMPT, NEW, LONG, BATCH = 16, 64, 512, 8
 SHAPES = {  # name: (hidden_size, n_layer, n_head), vocab 250880 for all released models
     "bloom-560m": (1024, 24, 16),
     "bloom-1b1": (1536, 24, 16),
+    "bloom-3b": (2560, 30, 32),
     "bloom-7b1": (4096, 30, 32),
+    "bloom-176b": (14336, 70, 112),
     "tiny": (256, 2, 4),  # for smoke-testing the scripts
 }
 VOCAB = 250880
 
 
-def ensure_checkpoint(directory: str, shape: str = "bloom-560m", dtype=np.float32, seed: int = 0) -> str:
+def ensure_checkpoint(directory: str, shape: str = "bloom-560m", dtype=np.float32, seed: int = 0,
+                      n_layer: int | None = None) -> str:
     """A random checkpoint of a released shape in ``directory``, written once (tensor by tensor, never a second copy
-    in RAM: a bloom-7b1-shaped float16 file is ~14 GB) and reused when the directory already holds a complete one."""
+    in RAM: a bloom-7b1-shaped float16 file is ~14 GB) and reused when the directory already holds a complete one.
+    ``dtype``: a NumPy float dtype or "bfloat16"; ``n_layer``: fewer layers than the shape has (a slice of it)."""
     from .config import BloomConfig
     from .formats.weights import write_random_checkpoint
 
     if os.path.isfile(os.path.join(directory, "config.json")) and os.path.isfile(
             os.path.join(directory, "model.safetensors")):
         return directory
-    hidden, n_layer, n_head = SHAPES[shape]
-    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=hidden, n_layer=n_layer, n_head=n_head)
+    hidden, layers, n_head = SHAPES[shape]
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=hidden, n_layer=n_layer or layers, n_head=n_head)
     return write_random_checkpoint(directory, cfg, VOCAB, dtype, seed=seed)
 
 

@@ -224,7 +224,7 @@ def hf_names(tree: dict) -> dict:
 
 def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32", backend: str = "numpy", *,
          revision: str | None = None, cache_dir: str | None = None, progress: bool | None = None,
-         low_memory: bool = False, keep_quantized: bool = False) -> Bloom:
+         low_memory: bool | None = None, max_memory: int | str | None = None, keep_quantized: bool = False) -> Bloom:
     """Load a BLOOM checkpoint.
 
     ``path_or_repo_id``: a checkpoint directory (config.json + model.safetensors or a sharded index), a
@@ -233,9 +233,14 @@ def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32
     safetensors files, never pickles). ``None`` loads the small default model shipped in ``weights/``.
 
     ``dtype``: "float32" (transformers' numerics) or "float64" (the oracle mode: float64 end to end).
-    ``backend``: "numpy", "cupy" (GPU) or "array_api_strict". ``low_memory``: keep 16-bit weights memory-mapped and
-    widen one layer at a time (for checkpoints bigger than RAM in float32). ``keep_quantized`` (``.gguf`` only): keep
-    quantized layer weights (e.g. Q8_0) as their blocks in RAM and dequantize them while each layer runs.
+    ``backend``: "numpy", "cupy" (GPU) or "array_api_strict". ``low_memory``: keep the weights that do not fit a
+    memory budget memory-mapped in their stored (16-bit) dtype and widen them block by block as each product runs
+    (for checkpoints bigger than RAM in float32; ``minibloom.formats.lowmem``). ``max_memory``: that budget, in
+    bytes or as a string ("18GB", "18GiB", "500MB"): the layers that fit stay widened in RAM; it implies
+    ``low_memory`` (``low_memory=False`` with a budget is an error). Without it the low-memory mode keeps within 80%
+    of physical memory less 2 GiB, leaving the page cache room for the rest of the file. ``keep_quantized``
+    (``.gguf`` only): keep quantized layer weights (e.g. Q8_0) as their blocks in RAM and dequantize them while each
+    layer runs.
     """
     from .formats.loading import read_checkpoint
 
@@ -243,6 +248,16 @@ def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32
         raise MinibloomError(f"path_or_repo_id: expected a path, a hub repo id or None, got "
                              f"{type(path_or_repo_id).__name__}")
     name, be = _dtype_name(dtype), Backend(backend)
+    budget = None
+    if max_memory is not None:
+        from .formats.lowmem import parse_memory
+
+        budget = parse_memory(max_memory)
+        if low_memory is False:
+            raise MinibloomError("max_memory: a memory budget needs the low-memory mode; leave low_memory out or "
+                                 "pass low_memory=True")
+        low_memory = True
     got = read_checkpoint(path_or_repo_id, dtype=name, backend=be, revision=revision, cache_dir=cache_dir,
-                          progress=progress, low_memory=low_memory, keep_quantized=keep_quantized)
+                          progress=progress, low_memory=bool(low_memory), keep_quantized=keep_quantized,
+                          max_memory=budget)
     return Bloom(got.config, got.params, name, be, tokenizer=got.tokenizer, path=got.path)

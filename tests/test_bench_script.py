@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["bench.py", "lowmem_7b1.py"])
+@pytest.mark.parametrize("script", ["bench.py", "lowmem_7b1.py", "load_3b.py", "slice_176b.py", "widen.py"])
 def test_benchmark_script_help(script):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--help"], capture_output=True,
                        text=True, timeout=120)

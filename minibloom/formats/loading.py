@@ -80,12 +80,16 @@ def checkpoint_parts(path: str) -> tuple[str, list[str] | None, str]:
 
 
 def read_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=None, cache_dir=None,
-                    progress=None, low_memory: bool = False, keep_quantized: bool = False) -> Loaded:
-    """Config, parameters (on ``backend``, in ``dtype``) and tokenizer of any checkpoint minibloom reads."""
+                    progress=None, low_memory: bool = False, keep_quantized: bool = False,
+                    max_memory: int | None = None) -> Loaded:
+    """Config, parameters (on ``backend``, in ``dtype``) and tokenizer of any checkpoint minibloom reads.
+    ``max_memory``: the low-memory mode's budget in bytes (None: its default)."""
     path = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, progress=progress)
     if os.path.isfile(path) and path.endswith(".gguf"):
         from .gguf.reader import read_gguf_checkpoint
 
+        if max_memory is not None:
+            raise MinibloomError(f"max_memory: only safetensors checkpoints take a memory budget, not {path}")
         return read_gguf_checkpoint(path, dtype=dtype, backend=backend, progress=progress,
                                     keep_quantized=keep_quantized)
     if keep_quantized:
@@ -96,13 +100,15 @@ def read_checkpoint(path_or_repo_id, *, dtype: str, backend: Backend, revision=N
     try:
         np_dtype = DTYPES[dtype]
         if cfg.quantization_config:
+            if max_memory is not None:
+                raise MinibloomError(f"max_memory: a bitsandbytes checkpoint takes no memory budget ({config_path})")
             from .bnb import read_bnb_params
 
             params = read_bnb_params(ckpt, cfg, np_dtype, config_path, progress=progress)
         elif low_memory:
             from .lowmem import lazy_params
 
-            params = lazy_params(ckpt, cfg, np_dtype, backend)
+            params = lazy_params(ckpt, cfg, np_dtype, backend, max_memory, progress)
         else:
             params = read_params(ckpt, cfg, np_dtype, progress=progress)
     except BaseException:

@@ -19,6 +19,7 @@ import numpy as np
 from ..backend import empty_private
 from ..errors import MinibloomError
 from ..jsonfile import parse_json
+from .widen import check_finite, widen, widen_into
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 MAX_DIMS, MAX_DIM = 8, 1 << 40  # no BLOOM tensor comes near; bounds what a zero-byte tensor may claim
@@ -108,8 +109,8 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>") -> tuple[dic
 
 
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
-    """BF16 bit patterns (uint16) -> float32, exactly: bf16 is the top half of an IEEE float32."""
-    return (u16.astype(np.uint32) << 16).view(np.float32)
+    """BF16 bit patterns (uint16) -> float32, exactly: bf16 is the top half of an IEEE float32 (``widen``)."""
+    return widen(np.asarray(u16, np.uint16), "BF16", np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -173,13 +174,17 @@ class SafetensorsFile:
             return np.zeros(t.shape, DTYPES[t.dtype])
         return np.frombuffer(self._mm, DTYPES[t.dtype], count, t.begin).reshape(t.shape)
 
-    def get(self, name: str, dtype=None) -> np.ndarray:
+    def get(self, name: str, dtype=None, where: str | None = None) -> np.ndarray:
         """Tensor ``name`` as ``dtype`` (default: float32 for BF16, else the stored dtype), in fresh memory.
 
         The bytes are read (``preadv``) straight from the page cache into a new array, converting in 32 MiB pieces, so
         RSS never holds a second copy of the weights. Fresh anonymous memory, unlike a file mapping, can be backed by
         huge pages, and a decode step streams every weight once, so page size shows in decode speed. ``raw()`` gives
-        the zero-copy mapped view instead.
+        the zero-copy mapped view instead. float16/bfloat16 widened to float32/float64 are read from the mapping
+        instead and widened in place (``widen``), the mapped pages released piece by piece.
+
+        ``where``: check that every value is finite (a MinibloomError naming ``where`` otherwise); 16-bit tensors
+        are checked while they are widened, block by block, others afterwards (``check_finite``).
         """
         t = self.info(name)
         store = DTYPES[t.dtype]
@@ -190,16 +195,24 @@ class SafetensorsFile:
             raise MinibloomError(f"{self.path}: tensor {name!r} is BF16 and cannot become {dtype}")
         out = empty_private(t.shape, dtype)
         flat = out.reshape(-1)
+        if t.dtype in ("F16", "BF16") and dtype in (np.float32, np.float64) and flat.size:
+            src = self.raw(name).reshape(-1)
+            step = _CHUNK_BYTES // 2
+            for i in range(0, flat.size, step):
+                j = min(flat.size, i + step)
+                widen_into(src[i:j], t.dtype, flat[i:j], where=where, threads=1)
+                self.release(name, 2 * i, 2 * j)
+            return out
         if t.dtype != "BF16" and store == dtype:
             self._read(t.begin, flat)
-            return out
+            return out if where is None else check_finite(out, where)
         step = max(1, _CHUNK_BYTES // store.itemsize)
         buf = np.empty(min(step, flat.size), store)
         for i in range(0, flat.size, step):
             piece = buf[:min(step, flat.size - i)]
             self._read(t.begin + i * store.itemsize, piece)
             flat[i:i + piece.size] = bf16_to_f32(piece) if t.dtype == "BF16" else piece
-        return out
+        return out if where is None else check_finite(out, where)
 
     def _read(self, offset: int, into: np.ndarray) -> None:
         """Fill the contiguous array ``into`` with the file's bytes from ``offset``."""

@@ -22,6 +22,7 @@ from ..config import BloomConfig
 from ..errors import MinibloomError
 from ..jsonfile import read_json_object
 from .safetensors import FLOAT_CODES, SafetensorsFile
+from .widen import check_finite  # noqa: F401  (re-exported: the loaders' finite check)
 
 LAYER_TENSORS = (  # per block, with HF names: (name, shape as a function of C)
     ("input_layernorm.weight", lambda C: (C,)),
@@ -85,11 +86,13 @@ def write_random_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, voca
     bloom-7b1-shaped float16 file is ~14 GB: never held whole). Keys are transformers' saved names
     (``transformer.h.0...``), so transformers and minibloom both load it. Values are on a trained model's scale, so
     activations stay in range through every layer: matrices and biases N(0, 0.02), LayerNorm weights 1 + N(0, 0.1),
-    LayerNorm biases N(0, 0.02). Returns the directory."""
-    from .safetensors import write_file
+    LayerNorm biases N(0, 0.02). ``dtype``: a NumPy float dtype or "bfloat16". Returns the directory."""
+    from .safetensors import f32_to_bf16, write_file
 
-    dtype = np.dtype(dtype)
-    code = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64"}[dtype]
+    bf16 = isinstance(dtype, str) and dtype == "bfloat16"
+    dtype = np.dtype(np.uint16 if bf16 else dtype)
+    code = "BF16" if bf16 else {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                                np.dtype(np.float64): "F64"}[dtype]
     rng = np.random.default_rng(seed)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -101,7 +104,7 @@ def write_random_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, voca
         x *= 0.1 if norm and name.endswith("weight") else 0.02
         if norm and name.endswith("weight"):
             x += 1.0
-        return x.astype(dtype, copy=False)
+        return f32_to_bf16(x) if bf16 else x.astype(dtype, copy=False)
 
     total = sum(int(np.prod(s)) for s in shapes.values()) * dtype.itemsize
     bar = _progress(total, f"writing {directory}", None if progress else False)
@@ -118,7 +121,7 @@ def write_random_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, voca
                shapes.items()]
     with bar:
         write_file(os.path.join(directory, "model.safetensors"), entries, {"format": "pt"})
-    write_config(directory, cfg, vocab, dtype.name)
+    write_config(directory, cfg, vocab, "bfloat16" if bf16 else dtype.name)
     return directory
 
 
@@ -252,9 +255,10 @@ class Checkpoint:
         sf, key = self.where[name]
         return sf.info(key)
 
-    def get(self, name: str, dtype=None) -> np.ndarray:
+    def get(self, name: str, dtype=None, checked: bool = False) -> np.ndarray:
+        """Tensor ``name`` as ``dtype`` in fresh memory; ``checked``: verified finite (``check_finite``)."""
         sf, key = self.where[name]
-        return sf.get(key, dtype)
+        return sf.get(key, dtype, where=self.describe(name) if checked else None)
 
     def raw(self, name: str) -> np.ndarray:
         sf, key = self.where[name]
@@ -327,25 +331,6 @@ def check_tensors(ckpt: Checkpoint, cfg: BloomConfig, where: str) -> int:
 READ_THREADS = 4  # at most this many tensors are read at once (see read_params)
 
 
-def check_finite(a: np.ndarray, where: str) -> np.ndarray:
-    """``a`` itself, once it is known to hold no NaN or inf (a MinibloomError naming ``where`` otherwise).
-
-    A sum is one pass over memory with no temporary array and is finite exactly when every value is, unless finite
-    values overflow it; only then (or for a real NaN / inf) are the values checked one block at a time."""
-    flat = np.reshape(a, -1)
-    acc = np.float32 if flat.dtype == np.float16 else None
-    with np.errstate(over="ignore", invalid="ignore"):
-        if flat.size == 0 or np.isfinite(np.add.reduce(flat, dtype=acc)):
-            return a
-    step = 1 << 22
-    for lo in range(0, flat.size, step):
-        bad = ~np.isfinite(flat[lo:lo + step])
-        if bad.any():
-            i = lo + int(np.argmax(bad))
-            raise MinibloomError(f"{where}: holds {flat[i]} at flat index {i} (weights must be finite)")
-    return a
-
-
 def read_params(ckpt: Checkpoint, cfg: BloomConfig, dtype, progress=None) -> dict:
     """Read every tensor as ``dtype`` into fresh memory, nested under HF names.
 
@@ -359,7 +344,7 @@ def read_params(ckpt: Checkpoint, cfg: BloomConfig, dtype, progress=None) -> dic
     bar = _progress(total, "loading weights", progress)
 
     def read(name: str) -> np.ndarray:
-        return check_finite(ckpt.get(name, dtype), ckpt.describe(name))
+        return ckpt.get(name, dtype, checked=True)
 
     workers = min(READ_THREADS, os.cpu_count() or 1) if hasattr(os, "preadv") else 1  # seek + read is not shareable
     flat = {}
