@@ -116,8 +116,8 @@ def attend_backward(dctx, q, k, v, probs):
 
 
 def self_attention_backward(dy, x, p, saved: dict, n_head: int, ops: M.Primitives = M.REFERENCE):
-    """``model.attention`` (HF's ``self_attention`` module): dy [B, T, C] and its input x [B, T, C] -> dx [B, T, C], grads of
-    {"query_key_value", "dense"}. ``saved`` is what ``attention(..., saved=)`` kept."""
+    """``model.attention`` (HF's ``self_attention`` module): dy [B, T, C] and its input x [B, T, C] -> dx [B, T, C],
+    grads of {"query_key_value", "dense"}. ``saved`` is what ``attention(..., saved=)`` kept."""
     xp = _ns(dy)
     B, T, C = dy.shape
     dctx, g_dense = linear_backward(dy, saved["ctx"], p["dense"]["weight"])  # [B, T, C]
