@@ -13,24 +13,12 @@ checkpoints unless ``--keep``. With ``PYTHONPATH`` pointing at another minibloom
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
-import minibloom
-
-
-def _child(code: str) -> dict:
-    """Run ``code`` in a fresh Python with the minibloom this script imported (PYTHONPATH decides which: the child
-    runs outside any checkout, so that the current directory cannot shadow it); its last stdout line, as JSON."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(minibloom.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True, env=env,
-                         cwd=os.path.dirname(root) or "/").stdout
-    return json.loads(out.strip().splitlines()[-1])
+from minibloom.bench import child_json as _child
 
 
 RUN = """

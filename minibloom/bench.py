@@ -74,6 +74,16 @@ def ensure_checkpoint(directory: str, shape: str = "bloom-560m", dtype=np.float3
 # Worker side: one process per engine, commands as JSON lines on stdin, answers on stdout
 
 
+def child_json(code: str) -> dict:
+    """Run ``code`` in a fresh Python with the minibloom this module belongs to (first on PYTHONPATH: the child runs
+    outside any checkout, so that the current directory cannot shadow it); its last stdout line, parsed as JSON."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True, env=env,
+                         cwd=os.path.dirname(root) or "/").stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def peak_rss() -> int:
     """This process's peak resident set in bytes: VmHWM (ru_maxrss would carry the parent's peak across exec)."""
     try:
