@@ -329,6 +329,8 @@ def _resume(path: str, backend: str):
     if exact:  # the weights as trained (model.safetensors holds them rounded)
         flat = hf_names(model.params)
         for name, value in exact.items():
+            if name not in flat or tuple(flat[name].shape) != tuple(value.shape):
+                raise MinibloomError(f"resume: {path}: the trained weight {name} does not fit the model")
             flat[name][...] = be.asarray(np.asarray(value, dtype=model.dtype))
     return model, meta, {k: v for k, v in tensors.items() if not k.startswith("p.")}
 
@@ -361,7 +363,10 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
         except (TypeError, KeyError) as e:
             raise MinibloomError(f"resume: {resume}: the saved training config is not readable ({e})") from None
         cfg = replace(saved, steps=max(cfg.steps, saved.steps) if "steps" in overrides else saved.steps)
-        rng.bit_generator.state = meta["rng"]
+        try:
+            rng.bit_generator.state = meta["rng"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise MinibloomError(f"resume: {resume}: the saved data-order state is not readable ({e})") from None
         start = int(meta["step"])
         chat_template = meta.get("chat_template", chat_template)
         data = meta.get("data", data)
@@ -413,6 +418,15 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
     flat = hf_names(m.params)  # the model's own arrays: AdamW updates them in place
     opt = AdamW(flat, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if opt_state is not None:
+        for name, p in flat.items():
+            for kind in ("m", "v"):
+                got = opt_state.get(f"{kind}.{name}")
+                if got is None or tuple(got.shape) != tuple(p.shape):
+                    raise MinibloomError(f"resume: {resume}: optimizer state {kind}.{name} is "
+                                         f"{'missing' if got is None else f'shaped {tuple(got.shape)}'}; the model "
+                                         f"has {tuple(p.shape)}")
+        if not isinstance(meta.get("optimizer_step"), int) or meta["optimizer_step"] < 0:
+            raise MinibloomError(f"resume: {resume}: optimizer_step must be a non-negative integer")
         opt.load_state_dict({"step": meta["optimizer_step"], **opt_state})
     result = TrainResult(m, out)
     extra = {"data": None if data is None else os.path.abspath(data), "chat_template": chat_template}

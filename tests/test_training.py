@@ -257,3 +257,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main(["train", "--out", str(tmp_path / "x"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda meta: meta.update(rng={"bit_generator": "nonsense"}), "data-order state"),
+    (lambda meta: meta["config"].update(steps="many"), "steps: must be an integer"),
+    (lambda meta: meta["config"].update(unknown_field=1), "saved training config"),
+    (lambda meta: meta.update(optimizer_step=-1), "optimizer_step"),
+    (lambda meta: meta.update(step="x"), "not a trainer state"),
+])
+def test_a_damaged_trainer_state_is_a_clear_error(corpus, tmp_path, damage, message):
+    T.train(corpus, out=str(tmp_path / "a"), steps=2, **TINY)
+    path = tmp_path / "a" / T.STATE_JSON
+    meta = json.loads(path.read_text())
+    damage(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(minibloom.MinibloomError, match=message):
+        T.train(resume=str(tmp_path / "a"), progress=False)
+
+
+def test_optimizer_state_of_another_model_is_refused(corpus, tmp_path):
+    T.train(corpus, out=str(tmp_path / "a"), steps=2, **TINY)
+    T.train(corpus, out=str(tmp_path / "b"), steps=2, **{**TINY, "hidden": 64})
+    os.replace(tmp_path / "b" / T.STATE_TENSORS, tmp_path / "a" / T.STATE_TENSORS)
+    with pytest.raises(minibloom.MinibloomError, match="optimizer state m.transformer"):
+        T.train(resume=str(tmp_path / "a"), progress=False)
