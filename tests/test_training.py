@@ -122,7 +122,8 @@ def test_ten_training_steps_equal_torch_in_float64(tiny_checkpoint, record):
             g["lr"] = lr
         topt.step()
     mine = hf_names(model.params)
-    worst = record("param rel err after 10 steps", max(rel_error(mine[n], p.detach().numpy()) for n, p in named.items()))
+    worst = record("param rel err after 10 steps",
+                   max(rel_error(mine[n], p.detach().numpy()) for n, p in named.items()))
     assert worst <= 1e-10
     assert rel_error(mine["transformer.ln_f.bias"], minibloom.load(tiny_checkpoint).params["ln_f"]["bias"]) > 1e-3
 
