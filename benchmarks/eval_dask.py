@@ -22,19 +22,17 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 
 
 def prepare(d: str) -> tuple[str, str]:
     import minibloom
     from minibloom.gguf import convert_hf_to_gguf
+    from minibloom.training import read_text, split_text
 
     os.makedirs(d, exist_ok=True)
-    with open(CORPUS, encoding="utf-8") as f:
-        text = f.read()
     held_out = os.path.join(d, "heldout.txt")
     with open(held_out, "w", encoding="utf-8") as f:
-        f.write(text[int(len(text) * 0.9):])
+        f.write(split_text(read_text(None), 0.1)[1])  # the bundled corpus's held-out part, as minibloom train splits
     gguf = os.path.join(d, "default-q4_0.gguf")
     convert_hf_to_gguf(minibloom.load().path, gguf, "q4_0")  # always afresh: the default model may have changed
     return held_out, gguf

@@ -13,19 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
-
-
-def best(f, rounds: int) -> float:
-    f()
-    t = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        f()
-        t = min(t, time.perf_counter() - t0)
-    return t
 
 
 def main(argv=None) -> int:
@@ -33,6 +22,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mib", type=int, default=512, help="MiB of 16-bit input")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
+    from minibloom.bench import best
     from minibloom.formats import widen as W
 
     n = args.mib * 2**20 // 2
@@ -70,13 +60,13 @@ def main(argv=None) -> int:
     except ImportError:
         print("ml_dtypes not installed: its candidate is skipped")
     print(f"{n * 2 / 2**20:.0f} MiB of 16-bit input, {W.THREADS} threads, best of {args.rounds}")
-    copy_s = best(lambda: np.copyto(out2, out), args.rounds)
-    sum_s = best(lambda: np.add.reduce(out), args.rounds)
+    copy_s = best(lambda: np.copyto(out2, out), args.rounds, warm=True)
+    sum_s = best(lambda: np.add.reduce(out), args.rounds, warm=True)
     print(f"{'memory':9s} {'float32 copy (read + write 4 B/elem)':45s} {n * 2 / copy_s / 1e9:6.2f} GB/s-equivalent")
     print(f"{'memory':9s} {'float32 sum (read 4 B/elem)':45s} {n * 2 / sum_s / 1e9:6.2f} GB/s-equivalent")
     base = {}
     for kind, name, f in rows:
-        s = best(f, args.rounds)
+        s = best(f, args.rounds, warm=True)
         base.setdefault(kind, s)
         print(f"{kind:9s} {name:45s} {n * 2 / s / 1e9:6.2f} GB/s  ({base[kind] / s:4.1f}x the first)", flush=True)
     return 0

@@ -18,7 +18,7 @@ from .backend import Backend
 from .config import DTYPES, BloomConfig
 from .errors import MinibloomError
 from .backward import IGNORE_INDEX, check_labels
-from .formats.weights import flatten
+from .formats.weights import flatten, hf_names
 
 
 def _dtype_name(dtype) -> str:
@@ -162,12 +162,14 @@ class Bloom:
 
     # ---- training -------------------------------------------------------------------------------------------
     def _labels(self, labels, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """The labels to score: ``input_ids`` with padding ignored when None, else checked (ids or -100)."""
+        """The labels to score, checked (ids or -100, something scored): ``input_ids`` with padding ignored when
+        None."""
         if labels is None:
-            return np.where(mask != 0, ids, IGNORE_INDEX)
-        lab = self._array(labels, "labels")
-        if lab.ndim == 1 and ids.shape[0] == 1:
-            lab = lab[None, :]
+            lab = np.where(mask != 0, ids, IGNORE_INDEX)
+        else:
+            lab = self._array(labels, "labels")
+            if lab.ndim == 1 and ids.shape[0] == 1:
+                lab = lab[None, :]
         check_labels(lab, self.vocab_size, ids.shape)
         return lab.astype(np.int64)
 
@@ -196,8 +198,6 @@ class Bloom:
         ids = self._ids(input_ids)
         mask = self._mask(attention_mask, ids.shape)
         lab = self._labels(labels, ids, mask)
-        if not (lab[:, 1:] != IGNORE_INDEX).any():
-            raise MinibloomError("labels: no position after the first is labelled, so there is no loss")
         be = self.backend
         loss, grads = backward.value_and_grad(self.params, be.asarray(ids), be.asarray(mask), be.asarray(lab),
                                               self.config, ops=self.primitives)
@@ -214,12 +214,6 @@ class Bloom:
         if self.tokenizer is None:
             raise MinibloomError(f"{self.path}: this model has no tokenizer.json")
         return self.tokenizer.decode(ids)
-
-
-def hf_names(tree: dict) -> dict:
-    """A parameter (or gradient) tree -> a flat dict under transformers' ``BloomForCausalLM.named_parameters()``
-    names: ``transformer.h.0.self_attention.query_key_value.weight``, ..., ``lm_head.weight``."""
-    return {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in flatten(tree).items()}
 
 
 def load(path_or_repo_id: str | os.PathLike | None = None, dtype: str = "float32", backend: str = "numpy", *,

@@ -40,11 +40,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .backward import token_nll
 from .bloom import Bloom, load
 from .distributed import ModelSpec, check_cluster_args, connect, map_ordered, worker_count, worker_model
 from .errors import MinibloomError, shown
 from .generate import memory_bytes
-from .oracle.compare import kl_divergence, log_softmax64
+from .oracle.compare import kl_divergence
 
 MAX_CONTEXT = 1 << 16  # tokens in one window: attention alone holds H x context^2 scores
 KL_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)  # llama.cpp's list, with 95 and 90
@@ -105,29 +106,6 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
 
-def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents; a missing, unreadable, binary or empty file is a MinibloomError."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise MinibloomError(f"{path}: is a directory; give a text file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise MinibloomError(f"{path}: no such file") from None
-    except OSError as e:
-        raise MinibloomError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MinibloomError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-    if "\x00" in text:
-        raise MinibloomError(f"{path}: not a text file (it holds NUL bytes)")
-    if not text.strip():
-        raise MinibloomError(f"{path}: the file is empty")
-    return text
-
-
 def _id_array(ids, vocab: int) -> np.ndarray:
     a = np.asarray(ids)
     if a.ndim == 2 and a.shape[0] == 1:
@@ -173,11 +151,6 @@ def _window_logits(model: Bloom, window_ids: np.ndarray, skip: int) -> np.ndarra
         raise MinibloomError(f"context: a window of {len(window_ids)} tokens needs about {need / 2**30:.1f} GiB and "
                              f"this process can take {have / 2**30:.1f} GiB; use a smaller context")
     return model(window_ids[None])[0, skip - 1:-1]
-
-
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, in float64 [n]."""
-    return -np.take_along_axis(log_softmax64(logits), targets[:, None], axis=-1)[:, 0]
 
 
 def _nll_task(model: Bloom | ModelSpec, window_ids: np.ndarray, skip: int) -> np.ndarray:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .errors import MinibloomError
+
 
 def _ns(x):
     return x.__array_namespace__()
@@ -69,11 +71,24 @@ class AdamW:
                 **{f"v.{n}": a for n, a in self.v.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step"])
-        for n in self.params:
-            xp = _ns(self.params[n])
-            self.m[n] = xp.asarray(state[f"m.{n}"], dtype=self.params[n].dtype)
-            self.v[n] = xp.asarray(state[f"v.{n}"], dtype=self.params[n].dtype)
+        """Resume from ``state_dict()``'s output; a missing or misshapen moment, or a bad step count, is a
+        MinibloomError naming it (nothing is changed then)."""
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise MinibloomError(f"optimizer state: its step count (optimizer_step) must be a non-negative integer, "
+                                 f"got {step!r}")
+        for n, p in self.params.items():
+            for kind in ("m", "v"):
+                got = state.get(f"{kind}.{n}")
+                if got is None or tuple(got.shape) != tuple(p.shape):
+                    raise MinibloomError(f"optimizer state {kind}.{n} is "
+                                         f"{'missing' if got is None else f'shaped {tuple(got.shape)}'}; the parameter "
+                                         f"is {tuple(p.shape)}")
+        self.step_count = step
+        for n, p in self.params.items():
+            xp = _ns(p)
+            self.m[n] = xp.asarray(state[f"m.{n}"], dtype=p.dtype)
+            self.v[n] = xp.asarray(state[f"v.{n}"], dtype=p.dtype)
 
 
 def lr_at(step: int, lr: float, warmup: int, steps: int, min_lr_ratio: float = 0.1) -> float:

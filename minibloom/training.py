@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from . import backward
+from . import backward, textfile
 from .backend import reuse_freed_memory
 from .bloom import Bloom, hf_names, load
 from .config import BloomConfig
 from .errors import MinibloomError
-from .formats.weights import expected_shapes, nest, write_checkpoint
+from .formats.weights import expected_shapes, nest, tree_map, write_checkpoint
 from .optim import AdamW, clip_grad_norm, lr_at
 from .paths import corpus_path
 
@@ -101,17 +101,7 @@ class TrainConfig:
 
 def read_text(path: str | None) -> str:
     """The training text: ``path``, or the bundled Tiny Shakespeare when None."""
-    path = corpus_path() if path is None else os.fspath(path)
-    if not os.path.isfile(path):
-        raise MinibloomError(f"data: {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise MinibloomError(f"data: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise MinibloomError(f"data: {path}: empty")
-    return text
+    return textfile.read_text(corpus_path() if path is None else path)
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -181,10 +171,8 @@ def evaluate(model: Bloom, ids: np.ndarray, ctx: int, limit: int | None = None, 
     nats, count = 0.0, 0
     for g in groups:
         x = np.stack(g)
-        logits = model(x[:, :-1]).astype(np.float64)  # [n, T, V]
-        z = logits - logits.max(axis=-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-        nats -= float(np.take_along_axis(logp, x[:, 1:, None], axis=-1).sum())
+        logits = model(x[:, :-1])  # [n, T, V]
+        nats += float(backward.token_nll(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).sum())
         count += x[:, 1:].size
     return {"loss": nats / count, "perplexity": math.exp(nats / count), "nats": nats, "tokens": count}
 
@@ -198,19 +186,18 @@ def read_conversations(path: str) -> list[list[dict]]:
     from .jsonfile import parse_json
 
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = parse_json(line, f"{path}: line {n}")
-            msgs = obj.get("messages") if isinstance(obj, dict) else obj
-            try:
-                msgs = check_messages(msgs)
-            except MinibloomError as e:
-                raise MinibloomError(f"{path}: line {n}: {e}") from None
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise MinibloomError(f"{path}: line {n}: no assistant turn to learn from")
-            convs.append(msgs)
+    for n, line in enumerate(textfile.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        obj = parse_json(line, f"{path}: line {n}")
+        msgs = obj.get("messages") if isinstance(obj, dict) else obj
+        try:
+            msgs = check_messages(msgs)
+        except MinibloomError as e:
+            raise MinibloomError(f"{path}: line {n}: {e}") from None
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise MinibloomError(f"{path}: line {n}: no assistant turn to learn from")
+        convs.append(msgs)
     if not convs:
         raise MinibloomError(f"{path}: no conversations (one JSON object per line: {{\"messages\": [...]}})")
     return convs
@@ -286,12 +273,11 @@ def save(out: str, model: Bloom, opt: AdamW, cfg: TrainConfig, step: int, rng: n
 
     os.makedirs(out, exist_ok=True)
     be = model.backend
-    params = {k: be.to_numpy(v) for k, v in hf_names(model.params).items()}
-    nested = nest({k.removeprefix("transformer."): v for k, v in params.items()})
-    write_checkpoint(out, model.config, nested, save_dtype or model.dtype, metadata={"trained_by": "minibloom"})
+    params = tree_map(be.to_numpy, model.params)
+    write_checkpoint(out, model.config, params, save_dtype or model.dtype, metadata={"trained_by": "minibloom"})
     state = {k: be.to_numpy(v) for k, v in opt.state_dict().items() if k != "step"}
     if save_dtype not in (None, model.dtype):
-        state.update({f"p.{k}": v for k, v in params.items()})
+        state.update({f"p.{k}": v for k, v in hf_names(params).items()})
     save_file(state, os.path.join(out, STATE_TENSORS))
     meta = {"step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
             "config": asdict(cfg), **(extra or {})}
@@ -401,7 +387,7 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
 
         be = Backend(backend)
         params = new_params(mcfg, cfg.vocab_rows, cfg.init_std, np.random.default_rng(cfg.seed), cfg.dtype)
-        m = Bloom(mcfg, _to_backend(params, be), cfg.dtype, be, tokenizer=tok)
+        m = Bloom(mcfg, tree_map(be.asarray, params), cfg.dtype, be, tokenizer=tok)
     tok = m.tokenizer
     pad_id = m.config.pad_token_id if m.config.pad_token_id is not None else 3
     if chat_template is not None:
@@ -409,7 +395,7 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
         val_rows = [conversation_tokens(tok, c, chat_template) for c in val_convs]
         train_ids = val_ids = None
     else:
-        train_ids, val_ids = encode(tok, text_train), encode(tok, text_val)
+        train_ids, val_ids, val_rows = encode(tok, text_train), encode(tok, text_val), None
         if len(train_ids) < cfg.ctx + 1:
             raise MinibloomError(f"data: the training text has {len(train_ids)} tokens, fewer than a window "
                                  f"(ctx {cfg.ctx} + 1)")
@@ -418,16 +404,10 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
     flat = hf_names(m.params)  # the model's own arrays: AdamW updates them in place
     opt = AdamW(flat, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if opt_state is not None:
-        for name, p in flat.items():
-            for kind in ("m", "v"):
-                got = opt_state.get(f"{kind}.{name}")
-                if got is None or tuple(got.shape) != tuple(p.shape):
-                    raise MinibloomError(f"resume: {resume}: optimizer state {kind}.{name} is "
-                                         f"{'missing' if got is None else f'shaped {tuple(got.shape)}'}; the model "
-                                         f"has {tuple(p.shape)}")
-        if not isinstance(meta.get("optimizer_step"), int) or meta["optimizer_step"] < 0:
-            raise MinibloomError(f"resume: {resume}: optimizer_step must be a non-negative integer")
-        opt.load_state_dict({"step": meta["optimizer_step"], **opt_state})
+        try:
+            opt.load_state_dict({"step": meta.get("optimizer_step"), **opt_state})
+        except MinibloomError as e:
+            raise MinibloomError(f"resume: {resume}: {e}") from None
     result = TrainResult(m, out)
     extra = {"data": None if data is None else os.path.abspath(data), "chat_template": chat_template}
     micro = cfg.batch // cfg.accumulate
@@ -454,14 +434,13 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.update(1)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            result.evals.append({"step": step + 1, **_evaluate(m, val_ids, val_rows if chat_template else None,
-                                                               cfg, pad_id, cfg.eval_windows)})
+            result.evals.append({"step": step + 1, **_evaluate(m, val_ids, val_rows, cfg, pad_id, cfg.eval_windows)})
             log(f"step {step + 1}: held-out loss {result.evals[-1]['loss']:.4f}")
         if out and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save(os.path.join(out, f"checkpoint-{step + 1}"), m, opt, cfg, step + 1, rng, extra)
     bar.close()
     wall = time.perf_counter() - t0
-    final = _evaluate(m, val_ids, val_rows if chat_template else None, cfg, pad_id, None)
+    final = _evaluate(m, val_ids, val_rows, cfg, pad_id, None)
     result.evals.append({"step": cfg.steps, **final})
     result.metrics = {"steps": cfg.steps, "train_wall_s": round(wall, 1), "tokens_seen": tokens,
                       "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
@@ -470,7 +449,7 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
         save(out, m, opt, cfg, cfg.steps, rng, {**extra, "metrics": result.metrics}, save_dtype)
         if save_dtype not in (None, cfg.dtype):  # the release as stored (e.g. float16), measured again
             stored = load(out, dtype="float32", progress=False)
-            as_saved = _evaluate(stored, val_ids, val_rows if chat_template else None, cfg, pad_id, None)
+            as_saved = _evaluate(stored, val_ids, val_rows, cfg, pad_id, None)
             result.metrics.update(save_dtype=save_dtype, val_loss_as_saved=as_saved["loss"],
                                   val_ppl_as_saved=as_saved["perplexity"])
         source = None if model is None else str(getattr(model, "path", model))
@@ -487,8 +466,6 @@ def writable(model: Bloom) -> None:
     """Give ``model`` its own writable copy of any read-only weight (a zero-copy view of a mapped file)."""
     def own(a):
         return np.array(a) if isinstance(a, np.ndarray) and not a.flags.writeable else a
-
-    from .formats.weights import tree_map
 
     model.params = tree_map(own, model.params)
 
@@ -593,12 +570,6 @@ def _tokenizer(path: str | None, text: str, vocab: int):
     if tok is None:
         raise MinibloomError(f"tokenizer: {path} holds no tokenizer.json")
     return tok
-
-
-def _to_backend(params: dict, be):
-    from .formats.weights import tree_map
-
-    return tree_map(be.asarray, params)
 
 
 def _bar(total: int, initial: int, progress: bool):

@@ -61,7 +61,8 @@ def report(r: dict, file: str) -> list[tuple[str, str]]:
 
 def run(args) -> int:
     from ..errors import MinibloomError
-    from ..evaluate import is_logits_file, kl, read_text
+    from ..evaluate import is_logits_file, kl
+    from ..textfile import read_text
     from . import output_path
 
     if args.candidate is None and args.save_logits is None:

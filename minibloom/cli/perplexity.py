@@ -81,7 +81,8 @@ def table(rows: list[tuple[str, str]]) -> str:
 
 
 def run(args) -> int:
-    from ..evaluate import perplexity, read_text
+    from ..evaluate import perplexity
+    from ..textfile import read_text
 
     text = read_text(args.file)
     r = perplexity(args.model, text, **eval_kwargs(args))

@@ -154,8 +154,7 @@ def write_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, params: dic
         raise MinibloomError(f"dtype: {dtype!r} cannot be stored (use one of {', '.join(STORED)})")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    flat = {f"{'' if k.startswith('lm_head.') else 'transformer.'}{k}": np.asarray(v) for k, v in
-            flatten(params).items()}
+    flat = {k: np.asarray(v) for k, v in hf_names(params).items()}
     store = STORED[dtype]
     tensors = {k: v.astype(np.float32 if store is None else store) for k, v in flat.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), {"format": "pt", **(metadata or {})},
@@ -198,6 +197,12 @@ def flatten(params: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+def hf_names(tree: dict) -> dict:
+    """A parameter (or gradient) tree -> a flat dict under transformers' ``BloomForCausalLM.named_parameters()`` (and
+    saved-file) names: ``transformer.h.0.self_attention.query_key_value.weight``, ..., ``lm_head.weight``."""
+    return {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in flatten(tree).items()}
 
 
 def tree_map(fn, tree):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..backward import log_softmax64
 from ..errors import MinibloomError
 
 
@@ -43,13 +44,6 @@ class CompareReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
-
-
-def log_softmax64(logits: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis, in float64."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> np.ndarray:

@@ -468,9 +468,10 @@ def assert_grads_close(actual: dict, model, input_ids, attention_mask=None, labe
                  key=lambda n: -np.nan_to_num(errors[n], nan=1e300))
     lines = [f"  {n}: relative max error {errors[n]:.3e} > {pol.rel:.1e}" for n in bad[:10]]
     if loss is not None:
-        lerr = abs(float(_numpy_of(loss)[0]) - ref_loss) / max(abs(ref_loss), 1e-300)
+        got_loss = float(_numpy_of(loss)[0])
+        lerr = abs(got_loss - ref_loss) / max(abs(ref_loss), 1e-300)
         if not lerr <= pol.rel:
-            lines.insert(0, f"  loss: {float(_numpy_of(loss)[0])!r} vs {ref_loss!r} (relative {lerr:.3e})")
+            lines.insert(0, f"  loss: {got_loss!r} vs {ref_loss!r} (relative {lerr:.3e})")
     if lines:
         raise AssertionError(f"{what} ({'/'.join(sorted(dtypes))}) vs minibloom float64, policy {pol.what}: "
                              f"{len(lines)} failing\n" + "\n".join(lines) + "\n  to find the first layer that "

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MinibloomError
+from ..formats.weights import LAYER_TENSORS
 from ..jsonfile import parse_json
 
 FORMAT_VERSION = 1
@@ -278,13 +279,14 @@ _GRAD_NAME = re.compile(r"^(?:transformer\.)?(?:(word_embeddings|word_embeddings
                         r"h\.(\d{1,4})\.([a-z0-9_.]+)|(lm_head)\.weight)$")
 
 
+_LAYER_NAMES = frozenset(name for name, _ in LAYER_TENSORS)  # a block's parameters, "mlp.dense_h_to_4h.weight" ...
+
+
 def grad_group(name: str) -> tuple[int, str] | None:
     """The row a parameter's gradient belongs to in a diff, as (order, row name); None for an unknown name.
     Order is the backward pass's: head and ln_f first, then blocks from the last, the embeddings last."""
-    from ..formats.weights import LAYER_TENSORS
-
     m = _GRAD_NAME.match(name)
-    if m is None or (m.group(3) is not None and m.group(3) not in {n for n, _ in LAYER_TENSORS}):
+    if m is None or (m.group(3) is not None and m.group(3) not in _LAYER_NAMES):
         return None
     top, layer, _, head = m.groups()
     if head or top == "ln_f":
