@@ -1,12 +1,13 @@
 """16-bit -> float32 widening: every candidate measured in one run, in GB/s of 16-bit input read.
 
-    flock /tmp/minibloom-heavy.lock python benchmarks/widen.py [--mib 512] [--rounds 3]
+    python benchmarks/widen.py [--mib 512] [--rounds 3]   # on a shared machine: under flock
 
 Candidates: NumPy's ``astype`` (fresh memory, what ``bf16_to_f32`` and the old loader did), ``np.copyto`` into a
 preallocated array, ``ml_dtypes``' bfloat16 cast (ml_dtypes has no binary16 type of its own: NumPy's is the only
-one), and ``minibloom.formats.widen`` on one thread and on all cores, into a preallocated array and into a reused
-1 MiB buffer (what a low-memory product does: the widened block stays in cache). A float32 copy and sum of the same
-number of elements give the machine's memory rates for scale. Best of ``--rounds`` for each.
+one), and ``minibloom.formats.widen`` with its machine-code loops (``minibloom.formats.native``, where the CPU has
+them) and with the NumPy passes they replace, on one thread and on all cores, into a preallocated array and into a
+reused 1 MiB buffer (what a low-memory product does: the widened block stays in cache). A float32 copy and sum of
+the same number of elements give the machine's memory rates for scale. Best of ``--rounds`` for each.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     from minibloom.bench import best
+    from minibloom.formats import native
     from minibloom.formats import widen as W
 
     n = args.mib * 2**20 // 2
@@ -39,18 +41,37 @@ def main(argv=None) -> int:
                 W._widen_range(src[lo:lo + chunk], code, W.scratch(min(chunk, n - lo), np.float32), None, 0, True)
         return run
 
+    def numpy_passes(f):  # the same call with the machine-code loops switched off
+        def run():
+            kernels, native._kernels = native._kernels, {}
+            try:
+                f()
+            finally:
+                native._kernels = kernels
+        return run
+
     rows = [
         ("float16", "numpy astype (fresh memory)", lambda: h.astype(np.float32)),
         ("float16", "numpy copyto (preallocated)", lambda: np.copyto(out, h)),
-        ("float16", "widen, 1 thread", lambda: W.widen_into(h, "F16", out, threads=1)),
-        ("float16", f"widen, {W.THREADS} threads", lambda: W.widen_into(h, "F16", out)),
-        ("float16", f"widen, {W.THREADS} threads, finite check", lambda: W.widen_into(h, "F16", out, where="x")),
-        ("float16", "widen into a reused 1 MiB buffer", into_buffer("F16", h)),
-        ("bfloat16", "shift via astype (fresh memory)", lambda: (b.astype(np.uint32) << 16).view(np.float32)),
-        ("bfloat16", "widen (shift), 1 thread", lambda: W.widen_into(b, "BF16", out, threads=1)),
-        ("bfloat16", f"widen (shift), {W.THREADS} threads", lambda: W.widen_into(b, "BF16", out)),
-        ("bfloat16", "widen into a reused 1 MiB buffer", into_buffer("BF16", b)),
     ]
+    ways = [("NumPy passes", numpy_passes)]
+    if native.kernel("F16", np.float32) is not None:
+        ways.append(("machine code", lambda f: f))
+    else:
+        print(f"no machine-code kernels here ({native.reason}): their rows are skipped")
+    for code, kind, first in (("F16", "float16", ""), ("BF16", "bfloat16", " (shift)")):
+        src = h if code == "F16" else b
+        if code == "BF16":
+            rows.append(("bfloat16", "shift via astype (fresh memory)",
+                         lambda: (b.astype(np.uint32) << 16).view(np.float32)))
+        for way, wrap in ways:
+            rows += [
+                (kind, f"widen{first}, {way}, 1 thread",
+                 wrap(lambda c=code, s=src: W.widen_into(s, c, out, threads=1))),
+                (kind, f"widen{first}, {way}, {W.THREADS} threads",
+                 wrap(lambda c=code, s=src: W.widen_into(s, c, out))),
+                (kind, f"widen{first}, {way}, reused 1 MiB buffer", wrap(into_buffer(code, src))),
+            ]
     try:
         import ml_dtypes
 
@@ -68,7 +89,7 @@ def main(argv=None) -> int:
     for kind, name, f in rows:
         s = best(f, args.rounds, warm=True)
         base.setdefault(kind, s)
-        print(f"{kind:9s} {name:45s} {n * 2 / s / 1e9:6.2f} GB/s  ({base[kind] / s:4.1f}x the first)", flush=True)
+        print(f"{kind:9s} {name:54s} {n * 2 / s / 1e9:6.2f} GB/s  ({base[kind] / s:4.1f}x the first)", flush=True)
     return 0
 
 

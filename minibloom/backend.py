@@ -8,7 +8,11 @@ file parsing always happen in NumPy; a backend only moves finished arrays to its
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import mmap
+import threading
 
 import numpy as np
 
@@ -89,7 +93,6 @@ def reuse_freed_memory() -> bool:
     every step; above glibc's mmap threshold (at most 32 MiB) each one is a new mapping. Raising the threshold and the
     trim threshold makes them come from, and go back to, the heap. Process-wide; returns False where the C library
     is not glibc (nothing changes there)."""
-    import ctypes
     import ctypes.util
 
     try:
@@ -99,3 +102,52 @@ def reuse_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 31))
+
+
+_blas_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Run the block with OpenBLAS limited to ``n`` threads, then restore its count (process-wide: OpenBLAS keeps
+    one count for all threads; NumPy's wheels bundle OpenBLAS, found in /proc/self/maps).
+
+    For the low-memory products: each widening thread multiplies its own small block, and if OpenBLAS also fanned
+    each of those products out to its threads, the two kinds of thread would fight over the same cores (a 16-row
+    block product runs at half speed). The caller's own thread waits meanwhile. Other BLAS libraries, or an OpenBLAS
+    without these functions, are left as they are."""
+    get, set_ = _openblas_function("get_num_threads"), _openblas_function("set_num_threads")
+    if get is None or set_ is None:
+        yield
+        return
+    with _blas_lock:
+        before = get()
+        set_(n)
+        try:
+            yield
+        finally:
+            set_(before)
+
+
+@functools.cache
+def _openblas_function(what: str):
+    """OpenBLAS's ``openblas_<what>`` (under any of the names its builds export) from the OpenBLAS this process has
+    loaded, or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    names = [f"{prefix}openblas_{what}{suffix}" for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")]
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in names:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int] if what.startswith("set") else []
+                fn.restype = None if what.startswith("set") else ctypes.c_int
+                return fn
+    return None

@@ -97,7 +97,7 @@ def matmul_t(x2: np.ndarray, w) -> np.ndarray:
     which runs on this path). Same products and sums; only BLAS's blocking (so rounding) may differ.
     """
     if 1 < x2.shape[0] <= SKINNY_ROWS and isinstance(w, np.ndarray):
-        return np.ascontiguousarray((w @ x2.T).T)
+        return np.ascontiguousarray((w @ np.ascontiguousarray(x2.T)).T)
     return x2 @ w.mT
 
 

@@ -220,3 +220,56 @@ def test_non_finite_lazy_weights_are_refused_when_used(tmp_path, dtype, value, s
     with pytest.raises(MinibloomError, match=r"h\.1\.mlp\.dense_4h_to_h\.weight.*(inf|nan) at flat index 10245 "
                                              r"\(weights must be finite\)"):
         m(random_ids(120, (1, 3), seed=7))
+
+
+def test_machine_code_and_numpy_widening_give_the_same_logits(ckpt16, small_blocks, monkeypatch):
+    """The decode path hands whole blocks to ``native``'s loops once a matrix is checked; the NumPy passes it replaces
+    must give the same products bit for bit (same blocks, same BLAS calls)."""
+    from minibloom.formats import native
+
+    if native.kernel("F16", np.float32) is None:
+        pytest.skip(f"no machine-code kernels here: {native.reason}")
+    ids = random_ids(300, (1, 5), seed=3)
+    runs = []
+    for switch in ("native", "numpy"):
+        if switch == "numpy":
+            monkeypatch.setattr(native, "kernel", lambda code, dtype: None)
+        m = minibloom.load(ckpt16, max_memory=0)
+        runs.append([m(ids), m(ids[:, :1])])  # a prompt (first use: checked), then one row (the decode path)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_value_that_turns_non_finite_after_the_check_is_still_refused(tmp_path, small_blocks):
+    """Once checked, blocks skip the finite check, but the machine-code loop still flags inf/NaN: the file changed
+    under the memory map is caught by the next product, naming the tensor."""
+    import json
+    import struct
+
+    model = make_model(seed=15, vocab=120, hidden=64, n_head=4, n_layer=2)
+    path = save(model, tmp_path / "m", dtype=torch.float16)
+    m = minibloom.load(path, max_memory=0)
+    ids = random_ids(120, (1, 3), seed=8)
+    m(ids)
+    m(ids[:, :1])
+    file = tmp_path / "m" / "model.safetensors"
+    with open(file, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        key = next(k for k in header if k.endswith("h.1.mlp.dense_h_to_4h.weight"))
+        f.seek(8 + n + header[key]["data_offsets"][0] + 2 * 1000)
+        f.write(np.array([np.inf], np.float16).tobytes())
+    with pytest.raises(MinibloomError, match=r"h\.1\.mlp\.dense_h_to_4h\.weight.*inf at flat index 1000"):
+        m(ids[:, :1])
+
+
+def test_blas_threads_limits_and_restores():
+    from minibloom.backend import _openblas_function, blas_threads
+
+    get = _openblas_function("get_num_threads")
+    if get is None:
+        pytest.skip("no OpenBLAS with thread control loaded")
+    before = get()
+    with blas_threads(1):
+        assert get() == 1
+    assert get() == before

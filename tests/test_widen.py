@@ -1,6 +1,7 @@
 """16-bit -> 32/64-bit widening (``minibloom.formats.widen``): bit for bit what NumPy's cast and the bfloat16 shift
 give, for every one of the 65536 patterns, on every path (one block, several blocks on several threads, strided
-sources), and the finite check names the first bad value."""
+sources), and the finite check names the first bad value. Every test runs twice: with the machine-code kernels
+(``minibloom.formats.native``, where this machine can run them) and with the NumPy passes they replace."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ import numpy as np
 import pytest
 
 from minibloom.errors import MinibloomError
+from minibloom.formats import native
 from minibloom.formats import widen as W
 from minibloom.formats.safetensors import bf16_to_f32
 
 PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def path(request, monkeypatch):
+    """Which conversion widens: the machine-code kernels or the NumPy passes."""
+    if request.param == "numpy":
+        monkeypatch.setattr(native, "kernel", lambda code, dtype: None)
+    elif native.kernel("F16", np.float32) is None:
+        pytest.skip(f"no machine-code kernels here: {native.reason}")
+    return request.param
 
 
 def expected(bits: np.ndarray, code: str, dtype) -> np.ndarray:
@@ -86,3 +98,35 @@ def test_bad_arguments():
 def test_bf16_to_f32_is_the_shift():
     same_bits(bf16_to_f32(PATTERNS), expected(PATTERNS, "BF16", np.float32))
     same_bits(bf16_to_f32(PATTERNS.reshape(256, 256))[3], expected(PATTERNS[768:1024], "BF16", np.float32))
+
+
+def test_native_bytes_are_the_listing(path, tmp_path):
+    """``native.CODE`` is ``native.ASSEMBLY`` assembled, and ``ENTRY`` where each function starts (needs binutils)."""
+    import shutil
+    import subprocess
+
+    if path == "numpy" or not all(shutil.which(t) for t in ("as", "objcopy", "nm")):
+        pytest.skip("checked once, where GNU as / objcopy / nm exist")
+    (tmp_path / "k.s").write_text(native.ASSEMBLY)
+    subprocess.run(["as", "-o", str(tmp_path / "k.o"), str(tmp_path / "k.s")], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", str(tmp_path / "k.o"), str(tmp_path / "k.bin")],
+                   check=True)
+    assert (tmp_path / "k.bin").read_bytes() == native.CODE
+    symbols = dict(line.split()[::-2] for line in subprocess.run(["nm", str(tmp_path / "k.o")], check=True,
+                                                                 capture_output=True, text=True).stdout.splitlines())
+    names = {("F16", "float32"): "f16_f32", ("F16", "float64"): "f16_f64", ("BF16", "float32"): "bf16_f32",
+             ("BF16", "float64"): "bf16_f64"}
+    assert {key: int(symbols[name], 16) for key, name in names.items()} == native.ENTRY
+
+
+def test_native_kernels_can_be_switched_off(path):
+    import subprocess
+    import sys
+
+    if path == "numpy":
+        pytest.skip("one run is enough")
+    code = ("from minibloom.formats import native; import numpy as np; "
+            "print(native.kernel('F16', np.float32) is None, native.reason)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "MINIBLOOM_NATIVE": "0"}).stdout
+    assert out.split() == ["True", "MINIBLOOM_NATIVE=0"]

@@ -10,12 +10,17 @@ max_memory="16GB")`` (the spirit of accelerate's ``max_memory``) splits the weig
   map in its stored dtype as a ``LazyMatrix``. The linear primitive's ``x @ W.mT`` on it widens a block of W's rows
   into a reused buffer that stays in cache, multiplies it, and goes on to the next block (``LazyMatrix.rmatmul_t``);
   a whole matrix is never widened. Few input rows (decoding) are memory-bound: each core takes its share of the rows,
-  one block at a time. Many rows (a long prompt) are compute-bound: every core widens a bigger block together and
-  BLAS multiplies it on all cores. The embedding rows a forward pass needs are gathered from the map.
+  one block at a time, widening it (once the matrix has been checked finite, straight through ``native``'s
+  machine-code loop where there is one) and multiplying it on that core alone (``backend.blas_threads``). Many rows
+  (a long prompt) are compute-bound: every core widens a bigger block together and BLAS multiplies it on all cores.
+  The embedding rows a forward pass needs are gathered from the map.
 
 The budget counts what the weights hold in RAM (resident tensors and the widening buffers); activations, the KV cache
 and the logits come on top. Without ``max_memory`` the budget keeps the process within 80% of physical memory less a
-margin and leaves room in the page cache for the 16-bit rest of the file, which each forward pass reads again.
+margin and leaves room in the page cache for the 16-bit rest of the file, which each forward pass reads again. To
+keep that rest cached, loading tells the kernel that a resident tensor's 16-bit bytes are not needed any more, and
+that the lazy ones are (``posix_fadvise``; the next load reads the resident ones from disk again, as it would once
+decoding had pushed them out of the cache anyway).
 
 Numbers are those of the normal mode: the same conversions (``widen``), and a block of rows changes no dot product
 (each output is still one product over C; BLAS may round a narrower product differently). Only the NumPy backend is
@@ -30,13 +35,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..backend import blas_threads
 from ..config import BloomConfig
 from ..errors import MinibloomError
 from .weights import LAYER_TENSORS, Checkpoint, _progress, check_finite, check_tensors, nest
+from . import native
 from .widen import THREADS, pool, scratch, widen_into
 
 FEW_BLOCK_BYTES = 1 << 20  # widened bytes per block for few input rows: one block per core, in its L2 cache
-MANY_BLOCK_BYTES = 32 << 20  # ... for many input rows: big enough for BLAS to run at full speed
+MANY_BLOCK_BYTES = 128 << 20  # ... for many input rows: big enough for BLAS to run near full speed
 RELEASE_BYTES = 64 << 20  # mapped 16-bit bytes a thread reads before handing their pages back (see _rows)
 MANY_ROWS = 32  # from this many input rows on, a product is compute-bound (see the module doc)
 MARGIN = 2 << 30  # what the default budget leaves to the system and the rest of the process
@@ -163,16 +170,29 @@ class LazyMatrix:
         if self.full:
             self.ckpt.release(self.name, lo * self.raw.strides[0], hi * self.raw.strides[0])
 
-    def _rows(self, x: np.ndarray, out: np.ndarray, lo: int, hi: int, step: int, check: bool) -> None:
-        """out[:, lo:hi] = x @ W[lo:hi].T, one block of ``step`` rows at a time in this thread's reused buffer."""
+    def _rows(self, xt: np.ndarray, out: np.ndarray, lo: int, hi: int, step: int, check: bool) -> None:
+        """out[lo:hi] = W[lo:hi] @ xt for xt [cols, N] (out [rows, N]), one block of ``step`` rows at a time in this
+        thread's reused buffer. A block times a few columns runs ~2x faster in BLAS than a few rows times a
+        transposed block."""
         cols = self.shape[1]
         buf = scratch(step * cols, self.dtype, "lazy")
         done = lo  # rows up to here have had their mapped pages released
         batch = max(step, RELEASE_BYTES // max(1, self.raw.strides[0]))
+        # once the values are known finite, whole blocks go straight to the machine-code loop (if there is one):
+        # per-block Python work is what two threads contend for (the GIL) while the loop itself runs at memory speed
+        fn = (native.kernel(self.stored, self.dtype) if self.full and not check and self.stored in ("F16", "BF16")
+              and step * cols % native.BLOCK == 0 else None)
+        if fn is not None:
+            src_at, row_bytes = self.raw.__array_interface__["data"][0], self.raw.strides[0]
+            whole, buf_at = buf.reshape(step, cols), buf.__array_interface__["data"][0]
         for a in range(lo, hi, step):
             b = min(hi, a + step)
-            block = self._widen(self.raw[a:b], buf[:(b - a) * cols].reshape(b - a, cols), check, row=a)
-            np.matmul(x, block.T, out=out[:, a:b])
+            if fn is not None and b - a == step and not fn(src_at + a * row_bytes, buf_at, step * cols):
+                block = whole
+            else:  # the general path (it also names an inf / NaN found in a flagged block)
+                block = self._widen(self.raw[a:b], buf[:(b - a) * cols].reshape(b - a, cols), check or fn is not None,
+                                    row=a)
+            np.matmul(block, xt, out=out[a:b])
             if b - done >= batch or b == hi:  # in batches: each release interrupts the other cores (TLB shootdown)
                 self._release(done, b)
                 done = b
@@ -182,20 +202,25 @@ class LazyMatrix:
         rows, cols = self.shape
         if x.ndim != 2 or x.shape[1] != cols:
             raise MinibloomError(f"{self.name}: cannot multiply {x.shape} by the transposed {self.shape} matrix")
-        out = np.empty((x.shape[0], rows), dtype=np.result_type(x.dtype, self.dtype))
-        x = np.ascontiguousarray(x, out.dtype)
+        dtype = np.result_type(x.dtype, self.dtype)
+        x = np.ascontiguousarray(x, dtype)
         check = not self.checked
         if x.shape[0] < MANY_ROWS:
             step = max(1, FEW_BLOCK_BYTES // (cols * self.dtype.itemsize))
             k = min(THREADS, -(-rows // step))
             bounds = [rows * j // k // step * step for j in range(k)] + [rows]
+            xt, out_t = np.ascontiguousarray(x.T), np.empty((rows, x.shape[0]), dtype)  # [cols, N], [rows, N]
             if k == 1:
-                self._rows(x, out, 0, rows, step, check)
+                self._rows(xt, out_t, 0, rows, step, check)
             else:
-                jobs = [pool().submit(self._rows, x, out, a, b, step, check) for a, b in zip(bounds, bounds[1:])]
-                for job in jobs:
-                    job.result()
+                with blas_threads(1):  # each thread's block product on that thread alone (see blas_threads)
+                    jobs = [pool().submit(self._rows, xt, out_t, a, b, step, check)
+                            for a, b in zip(bounds, bounds[1:])]
+                    for job in jobs:
+                        job.result()
+            out = np.ascontiguousarray(out_t.T)  # no copy for one row (decoding)
         else:
+            out = np.empty((x.shape[0], rows), dtype)
             step = max(1, MANY_BLOCK_BYTES // (cols * self.dtype.itemsize))
             buf = scratch(min(rows, step) * cols, self.dtype, "lazy-many")
             for a in range(0, rows, step):
@@ -274,10 +299,15 @@ def lazy_params(ckpt: Checkpoint, cfg: BloomConfig, np_dtype, backend=None, max_
     keep = small + [n for names in big for n in names if n in resident]
     bar = _progress(sum(ckpt.info(n).nbytes for n in keep), "loading resident weights", progress)
     flat = {}
+    lazy = [n for names in big for n in names if n not in resident]
     for name in keep:
         flat[name] = ckpt.get(name, np_dtype, checked=True)
+        if name in resident and lazy:  # its 16-bit bytes are not read again: make room for those that will be
+            ckpt.advise(name, need=False)
         bar.update(ckpt.info(name).nbytes)
     bar.close()
+    for name in lazy:  # read into the page cache in the background, while the first tokens run on resident layers
+        ckpt.advise(name, need=True)
     for names in big:
         for name in names:
             if name not in resident:

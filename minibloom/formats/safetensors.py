@@ -244,6 +244,17 @@ class SafetensorsFile:
             except (OSError, ValueError):
                 pass
 
+    def advise(self, name: str, need: bool) -> None:
+        """Tell the kernel whether tensor ``name``'s bytes will be read again soon (``need``: read them into the page
+        cache in the background) or not (drop them from it; later reads come from disk). Best effort."""
+        t = self.info(name)
+        if t.nbytes and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._f.fileno(), t.begin, t.nbytes,
+                                 os.POSIX_FADV_WILLNEED if need else os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
     def close(self) -> None:
         # views handed out by raw()/get() keep the mapping alive; closing is best effort
         try:

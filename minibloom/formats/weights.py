@@ -273,6 +273,10 @@ class Checkpoint:
         sf, key = self.where[name]
         sf.release(key, lo, hi)
 
+    def advise(self, name: str, need: bool) -> None:
+        sf, key = self.where[name]
+        sf.advise(key, need)
+
     def describe(self, name: str) -> str:
         sf, key = self.where[name]
         return f"{sf.path}: tensor {key!r}"

@@ -12,7 +12,9 @@ Both formats embed in IEEE binary32 (IEEE 754-2008, section 3.6; bfloat16 is by 
 
 NumPy's ``astype`` converts binary16 one element at a time (about 1 GB/s of input on a 2-core VM); the four vectorized
 passes above, run on blocks that stay in the L2 cache and on every core (NumPy releases the GIL inside each pass),
-widen 1.5-2.8x faster there (``benchmarks/widen.py`` measures every candidate, ``ml_dtypes``' bfloat16 cast too).
+widen 1.5-2.8x faster there. Where the CPU has them (x86-64 with AVX2 + F16C), ``native``'s machine-code loops do
+each block instead, with the conversion instructions themselves, about twice as fast again; the NumPy passes remain
+the portable path (``benchmarks/widen.py`` measures every candidate, ``ml_dtypes``' bfloat16 cast too).
 float64 goes through float32 (exact: every float32 is a float64), the block still in cache. The results equal
 ``astype`` bit for bit, NaN payloads included (``tests/test_widen.py`` checks all 65536 patterns of both formats).
 """
@@ -26,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import MinibloomError
+from . import native
 
 CHUNK = 1 << 18  # elements widened per step: 1 MiB of float32 stays in a core's L2 cache with its 16-bit source
 THREADS = max(1, min(8, os.cpu_count() or 1))  # threads that widen big arrays (each takes a contiguous range)
@@ -113,9 +116,28 @@ def _nonfinite(flat: np.ndarray, where: str, offset: int) -> None:
         raise MinibloomError(f"{where}: holds {flat[i]} at flat index {offset + i} (weights must be finite)")
 
 
+def _widen_native(fn, src: np.ndarray, code: str, out: np.ndarray, where: str | None, offset: int) -> None:
+    """``_widen_range`` with a machine-code loop (``native``); a block it flags (inf/NaN) is redone with NumPy."""
+    src_at, out_at = src.__array_interface__["data"][0], out.__array_interface__["data"][0]
+    for lo in range(0, src.size, CHUNK):
+        hi = min(src.size, lo + CHUNK)
+        body = lo + (hi - lo) // native.BLOCK * native.BLOCK
+        flagged = body > lo and fn(src_at + lo * 2, out_at + lo * out.itemsize, body - lo)
+        if body < hi:  # the last few elements
+            out[body:hi] = reference(src[body:hi], code, out.dtype)
+            flagged = flagged or not np.isfinite(out[body:hi]).all()
+        if flagged:
+            out[lo:hi] = reference(src[lo:hi], code, out.dtype)
+            if where is not None:
+                _nonfinite(out[lo:hi], where, offset + lo)
+
+
 def _widen_range(src: np.ndarray, code: str, out: np.ndarray, where: str | None, offset: int,
                  finite: bool = False) -> None:
     """Widen the flat 1-d ``src`` into the flat contiguous ``out`` block by block (one thread)."""
+    fn = native.kernel(code, out.dtype) if src.flags.c_contiguous and out.flags.c_contiguous else None
+    if fn is not None:
+        return _widen_native(fn, src, code, out, where, offset)
     wide = out.dtype != np.float32
     for lo in range(0, src.size, CHUNK):
         hi = min(src.size, lo + CHUNK)
