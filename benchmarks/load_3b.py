@@ -4,8 +4,8 @@
 
 For each dtype it writes the checkpoint once (``minibloom.bench.ensure_checkpoint``), reads it so the page cache is
 warm, then in a fresh process: measures the memory bandwidth (a float32 matrix-vector product over a 1 GB matrix,
-the best of a second of back-to-back calls), times ``minibloom.load(path)`` (float32: the 16-bit weights widened
-into RAM) and batch-1 greedy decoding (a 16-token prompt, then ``--new`` tokens), and prints the decode rate against
+the best of a second of back-to-back calls) and how fast the kernel hands out fresh memory (the page faults of
+1 GiB), times ``minibloom.load(path)`` (float32: the 16-bit weights widened into RAM) and batch-1 greedy decoding (a 16-token prompt, then ``--new`` tokens), and prints the decode rate against
 its roofline: the bandwidth over the bytes of weights one token reads (every float32 weight once). Deletes the
 checkpoints unless ``--keep``. With ``PYTHONPATH`` pointing at another minibloom it measures that version.
 """
@@ -32,6 +32,10 @@ while time.perf_counter() < t_end:
     t = time.perf_counter(); W @ x; best = min(best, time.perf_counter() - t)
 bandwidth = W.nbytes / best
 del W
+from minibloom.backend import empty_private
+fresh = empty_private((1 << 28,), np.float32)  # 1 GiB the kernel has not handed out yet
+t = time.perf_counter(); fresh.reshape(-1, 1024)[:, 0] = 0; fresh_rate = fresh.nbytes / (time.perf_counter() - t)
+del fresh
 t = time.perf_counter()
 m = minibloom.load({path!r}, progress=False)
 load_s = time.perf_counter() - t
@@ -44,7 +48,7 @@ times = []
 m.generate(ids, max_new_tokens={new} + 1, eos_token_id=[], callback=lambda nxt: times.append(time.perf_counter()))
 rate = {new} / (times[-1] - times[0])
 print(json.dumps({{"load_s": load_s, "decode_tok_s": rate, "bandwidth": bandwidth, "weight_bytes": weights,
-                  "peak_rss": peak_rss()}}))
+                  "peak_rss": peak_rss(), "fresh_rate": fresh_rate}}))
 """
 
 
@@ -77,6 +81,9 @@ def main(argv=None) -> int:
                   f"{d['decode_tok_s']:.2f} tok/s = {d['decode_tok_s'] / roof:.1%} of the roofline {roof:.2f} tok/s "
                   f"({d['weight_bytes'] / 1e9:.2f} GB of float32 weights per token at {d['bandwidth'] / 1e9:.1f} "
                   f"GB/s); peak RSS {d['peak_rss'] / 1e9:.2f} GB", flush=True)
+            print(f"  fresh memory (page faults, one thread) {d['fresh_rate'] / 1e9:.2f} GB/s: handing out the "
+                  f"{d['weight_bytes'] / 1e9:.1f} GB of float32 weights alone takes "
+                  f"{d['weight_bytes'] / d['fresh_rate']:.1f} s at that rate", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -10,8 +10,8 @@ max_memory="16GB")`` (the spirit of accelerate's ``max_memory``) splits the weig
   map in its stored dtype as a ``LazyMatrix``. The linear primitive's ``x @ W.mT`` on it widens a block of W's rows
   into a reused buffer that stays in cache, multiplies it, and goes on to the next block (``LazyMatrix.rmatmul_t``);
   a whole matrix is never widened. Few input rows (decoding) are memory-bound: each core takes its share of the rows,
-  one block at a time, widening it (once the matrix has been checked finite, straight through ``native``'s
-  machine-code loop where there is one) and multiplying it on that core alone (``backend.blas_threads``). Many rows
+  one block at a time, widening it (straight through ``native``'s machine-code loop where there is one, which also
+  flags inf and NaN) and multiplying it on that core alone (``backend.blas_threads``). Many rows
   (a long prompt) are compute-bound: every core widens a bigger block together and BLAS multiplies it on all cores.
   The embedding rows a forward pass needs are gathered from the map.
 
@@ -178,9 +178,10 @@ class LazyMatrix:
         buf = scratch(step * cols, self.dtype, "lazy")
         done = lo  # rows up to here have had their mapped pages released
         batch = max(step, RELEASE_BYTES // max(1, self.raw.strides[0]))
-        # once the values are known finite, whole blocks go straight to the machine-code loop (if there is one):
-        # per-block Python work is what two threads contend for (the GIL) while the loop itself runs at memory speed
-        fn = (native.kernel(self.stored, self.dtype) if self.full and not check and self.stored in ("F16", "BF16")
+        # whole blocks go straight to the machine-code loop (if there is one): per-block Python work is what two
+        # threads contend for (the GIL) while the loop itself runs at memory speed. The loop flags a block holding an
+        # inf or NaN, which the general path then widens again and names (so it checks as it goes)
+        fn = (native.kernel(self.stored, self.dtype) if self.full and self.stored in ("F16", "BF16")
               and step * cols % native.BLOCK == 0 else None)
         if fn is not None:
             src_at, row_bytes = self.raw.__array_interface__["data"][0], self.raw.strides[0]
