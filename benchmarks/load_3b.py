@@ -5,9 +5,10 @@
 For each dtype it writes the checkpoint once (``minibloom.bench.ensure_checkpoint``), reads it so the page cache is
 warm, then in a fresh process: measures the memory bandwidth (a float32 matrix-vector product over a 1 GB matrix,
 the best of a second of back-to-back calls) and how fast the kernel hands out fresh memory (the page faults of
-1 GiB), times ``minibloom.load(path)`` (float32: the 16-bit weights widened into RAM) and batch-1 greedy decoding (a 16-token prompt, then ``--new`` tokens), and prints the decode rate against
-its roofline: the bandwidth over the bytes of weights one token reads (every float32 weight once). Deletes the
-checkpoints unless ``--keep``. With ``PYTHONPATH`` pointing at another minibloom it measures that version.
+1 GiB), times ``minibloom.load(path)`` (float32: the 16-bit weights widened into RAM) and batch-1 greedy decoding
+(a 16-token prompt, then ``--new`` tokens), and prints the decode rate against its roofline: the bandwidth over the
+bytes of weights one token reads (every float32 weight once). Deletes the checkpoints unless ``--keep``. With
+``PYTHONPATH`` pointing at another minibloom it measures that version.
 """
 
 from __future__ import annotations
