@@ -33,112 +33,20 @@ import numpy as np
 ASSEMBLY = """
 .intel_syntax noprefix
 .text
-# int f16_f32(const uint16_t *src, float *dst, size_t n)   n > 0, a multiple of 16
-.globl f16_f32
-f16_f32:
-    mov eax, 0x7c007c00                 # binary16 exponent mask, twice
+.macro PROLOGUE mask                    # ymm7 = the exponent mask in every 16-bit lane, ymm6 = 0, i = 0
+    mov eax, \\mask
     vmovd xmm7, eax
     vpbroadcastd ymm7, xmm7
     vpxor ymm6, ymm6, ymm6              # lanes seen with an all-ones exponent (inf / NaN)
-    xor ecx, ecx                        # i = 0
-1:
-    vmovdqu ymm4, [rdi + rcx*2]         # 16 halves
-    vpand ymm5, ymm4, ymm7
-    vpcmpeqw ymm5, ymm5, ymm7
-    vpor ymm6, ymm6, ymm5
-    vcvtph2ps ymm0, xmm4                # halves 0..7 -> float32
-    vextracti128 xmm4, ymm4, 1
-    vcvtph2ps ymm1, xmm4                # halves 8..15 -> float32
-    vmovups [rsi + rcx*4], ymm0
-    vmovups [rsi + rcx*4 + 32], ymm1
-    add rcx, 16
-    cmp rcx, rdx
-    jb 1b
-    xor eax, eax
-    vptest ymm6, ymm6
-    setnz al                            # 1 if any inf / NaN
-    vzeroupper
-    ret
-# int f16_f64(const uint16_t *src, double *dst, size_t n)
-.globl f16_f64
-f16_f64:
-    mov eax, 0x7c007c00
-    vmovd xmm7, eax
-    vpbroadcastd ymm7, xmm7
-    vpxor ymm6, ymm6, ymm6
     xor ecx, ecx
-1:
+.endm
+.macro LOAD16                           # ymm4 = 16 elements from src[i]; note those with an all-ones exponent
     vmovdqu ymm4, [rdi + rcx*2]
     vpand ymm5, ymm4, ymm7
     vpcmpeqw ymm5, ymm5, ymm7
     vpor ymm6, ymm6, ymm5
-    vcvtph2ps ymm0, xmm4
-    vextracti128 xmm4, ymm4, 1
-    vcvtph2ps ymm1, xmm4
-    vcvtps2pd ymm2, xmm0                # float32 -> float64, 4 at a time (exact)
-    vextractf128 xmm0, ymm0, 1
-    vcvtps2pd ymm3, xmm0
-    vmovupd [rsi + rcx*8], ymm2
-    vmovupd [rsi + rcx*8 + 32], ymm3
-    vcvtps2pd ymm2, xmm1
-    vextractf128 xmm1, ymm1, 1
-    vcvtps2pd ymm3, xmm1
-    vmovupd [rsi + rcx*8 + 64], ymm2
-    vmovupd [rsi + rcx*8 + 96], ymm3
-    add rcx, 16
-    cmp rcx, rdx
-    jb 1b
-    xor eax, eax
-    vptest ymm6, ymm6
-    setnz al
-    vzeroupper
-    ret
-# int bf16_f32(const uint16_t *src, float *dst, size_t n)
-.globl bf16_f32
-bf16_f32:
-    mov eax, 0x7f807f80                 # bfloat16 exponent mask, twice
-    vmovd xmm7, eax
-    vpbroadcastd ymm7, xmm7
-    vpxor ymm6, ymm6, ymm6
-    xor ecx, ecx
-1:
-    vmovdqu ymm4, [rdi + rcx*2]
-    vpand ymm5, ymm4, ymm7
-    vpcmpeqw ymm5, ymm5, ymm7
-    vpor ymm6, ymm6, ymm5
-    vpmovzxwd ymm0, xmm4                # halves 0..7 -> uint32
-    vpslld ymm0, ymm0, 16               # << 16: the float32 bits
-    vextracti128 xmm4, ymm4, 1
-    vpmovzxwd ymm1, xmm4
-    vpslld ymm1, ymm1, 16
-    vmovdqu [rsi + rcx*4], ymm0
-    vmovdqu [rsi + rcx*4 + 32], ymm1
-    add rcx, 16
-    cmp rcx, rdx
-    jb 1b
-    xor eax, eax
-    vptest ymm6, ymm6
-    setnz al
-    vzeroupper
-    ret
-# int bf16_f64(const uint16_t *src, double *dst, size_t n)
-.globl bf16_f64
-bf16_f64:
-    mov eax, 0x7f807f80
-    vmovd xmm7, eax
-    vpbroadcastd ymm7, xmm7
-    vpxor ymm6, ymm6, ymm6
-    xor ecx, ecx
-1:
-    vmovdqu ymm4, [rdi + rcx*2]
-    vpand ymm5, ymm4, ymm7
-    vpcmpeqw ymm5, ymm5, ymm7
-    vpor ymm6, ymm6, ymm5
-    vpmovzxwd ymm0, xmm4
-    vpslld ymm0, ymm0, 16
-    vextracti128 xmm4, ymm4, 1
-    vpmovzxwd ymm1, xmm4
-    vpslld ymm1, ymm1, 16
+.endm
+.macro STORE64                          # float32 ymm0 (elements 0..7), ymm1 (8..15) -> 16 float64 at dst[i] (exact)
     vcvtps2pd ymm2, xmm0
     vextractf128 xmm0, ymm0, 1
     vcvtps2pd ymm3, xmm0
@@ -149,6 +57,8 @@ bf16_f64:
     vcvtps2pd ymm3, xmm1
     vmovupd [rsi + rcx*8 + 64], ymm2
     vmovupd [rsi + rcx*8 + 96], ymm3
+.endm
+.macro NEXT                             # i += 16; loop while i < n; return 1 if any inf / NaN was seen
     add rcx, 16
     cmp rcx, rdx
     jb 1b
@@ -157,6 +67,58 @@ bf16_f64:
     setnz al
     vzeroupper
     ret
+.endm
+.macro F16_TO_F32                       # binary16 ymm4 -> float32 ymm0, ymm1 (F16C)
+    vcvtph2ps ymm0, xmm4
+    vextracti128 xmm4, ymm4, 1
+    vcvtph2ps ymm1, xmm4
+.endm
+.macro BF16_TO_F32                      # bfloat16 ymm4 -> float32 ymm0, ymm1: zero-extend, << 16
+    vpmovzxwd ymm0, xmm4
+    vpslld ymm0, ymm0, 16
+    vextracti128 xmm4, ymm4, 1
+    vpmovzxwd ymm1, xmm4
+    vpslld ymm1, ymm1, 16
+.endm
+
+# int f16_f32(const uint16_t *src, float *dst, size_t n)   n > 0, a multiple of 16
+.globl f16_f32
+f16_f32:
+    PROLOGUE 0x7c007c00                 # binary16 exponent mask, twice
+1:
+    LOAD16
+    F16_TO_F32
+    vmovups [rsi + rcx*4], ymm0
+    vmovups [rsi + rcx*4 + 32], ymm1
+    NEXT
+# int f16_f64(const uint16_t *src, double *dst, size_t n)
+.globl f16_f64
+f16_f64:
+    PROLOGUE 0x7c007c00
+1:
+    LOAD16
+    F16_TO_F32
+    STORE64
+    NEXT
+# int bf16_f32(const uint16_t *src, float *dst, size_t n)
+.globl bf16_f32
+bf16_f32:
+    PROLOGUE 0x7f807f80                 # bfloat16 exponent mask, twice
+1:
+    LOAD16
+    BF16_TO_F32
+    vmovdqu [rsi + rcx*4], ymm0
+    vmovdqu [rsi + rcx*4 + 32], ymm1
+    NEXT
+# int bf16_f64(const uint16_t *src, double *dst, size_t n)
+.globl bf16_f64
+bf16_f64:
+    PROLOGUE 0x7f807f80
+1:
+    LOAD16
+    BF16_TO_F32
+    STORE64
+    NEXT
 """
 
 # ``as`` + ``objcopy -O binary --only-section=.text`` of ASSEMBLY, and where each function starts (``nm``)
