@@ -172,8 +172,8 @@ class LazyMatrix:
 
     def _rows(self, xt: np.ndarray, out: np.ndarray, lo: int, hi: int, step: int, check: bool) -> None:
         """out[lo:hi] = W[lo:hi] @ xt for xt [cols, N] (out [rows, N]), one block of ``step`` rows at a time in this
-        thread's reused buffer. A block times a few columns runs ~2x faster in BLAS than a few rows times a
-        transposed block."""
+        thread's reused buffer (OpenBLAS runs a block times a few columns faster than a few rows times a transposed
+        block)."""
         cols = self.shape[1]
         buf = scratch(step * cols, self.dtype, "lazy")
         done = lo  # rows up to here have had their mapped pages released

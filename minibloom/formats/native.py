@@ -1,10 +1,10 @@
 """Four machine-code loops that widen 16-bit floats with the CPU's own conversion instructions (x86-64, AVX2 + F16C).
 
 NumPy converts binary16 one element at a time and has no instruction-level path for it in its portable wheels;
-``widen.py``'s four vectorized NumPy passes get to ~4 GB/s of input per core from cache. The CPU can do better:
+``widen.py``'s four vectorized NumPy passes are faster but still four trips through memory. The CPU can do better:
 ``vcvtph2ps`` (F16C, every x86-64 CPU since 2012) turns 8 binary16 into 8 float32 per instruction, exactly, and a
 bfloat16 is the top half of a float32 (``vpmovzxwd`` + ``vpslld 16``). The loops below stream the source once, at
-memory speed (~7 GB/s of input per core on the 2-core VM of ``benchmarks/widen.py``, ~15 GB/s from cache).
+memory speed (``benchmarks/widen.py`` measures them beside the NumPy passes).
 
 They are shipped as bytes, assembled once from ``ASSEMBLY`` (GNU ``as``; ``tests/test_widen.py`` re-assembles the
 listing where ``as`` exists and checks the bytes match), copied into a private page that is then made executable
