@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import MinibloomError
 from . import native
+from .native import reference  # the plain conversion every fast path must equal
 
 CHUNK = 1 << 18  # elements widened per step: 1 MiB of float32 stays in a core's L2 cache with its 16-bit source
 THREADS = max(1, min(8, os.cpu_count() or 1))  # threads that widen big arrays (each takes a contiguous range)
@@ -61,14 +62,6 @@ def scratch(n: int, dtype, slot: str = "widen") -> np.ndarray:
     if a is None or a.size < n:
         a = buf[key] = np.empty(max(n, CHUNK), dtype)
     return a[:n]
-
-
-def reference(src: np.ndarray, code: str, dtype) -> np.ndarray:
-    """The plain conversion the fast one must equal: NumPy's cast (binary16) or the 16-bit shift (bfloat16)."""
-    if code == "BF16":
-        with np.errstate(invalid="ignore"):
-            return (src.astype(np.uint32) << 16).view(np.float32).astype(dtype, copy=False)
-    return src.view(np.float16).astype(dtype)
 
 
 def _f16_to_f32(h: np.ndarray, f: np.ndarray, finite: bool = False) -> bool:
