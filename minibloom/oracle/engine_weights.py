@@ -1,0 +1,40 @@
+"""What a quantizing engine multiplies by: the matrices a reader takes from an engine's own files (or modules),
+dequantized in float64 from its integers, scales and zero points, before ``minibloom.oracle.dequantize`` maps them
+to BLOOM's tensor names and writes them as a checkpoint (the same-weights reference of a quantized port).
+
+Each reader (``read_ct2``, ``read_onnx``, ``read_openvino``, ``read_torch``) returns one ``EngineWeights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# How an engine quantizes the activations entering a product at run time (None: weight-only, float activations).
+ACTIVATIONS = {
+    "int8-per-row": "symmetric int8, one scale per row (token) of the input: CTranslate2's int8 compute",
+    "uint8-per-tensor": "asymmetric uint8 with a zero point, one scale for the whole input "
+                        "(ONNX Runtime's DynamicQuantizeLinear)",
+    "int8-per-group": "symmetric int8, one scale per group of the input's columns: OpenVINO's CPU dynamic "
+                      "quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE)",
+}
+
+
+@dataclass
+class EngineWeights:
+    """The dequantized weights of one engine's model.
+
+    ``matrices``: float64 arrays keyed by BLOOM's bare tensor name (``h.0.self_attention.query_key_value.weight``,
+    ``word_embeddings.weight``, ``lm_head.weight``) in transformers' layout [out, in] where the reader knows it, else
+    by the engine's own tensor name in either orientation (``minibloom.oracle.dequantize`` then maps it by shape and
+    value against the unquantized model). Tensors the engine left in floating point are not listed: the reference
+    takes them from the unquantized model.
+    """
+
+    engine: str  # what wrote them, e.g. "ctranslate2 4.8 int8_float32"
+    matrices: dict[str, np.ndarray]
+    activations: str | None = None  # a key of ACTIVATIONS, or None for weight-only engines
+    compute: str = "float32"  # the precision of the engine's floating-point arithmetic
+    group: int | None = None  # activation group size for "int8-per-group"
+    notes: list[str] = field(default_factory=list)
