@@ -180,7 +180,8 @@ def test_port_passes_float32_against_same_weights(tiny, port, engine, record):
         note = json.load(f)
     assert note["tensors"]["lm_head.weight"] == "lm_head.weight"
     assert not note["tie_word_embeddings"]  # the quantized head of a tied MODEL is written untied
-    assert "word_embeddings.weight" in note["from_model"] and "h.0.self_attention.dense.weight" not in note["from_model"]
+    assert "word_embeddings.weight" in note["from_model"]
+    assert "h.0.self_attention.dense.weight" not in note["from_model"]
     cand = run_port(q, ids, mask)
     v = check_logits(cand, reference(out, ids, mask), mask, policy="float32", size=(N_LAYER, HIDDEN))
     record(f"{engine} vs same-weights rel", v.rel)
@@ -208,6 +209,55 @@ def test_trained_model_int8_port_passes(tmp_path, record):
     record("default torchao-int8 vs same-weights rel", v.rel)
     record("default torchao-int8 vs same-weights KL mean", v.kl_mean)
     assert v.passed, v
+
+
+def test_transformers_quantized_directory(tmp_path, tiny, record):
+    """A transformers checkpoint saved quantized (torchao int8 weight-only through TorchAoConfig): loaded with
+    from_pretrained, read, and its port passes float32 against the reference."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torchao")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.quantization import Int8WeightOnlyConfig
+    _, like, ids, mask = tiny
+    q = transformers.AutoModelForCausalLM.from_pretrained(
+        like, quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig()), device_map="cpu",
+        dtype=torch.float32)
+    q.save_pretrained(tmp_path / "q")
+    out = engines.dequantized_checkpoint(str(tmp_path / "q"), tmp_path / "dq", like=like)
+    with open(os.path.join(out, "minibloom_dequantized.json")) as f:
+        assert json.load(f)["source"] == str(tmp_path / "q")
+    v = check_logits(run_port(q, ids, mask), reference(out, ids, mask), mask, policy="float32",
+                     size=(N_LAYER, HIDDEN))
+    record("torchao-int8 directory vs same-weights rel", v.rel)
+    assert v.passed, v
+
+
+def test_bnb_fused_cpu_kernel_is_a_bfloat16_port(tmp_path, tiny, record):
+    """In eval mode on an AVX512-BF16 CPU, bitsandbytes' Linear4bit runs a fused kernel in bfloat16 (absmax and
+    weights rounded to bfloat16): the reference takes those weights and says compute bfloat16."""
+    pytest.importorskip("bitsandbytes")
+    model, like, ids, mask = tiny
+    q = _bnb_nf4(model).eval()
+    if not getattr(q.transformer.h[0].self_attention.dense, "support_avx512bf16_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps its float32 path (covered above)")
+    out = engines.dequantized_checkpoint(q, tmp_path / "dq", like=like)
+    with open(os.path.join(out, "minibloom_dequantized.json")) as f:
+        note = json.load(f)
+    assert note["compute"] == "bfloat16" and "bfloat16" in note["notes"][0]
+    cand, ref = run_port(q, ids, mask), reference(out, ids, mask)
+    v = check_logits(cand, ref, mask, policy="bfloat16", size=(N_LAYER, HIDDEN))
+    record("bnb-nf4 fused kernel vs same-weights rel", v.rel)
+    record("bnb-nf4 fused kernel vs same-weights KL mean", v.kl_mean)
+    assert v.passed, v
+    assert not check_logits(cand, ref, mask, policy="float32", size=(N_LAYER, HIDDEN)).passed
+    # read after the first forward (weights repacked for the kernel): the same matrices
+    from minibloom.oracle.read_torch import read
+
+    again = read(q).matrices
+    got = minibloom.load(out, dtype="float64")
+    np.testing.assert_array_equal(again["h.1.mlp.dense_4h_to_h.weight"],
+                                  got.params["h"][1]["mlp"]["dense_4h_to_h"]["weight"])
 
 
 # ---- (c) planted bugs on the port fail the same check ----------------------------------------------------------

@@ -50,6 +50,19 @@ def _ints(t) -> np.ndarray:
     return t.to(torch.int64).numpy()
 
 
+def _rounded(w: np.ndarray, dtype) -> np.ndarray:
+    """The float64 weight as the engine hands it to its product: rounded to its 16-bit output dtype (float16,
+    bfloat16), if it dequantizes to one; float32 and wider outputs stay exact (their rounding is float32 noise)."""
+    name = str(dtype).replace("torch.", "")
+    if name == "float16":
+        return w.astype(np.float16).astype(np.float64)
+    if name == "bfloat16":
+        from ..formats.safetensors import round_to_bf16
+
+        return round_to_bf16(w.astype(np.float32)).astype(np.float64)
+    return w
+
+
 def _bloom_name(module_name: str) -> str:
     """``transformer.h.0.mlp.dense_h_to_4h`` -> ``h.0.mlp.dense_h_to_4h.weight`` (``BloomModel`` has no prefix)."""
     name = module_name[len("transformer."):] if module_name.startswith("transformer.") else module_name
@@ -75,7 +88,7 @@ def _quanto(qw, where: str) -> np.ndarray:
     if kind == "WeightQBytesTensor":
         if qw.qtype.is_floating_point:
             raise MinibloomError(f"{where}: optimum-quanto float8 weights ({qw.qtype}) are not supported")
-        return _ints(qw._data) * _np(qw._scale)
+        return _rounded(_ints(qw._data) * _np(qw._scale), qw._scale.dtype)
     if kind != "WeightQBitsTensor":  # TinyGemm / AWQ / Marlin variants reorder their codes for a kernel
         raise MinibloomError(f"{where}: optimum-quanto weight of type {kind} is not supported (only "
                              "WeightQBytesTensor and WeightQBitsTensor)")
@@ -87,7 +100,7 @@ def _quanto(qw, where: str) -> np.ndarray:
         w = q * scale - _np(shift)
     else:
         w = (q - _ints(shift)) * scale
-    return _ungroup(w, qw.axis, shape) if qw.axis is not None else w
+    return _rounded(_ungroup(w, qw.axis, shape) if qw.axis is not None else w, qw._scale.dtype)
 
 
 def _torchao(w, where: str) -> np.ndarray:
@@ -101,7 +114,7 @@ def _torchao(w, where: str) -> np.ndarray:
     zero = np.zeros(grid) if w.zero_point is None else _np(w.zero_point).reshape(grid)
     for axis, b in enumerate(block):
         scale, zero = np.repeat(scale, b, axis), np.repeat(zero, b, axis)
-    return (q - zero) * scale
+    return _rounded((q - zero) * scale, w.dtype)
 
 
 def _hqq(module, where: str) -> np.ndarray:
@@ -124,31 +137,56 @@ def _hqq(module, where: str) -> np.ndarray:
     else:
         W_r = W_q
     w = (_ints(W_r) - _np(meta["zero"])) * _np(meta["scale"])
-    return w.reshape(tuple(meta["shape"]))
+    return _rounded(w.reshape(tuple(meta["shape"])), meta.get("compute_dtype", "float16"))
 
 
-def _bnb4(weight, where: str) -> np.ndarray:
-    """A bitsandbytes ``Params4bit``, with ``minibloom.formats.bnb``'s decoding in float64."""
+def _bnb4_fused(module, qs) -> bool:
+    """Whether bitsandbytes runs this ``Linear4bit`` with its fused CPU kernel (``gemv_4bit`` on AVX512-BF16 CPUs,
+    once in eval mode): bfloat16 activations and absmax, weights in bfloat16."""
+    if getattr(qs, "packing_format_for_cpu", False):
+        return True
+    return (module is not None and getattr(module, "support_avx512bf16_for_cpu", False) and not module.training
+            and module.weight.device.type == "cpu")
+
+
+def _bnb4(weight, where: str, module=None) -> tuple[np.ndarray, bool]:
+    """A bitsandbytes ``Params4bit``, with ``minibloom.formats.bnb``'s decoding in float64; (matrix, fused) where
+    ``fused`` says the CPU kernel multiplies by it in bfloat16 (``_bnb4_fused``: absmax rounded to bfloat16, then
+    each weight)."""
+    import torch
+
     from ..formats.bnb import decode_4bit, nested_absmax
 
     qs = weight.quant_state
     if qs is None:
         raise MinibloomError(f"{where}: bitsandbytes Params4bit not quantized yet (move it to a device first)")
     shape = tuple(qs.shape)
-    absmax = qs.absmax
+    bs = int(qs.blocksize)
+    code = _np(qs.code)
+    fused = _bnb4_fused(module, qs)
+    data = weight.data.detach().cpu().contiguous()
+    if getattr(qs, "packing_format_for_cpu", False):  # already repacked: [N, K/2] in 32-row blocks, absmax [K/bs, N]
+        n, k = shape
+        packed = data.view(torch.uint8).numpy().reshape(-1, 32)
+        q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).reshape(n // 32, k // 2, 32, 2)
+        q = q.transpose(0, 2, 1, 3).reshape(n, k)  # bitsandbytes' _convert_weight_packed_for_cpu_inverse
+        absmax = _np(qs.absmax).T.reshape(-1)
+        w = (code[q.reshape(-1)] * absmax[np.arange(n * k) // bs]).reshape(shape)
+        return _rounded(w, torch.bfloat16), True
     if qs.nested:
         s2 = qs.state2
-        absmax = nested_absmax(_ints(absmax), _np(s2.code), _np(s2.absmax), int(s2.blocksize), float(_np(qs.offset)),
-                               np.float64)
+        work = np.float32 if fused else np.float64  # the fused kernel's absmax: float32, then bfloat16
+        absmax = nested_absmax(_ints(qs.absmax), _np(s2.code), _np(s2.absmax), int(s2.blocksize),
+                               float(_np(qs.offset)), work).astype(np.float64)
     else:
-        absmax = _np(absmax)
-    packed = weight.data.detach().cpu().contiguous().view(-1)
-    import torch
-
-    packed = packed.view(torch.uint8).numpy()
+        absmax = _np(qs.absmax)
+    packed = data.view(-1).view(torch.uint8).numpy()
     if packed.size * 2 < int(np.prod(shape)):
         raise MinibloomError(f"{where}: {packed.size} bytes of 4-bit codes for a weight of shape {list(shape)}")
-    return decode_4bit(packed, _np(qs.code), absmax, int(qs.blocksize), shape, np.float64)
+    if fused:
+        absmax = _rounded(absmax, torch.bfloat16)
+        return _rounded(decode_4bit(packed, code, absmax, bs, shape, np.float64), torch.bfloat16), True
+    return _rounded(decode_4bit(packed, code, absmax, bs, shape, np.float64), qs.dtype), False
 
 
 def _bnb8(module, where: str) -> np.ndarray:
@@ -193,7 +231,8 @@ def _module_weight(module, name: str):
         return None, None
     wkind = type(w).__name__
     if wkind == "Params4bit":
-        return _bnb4(w, where), None
+        w, fused = _bnb4(w, where, module)
+        return w, ("bf16-kernel" if fused else None)
     if wkind == "Int8Tensor" and type(w).__module__.startswith("torchao"):
         if getattr(w, "act_quant_kwargs", None) is not None or getattr(w, "act_pre_scale", None) is not None:
             raise MinibloomError(f"{where}: torchao Int8Tensor with activation quantization or pre-scaling is not "
@@ -231,6 +270,7 @@ def read(module) -> EngineWeights:
     matrices: dict[str, np.ndarray] = {}
     activations = set()
     libs = set()
+    fused: list[str] = []
     with torch.no_grad():
         for name, sub in module.named_modules():
             w, act = _module_weight(sub, name)
@@ -239,6 +279,9 @@ def read(module) -> EngineWeights:
             if not np.all(np.isfinite(w)):
                 raise MinibloomError(f"module {name!r}: NaN or inf in its dequantized weight")
             matrices[_bloom_name(name)] = w
+            if act == "bf16-kernel":  # not an activation quantization: bfloat16 arithmetic in these products
+                fused.append(name)
+                act = None
             activations.add(act)
             owner = sub if type(sub).__module__.split(".")[0] != "torch" else sub.weight
             libs.add(_LIBRARIES.get(type(owner).__module__.split(".")[0], type(owner).__module__.split(".")[0]))
@@ -248,5 +291,11 @@ def read(module) -> EngineWeights:
     if len(activations) > 1:
         raise MinibloomError("module: mixes weight-only layers with layers that quantize their activations "
                              "(bitsandbytes Linear8bitLt); one reference cannot emulate both")
+    notes = []
+    compute = _compute(module)
+    if fused:
+        compute = "bfloat16"
+        notes.append(f"bitsandbytes runs {len(fused)} Linear4bit layers with its fused AVX512-BF16 CPU kernel (eval "
+                     "mode): bfloat16 activations and weights, so the port is a bfloat16 one (--kind bfloat16)")
     return EngineWeights(engine=f"torch ({', '.join(sorted(libs))})", matrices=matrices,
-                         activations=activations.pop(), compute=_compute(module))
+                         activations=activations.pop(), compute=compute, notes=notes)
