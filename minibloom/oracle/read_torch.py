@@ -7,8 +7,11 @@ Follows each library's own storage, as its dequantize computes it:
   not) is a ``WeightQBytesTensor`` (qint8: ``_data * _scale``, one scale per output row) or a ``WeightQBitsTensor``
   (qint4/qint2: ``_data`` packed, grouped to ``[n_groups, group]``; ``(_data - _shift) * _scale`` for an integer
   shift, ``_data * _scale - _shift`` for a float one; ``ungroup`` restores ``[out, in]``).
-- torchao (``torchao/quantization/quantize_/workflows/int8/int8_tensor.py``, ``quant_primitives.dequantize_affine``):
-  an ``Int8Tensor`` weight (``Int8WeightOnlyConfig``): ``(qdata - zero_point) * scale`` per ``block_size`` block.
+- torchao (``torchao/quantization/quantize_/workflows/int8/int8_tensor.py``, ``intx/intx_unpacked_to_int8_tensor.py``,
+  ``quant_primitives.dequantize_affine``): an ``Int8Tensor`` (``Int8WeightOnlyConfig``) or ``IntxUnpackedToInt8Tensor``
+  (``IntxWeightOnlyConfig``, e.g. int4 per group: torchao's int4 that runs on CPU without its compiled kernels)
+  weight: ``(qdata - zero_point) * scale`` per ``block_size`` block. ``Int4WeightOnlyConfig``'s packed tensors are
+  refused by type.
 - HQQ (``hqq/core/quantize.py`` ``Quantizer.dequantize``): an ``HQQLinear``: ``W_q`` unpacked by its ``packing``,
   ``((W_r - zero) * scale).reshape(shape)``; quantized scales/zeros and offloaded meta are refused.
 - bitsandbytes (``bitsandbytes/functional.py``): ``Linear4bit`` (NF4/FP4, nested absmax or not) with the maths of
@@ -104,7 +107,8 @@ def _quanto(qw, where: str) -> np.ndarray:
 
 
 def _torchao(w, where: str) -> np.ndarray:
-    """A torchao ``Int8Tensor``: ``(qdata - zero_point) * scale``, one scale per ``block_size`` block."""
+    """A torchao ``Int8Tensor`` / ``IntxUnpackedToInt8Tensor``: ``(qdata - zero_point) * scale``, one scale (and zero
+    point) per ``block_size`` block."""
     q = _ints(w.qdata)
     block = list(w.block_size)
     if len(block) != q.ndim or any(b <= 0 or n % b for b, n in zip(block, q.shape)):
@@ -233,17 +237,18 @@ def _module_weight(module, name: str):
     if wkind == "Params4bit":
         w, fused = _bnb4(w, where, module)
         return w, ("bf16-kernel" if fused else None)
-    if wkind == "Int8Tensor" and type(w).__module__.startswith("torchao"):
-        if getattr(w, "act_quant_kwargs", None) is not None or getattr(w, "act_pre_scale", None) is not None:
-            raise MinibloomError(f"{where}: torchao Int8Tensor with activation quantization or pre-scaling is not "
-                                 "supported (Int8WeightOnlyConfig only)")
+    if wkind in ("Int8Tensor", "IntxUnpackedToInt8Tensor") and type(w).__module__.startswith("torchao"):
+        if any(getattr(w, k, None) is not None for k in ("act_quant_kwargs", "act_pre_scale",
+                                                           "activation_quantization")):
+            raise MinibloomError(f"{where}: torchao {wkind} with activation quantization or pre-scaling is not "
+                                 "supported (Int8WeightOnlyConfig, IntxWeightOnlyConfig only)")
         return _torchao(w, where), None
     if wkind in ("WeightQBytesTensor", "WeightQBitsTensor"):
         return _quanto(w, where), None
     if not _plain(w):
         raise MinibloomError(f"{where}: weight of type {type(w).__module__}.{wkind} ({w.dtype}) is not a quantized "
-                             "weight minibloom can read (optimum-quanto, torchao Int8Tensor, HQQLinear, "
-                             "bitsandbytes Linear4bit / Linear8bitLt)")
+                             "weight minibloom can read (optimum-quanto, torchao Int8Tensor / "
+                             "IntxUnpackedToInt8Tensor, HQQLinear, bitsandbytes Linear4bit / Linear8bitLt)")
     return None, None
 
 
