@@ -273,6 +273,31 @@ def test_bnb_fused_cpu_kernel_is_a_bfloat16_port(tmp_path, tiny, record):
                                   got.params["h"][1]["mlp"]["dense_4h_to_h"]["weight"])
 
 
+def test_bnb_int8_quantizes_activations(tmp_path, tiny):
+    """bitsandbytes Linear8bitLt: CB * SCB / 127 as bitsandbytes dequantizes it, and its activations are quantized
+    per row (said in the note, and the CLI's next command is not a float kind)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from minibloom.oracle.read_torch import read
+
+    model, like, _, _ = tiny
+
+    def make(lin):
+        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  has_fp16_weights=False)
+        new.load_state_dict(lin.state_dict())
+        return new.to("cpu")
+    q = _replace_linears(copy.deepcopy(model), make)
+    got = read(q)
+    assert got.activations == "int8-per-row"
+    lin = q.transformer.h[1].mlp.dense_h_to_4h
+    witness = bnb.functional.int8_vectorwise_dequant(lin.weight.CB, lin.weight.SCB).double().numpy()
+    np.testing.assert_allclose(got.matrices["h.1.mlp.dense_h_to_4h.weight"], witness, rtol=F32,
+                               atol=F32 * np.abs(witness).max())
+    out = engines.dequantized_checkpoint(q, tmp_path / "dq", like=like)
+    with open(os.path.join(out, "minibloom_dequantized.json")) as f:
+        assert json.load(f)["activations"] == "int8-per-row"
+
+
 # ---- (c) planted bugs on the port fail the same check ----------------------------------------------------------
 def _alibi(monkeypatch, how):
     from transformers.models.bloom import modeling_bloom
@@ -388,6 +413,10 @@ def test_unmappable_tensor_is_named(like_flat):
     for name, value in cases.items():
         with pytest.raises(MinibloomError, match=f"engine tensor {name} .*cannot be mapped"):
             assign(EngineWeights("test", {name: value}), like_flat, tied=True)
+    with pytest.raises(MinibloomError, match=r"engine tensor h\.1\.mlp\.dense_4h_to_h\.weight: NaN or inf"):
+        bad = like_flat["h.1.mlp.dense_4h_to_h.weight"].copy()
+        bad[3, 5] = np.nan
+        assign(EngineWeights("test", {"h.1.mlp.dense_4h_to_h.weight": bad}), like_flat, tied=True)
     both = {"x": like_flat["h.0.self_attention.dense.weight"], "y": like_flat["h.0.self_attention.dense.weight"]}
     with pytest.raises(MinibloomError, match="engine tensor y cannot be mapped.*already holds engine tensor x"):
         assign(EngineWeights("test", both), like_flat, tied=True)

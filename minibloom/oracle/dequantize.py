@@ -114,14 +114,14 @@ def _inside(path: str, directory: str) -> bool:
 
 def check_out_dir(out_dir, force: bool, keep: tuple[str, ...] = ()) -> str:
     """``out_dir`` as a path that may be (re)written: not a file, empty or absent unless ``force``, and never a
-    directory holding (or held by) one of the inputs in ``keep``."""
+    directory that is or holds one of the inputs in ``keep`` (replacing it would delete them)."""
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
         raise MinibloomError(f"out_dir: expected a directory path, got {out_dir!r}")
     out = os.fspath(out_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise MinibloomError(f"out_dir {out}: is a file, not a directory")
     for path in keep:
-        if path and (_inside(path, out) or _inside(out, path)):
+        if path and _inside(path, out):
             raise MinibloomError(f"out_dir {out}: would overwrite an input ({path}); choose another directory")
     if os.path.isdir(out):
         there = sorted(os.listdir(out))
@@ -214,9 +214,19 @@ def assign(weights: EngineWeights, model: dict[str, np.ndarray], tied: bool) -> 
         refs["lm_head.weight"] = model["word_embeddings.weight"]
     out: dict[str, np.ndarray] = {}
     went: dict[str, str] = {}
+    if not isinstance(weights.matrices, dict) or not weights.matrices:
+        raise MinibloomError(f"engine weights of {weights.engine}: no matrices to map")
     names = list(weights.matrices)
+    if not all(isinstance(n, str) for n in names):
+        raise MinibloomError(f"engine weights of {weights.engine}: tensor names must be strings")
     for name in sorted(names, key=lambda n: (n not in refs, n)):  # the reader's BLOOM names first
-        a = np.asarray(weights.matrices[name], np.float64)
+        try:
+            a = np.asarray(weights.matrices[name], np.float64)
+        except (TypeError, ValueError):
+            raise MinibloomError(f"engine tensor {name}: not a numeric array "
+                                 f"({type(weights.matrices[name]).__name__})") from None
+        if not np.all(np.isfinite(a)):
+            raise MinibloomError(f"engine tensor {name}: NaN or inf in its dequantized values")
         if name in refs:
             ref = refs[name]
             if a.shape != ref.shape:

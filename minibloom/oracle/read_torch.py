@@ -194,7 +194,12 @@ def _bnb4(weight, where: str, module=None) -> tuple[np.ndarray, bool]:
 
 
 def _bnb8(module, where: str) -> np.ndarray:
-    """A bitsandbytes ``Linear8bitLt``: int8 rows ``CB`` times ``SCB / 127``."""
+    """A bitsandbytes ``Linear8bitLt``: int8 rows ``CB`` times ``SCB / 127`` (its products quantize the activations
+    per row; an outlier threshold, LLM.int8()'s float16 decomposition, is refused)."""
+    threshold = getattr(module.state, "threshold", 0.0)
+    if threshold:
+        raise MinibloomError(f"{where}: bitsandbytes Linear8bitLt with threshold={threshold} (outlier columns in "
+                             "float16) is not supported; use threshold=0.0")
     cb = getattr(module.weight, "CB", None)
     scb = getattr(module.weight, "SCB", None)
     if cb is None or scb is None:
