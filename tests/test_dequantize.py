@@ -477,6 +477,39 @@ def test_bad_sources(tmp_path, tiny):
     assert not (tmp_path / "o").exists()
 
 
+def test_source_forms(tmp_path, tiny):
+    """Which reader each path goes to (checked before any reading)."""
+    from minibloom.oracle.dequantize import source_form
+
+    _, like, _, _ = tiny
+    ct2 = tmp_path / "ct2"
+    ct2.mkdir()
+    (ct2 / "model.bin").write_bytes(b"")
+    (ct2 / "config.json").write_text("{}")
+    assert source_form(ct2) == ("ct2", str(ct2))
+    ir = tmp_path / "ir"
+    ir.mkdir()
+    (ir / "openvino_model.xml").write_text("<net/>")
+    (ir / "openvino_model.bin").write_bytes(b"")
+    assert source_form(ir) == ("openvino", str(ir / "openvino_model.xml"))
+    assert source_form(str(ir / "openvino_model.xml")) == ("openvino", str(ir / "openvino_model.xml"))
+    ox = tmp_path / "onnx"
+    ox.mkdir()
+    (ox / "model.onnx").write_bytes(b"")
+    assert source_form(ox) == ("onnx", str(ox / "model.onnx"))
+    (ox / "model_quantized.onnx").write_bytes(b"")
+    with pytest.raises(MinibloomError, match=r"holds several models \(model\.onnx, model_quantized\.onnx\)"):
+        source_form(ox)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    with open(os.path.join(like, "config.json")) as f:
+        config = json.load(f)
+    (hf / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
+    assert source_form(hf) == ("transformers", str(hf))
+    (tmp_path / "m.pt").write_bytes(b"")
+    assert source_form(tmp_path / "m.pt") == ("pickle", str(tmp_path / "m.pt"))
+
+
 def test_unquantized_module_and_unknown_quantized_weight(tiny):
     from minibloom.oracle.read_torch import read
 

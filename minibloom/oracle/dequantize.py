@@ -334,6 +334,9 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
     out = check_out_dir(out_dir, force, (like_path, None if form == "torch" else os.fspath(value)))
 
     model = _like_model(like, progress)
+    if model.path and os.path.exists(model.path):  # a name under weights/ or a hub id, now resolved
+        like_path = model.path
+        check_out_dir(out, force, (like_path,))
     weights = read_source(form, value)
     from ..formats.weights import flatten
 
@@ -350,7 +353,7 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
     if tied:
         flat.pop("lm_head.weight", None)
     stored = "float32" if _exact_float32(flat.values()) else "float64"
-    like_name = like.path or "in-memory minibloom.Bloom" if isinstance(like, Bloom) else os.fspath(like)
+    like_name = like_path or ("in-memory minibloom.Bloom" if isinstance(like, Bloom) else os.fspath(like))
     note = {"engine": weights.engine, "activations": weights.activations, "group": weights.group,
             "compute": weights.compute,
             "source": f"in-memory {type(value).__module__}.{type(value).__name__}" if form == "torch" else
