@@ -123,6 +123,11 @@ def check_out_dir(out_dir, force: bool, keep: tuple[str, ...] = ()) -> str:
     for path in keep:
         if path and _inside(path, out):
             raise MinibloomError(f"out_dir {out}: would overwrite an input ({path}); choose another directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the nearest existing ancestor receives the new directories
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise MinibloomError(f"out_dir {out}: {parent} is not a writable directory")
     if os.path.isdir(out):
         there = sorted(os.listdir(out))
         if there and not force:
@@ -285,8 +290,11 @@ def _write(out: str, force: bool, cfg, flat: dict, stored: str, note: dict, toke
     from ..formats.weights import nest, write_checkpoint
 
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
+    except OSError as e:
+        raise MinibloomError(f"out_dir {out}: cannot be created ({e.strerror or e})") from None
     try:
         write_checkpoint(tmp, cfg, nest(flat), stored)
         if tokenizer_dir:
@@ -300,6 +308,9 @@ def _write(out: str, force: bool, cfg, flat: dict, stored: str, note: dict, toke
                 raise MinibloomError(f"out_dir {out}: was filled while the reference was computed")
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MinibloomError(f"out_dir {out}: could not be written ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -333,11 +344,17 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
     like_path = _local_path(like)
     out = check_out_dir(out_dir, force, (like_path, None if form == "torch" else os.fspath(value)))
 
-    model = _like_model(like, progress)
+    try:
+        model = _like_model(like, progress)
+    except MinibloomError as e:
+        raise MinibloomError(f"like: {e}") from None
     if model.path and os.path.exists(model.path):  # a name under weights/ or a hub id, now resolved
         like_path = model.path
         check_out_dir(out, force, (like_path,))
-    weights = read_source(form, value)
+    try:
+        weights = read_source(form, value)
+    except MinibloomError as e:
+        raise MinibloomError(str(e) if str(e).startswith("source") else f"source: {e}") from None
     from ..formats.weights import flatten
 
     flat = {k: np.asarray(v, np.float64) for k, v in flatten(model.params).items()}
