@@ -162,11 +162,11 @@ def reference(directory, ids, mask) -> np.ndarray:
 
 # ---- (a) our float64 matrices vs the engine's own dequantize -----------------------------------------------------
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_matrices_equal_the_engines_dequantize(tiny, engine, record):
+def test_matrices_equal_the_engines_dequantize(tiny, port, engine, record):
     from minibloom.oracle.read_torch import read
 
     model, _, _, _ = tiny
-    q = ENGINES[engine](model)
+    q, _ = port(engine)
     got = read(q)
     witness = engine_dequantize(q)
     assert set(got.matrices) == set(witness) == set(LINEARS) | {"lm_head.weight"}
