@@ -205,22 +205,23 @@ def test_port_passes_float32_against_same_weights(tiny, port, engine, record):
     assert not w.passed
 
 
-def test_trained_model_int8_port_passes(tmp_path, record):
-    """weights/default (trained, tied, stored float16) through torchao int8 weight-only, run in float32: its port
-    passes float32."""
+@pytest.mark.parametrize("engine", ["torchao-int8", "quanto-qint4"])
+def test_trained_model_port_passes(tmp_path, engine, record):
+    """weights/default (trained, tied, stored float16) quantized weight-only, run in float32: its port passes
+    float32 against the same weights."""
     transformers = pytest.importorskip("transformers")
     path = default_model_path()
     model = transformers.BloomForCausalLM.from_pretrained(path, attn_implementation="eager",
                                                           dtype=torch.float32).eval()  # stored float16
-    q = _torchao_int8(model)
+    q = ENGINES[engine](model)
     out = engines.dequantized_checkpoint(q, tmp_path / "dq", like=path)
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))  # MODEL's tokenizer travels
     ids, mask = factory.left_pad([list(range(30, 54)), [7, 8, 9, 10, 11, 12]])
     cfg = model.config
     v = check_logits(run_port(q, ids, mask), reference(out, ids, mask), mask, policy="float32",
                      size=(cfg.n_layer, cfg.hidden_size))
-    record("default torchao-int8 vs same-weights rel", v.rel)
-    record("default torchao-int8 vs same-weights KL mean", v.kl_mean)
+    record(f"default {engine} vs same-weights rel", v.rel)
+    record(f"default {engine} vs same-weights KL mean", v.kl_mean)
     assert v.passed, v
 
 
