@@ -10,7 +10,7 @@ import sys
 from ..errors import MinibloomError
 
 COMMANDS = ("generate", "chat", "info", "download", "trace", "diff", "verify", "check", "compare", "calibrate", "bench",
-            "train", "perplexity", "kl")
+            "train", "perplexity", "kl", "dequantize")
 
 
 MODEL_HELP = ("checkpoint directory, .safetensors / .gguf file, name under weights/, or hub repo id "

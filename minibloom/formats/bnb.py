@@ -107,6 +107,29 @@ def _code_table(ckpt: Checkpoint, key: str, n: int, name: str) -> np.ndarray:
     return table
 
 
+def nested_absmax(codes: np.ndarray, nested_map: np.ndarray, nested_scale: np.ndarray, nested_blocksize: int,
+                  offset: float, dtype=np.float32) -> np.ndarray:
+    """Double quantization: ``nested_map[code] * nested_scale[block // nested_blocksize] + offset`` per block of
+    4-bit weights (bitsandbytes computes it in float32; ``minibloom.oracle.read_torch`` in float64)."""
+    codes = np.asarray(codes).astype(np.intp).reshape(-1)
+    scale = np.asarray(nested_scale).astype(dtype).reshape(-1)
+    return np.asarray(nested_map).astype(dtype)[codes] * scale[np.arange(codes.size) // nested_blocksize] \
+        + np.asarray(offset, dtype)
+
+
+def decode_4bit(packed: np.ndarray, code: np.ndarray, absmax: np.ndarray, blocksize: int, shape: tuple[int, ...],
+                dtype=np.float32) -> np.ndarray:
+    """Packed 4-bit codes (two per byte, HIGH nibble first) -> ``code[q] * absmax[flat_index // blocksize]`` in
+    ``dtype``, reshaped to ``shape``: bitsandbytes' ``dequantize_4bit`` before its rounding to the output dtype."""
+    n = math.prod(shape)
+    packed = np.asarray(packed).reshape(-1).view(np.uint8)
+    q = np.empty(packed.size * 2, np.uint8)
+    q[0::2] = packed >> 4  # high nibble first (bitsandbytes), unlike GGUF's low-nibble-first Q4_0
+    q[1::2] = packed & 0x0F
+    scale = np.asarray(absmax).astype(dtype).reshape(-1)
+    return (np.asarray(code).astype(dtype)[q[:n]] * scale[np.arange(n) // blocksize]).reshape(shape)
+
+
 def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """One bitsandbytes 4-bit weight -> float32 array of ``shape`` (bnb's value in its stored ``dtype``)."""
     key, meta = _state(ckpt, name)
@@ -143,17 +166,13 @@ def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.n
         acodes = ckpt.raw(akey).astype(np.intp)
         nmap = _code_table(ckpt, f"{name}.nested_quant_map", 256, name)
         nabs = _floats(ckpt, f"{name}.nested_absmax", -(-n_blocks // nbs), name)
-        absmax = nmap[acodes] * nabs[np.arange(n_blocks) // nbs] + np.float32(offset)
+        absmax = nested_absmax(acodes, nmap, nabs, nbs, offset)
     else:
         if f"{name}.nested_quant_map" in ckpt.where:
             raise MinibloomError(f"{ckpt.describe(name)}: nested_quant_map without nested_absmax")
         absmax = _floats(ckpt, f"{name}.absmax", n_blocks, name)
 
-    q = np.empty(packed.size * 2, np.uint8)
-    q[0::2] = packed >> 4  # high nibble first (bitsandbytes), unlike GGUF's low-nibble-first Q4_0
-    q[1::2] = packed & 0x0F
-    w = (code[q[:n]] * absmax.astype(np.float32)[np.arange(n) // bs]).reshape(shape)  # each value by its block's scale
-    w = round_to(w, out_dtype)
+    w = round_to(decode_4bit(packed, code, absmax, bs, shape), out_dtype)
     if not np.all(np.isfinite(w)):
         raise MinibloomError(f"{ckpt.describe(name)}: NaN or inf after dequantization (corrupt absmax?)")
     return w

@@ -547,3 +547,14 @@ def llama_cpp_trace(gguf_path, input_ids, attention_mask=None, kind: str | None 
     impl = f"llama.cpp via llama-cpp-python {version} (CPU, {threads} threads)"
     return {"input_ids": ids, "attention_mask": mask, "hidden_states": hidden, "logits": logits, "attentions": None,
             "meta": _meta(kind, impl, path, engine="llama.cpp")}
+
+
+# ---- same-weights references -----------------------------------------------------------------------------
+def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progress: bool = False) -> str:
+    """The same-weights reference of a quantized model: ``minibloom.oracle.dequantize.dequantized_checkpoint``
+    (imported only when called: it reads engines' files with their optional packages). Writes the engine's
+    dequantized weights as a BLOOM checkpoint in ``out_dir`` (MODEL = ``like`` for the rest) and returns
+    ``out_dir``; see that function for the accepted sources."""
+    from .dequantize import dequantized_checkpoint as write
+
+    return write(source, out_dir, like, force=force, progress=progress)
