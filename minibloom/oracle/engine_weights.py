@@ -18,6 +18,7 @@ ACTIVATIONS = {
                         "(ONNX Runtime's DynamicQuantizeLinear)",
     "int8-per-group": "symmetric int8, one scale per group of the input's columns: OpenVINO's CPU dynamic "
                       "quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE)",
+    "static": "fixed activation scales from calibration (ONNX Runtime's quantize_static): not emulated at run time",
 }
 
 
