@@ -243,10 +243,41 @@ def onnx_models(source, tmp_path_factory):
     pytest.importorskip("torch")
     from minibloom.engines import onnx_export, onnx_quantize_dynamic
 
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
     d = tmp_path_factory.mktemp("onnx")
     fp32 = onnx_export(source[0], str(d / "fp32.onnx"), hidden_states=False)
-    return {"fp32": fp32, "dyn": onnx_quantize_dynamic(fp32, str(d / "dyn.onnx")),
-            "dyn_pc": onnx_quantize_dynamic(fp32, str(d / "dyn_pc.onnx"), per_channel=True)}
+    out = {"fp32": fp32, "dyn": onnx_quantize_dynamic(fp32, str(d / "dyn.onnx")),
+           "dyn_pc": onnx_quantize_dynamic(fp32, str(d / "dyn_pc.onnx"), per_channel=True)}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input_ids": source[3], "attention_mask": source[4]}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    for fmt, name in ((QuantFormat.QDQ, "static_qdq"), (QuantFormat.QOperator, "static_qop")):
+        out[name] = str(d / f"{name}.onnx")
+        quantize_static(fp32, out[name], Reader(), quant_format=fmt, op_types_to_quantize=["MatMul", "Gather"],
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return out
+
+
+@pytest.mark.parametrize("form", ["static_qdq", "static_qop"])
+def test_onnx_quantize_static_reader(source, onnx_models, form):
+    """quantize_static, QDQ (DequantizeLinear of the int8 weights) and QOperator (QLinearMatMul): every matrix
+    named, [out, in], within half a quantization step of the source; fixed activation scales -> "static"."""
+    from minibloom.oracle.read_onnx import read
+
+    src = source[2]
+    ew = read(onnx_models[form])
+    assert ew.activations == "static" and ew.notes
+    assert {f"h.{i}.{m}.weight" for i in range(CFG.n_layer) for m in LINEARS} <= set(ew.matrices)
+    for name, w in ew.matrices.items():
+        ref = src["word_embeddings.weight" if name == "lm_head.weight" else name]
+        step = np.max(np.abs(ref)) / 127.0
+        assert w.shape == ref.shape and np.all(np.abs(w - ref) <= step * 0.505 + 1e-7), name
 
 
 @pytest.mark.parametrize("form", ["dyn", "dyn_pc"])

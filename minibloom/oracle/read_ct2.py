@@ -211,28 +211,26 @@ def read(model_dir: str) -> EngineWeights:
                              "TransformerDecoderSpec)")
     n_head = _n_head(path, variables)
     matrices: dict[str, np.ndarray] = {}
-    for name, value in variables.items():
+    for name in list(variables) + list(aliases):
         scope, _, field = name.rpartition("/")
+        target = aliases.get(name, name)  # an alias (a tied head, equal tensors) reads its variable
+        value = variables[target]
         if field not in _FIELD or value.ndim == 0:
             continue
         bloom = _bloom_name(scope, field)
-        if dtypes[name] in ("int8", "int16"):
+        if dtypes[target] in ("int8", "int16"):
             if bloom is None:
                 raise MinibloomError(f"{path}: quantized variable {name} has no BLOOM counterpart")
-            if name + "_scale" not in variables:
-                raise MinibloomError(f"{path}: quantized variable {name} has no {name}_scale")
-            arr = dequantize(value, variables[name + "_scale"], f"{path}: {name}")
-        elif dtypes[name] in ("float16", "bfloat16") and bloom is not None:
+            if target + "_scale" not in variables:
+                raise MinibloomError(f"{path}: quantized variable {target} has no {target}_scale")
+            arr = dequantize(value, variables[target + "_scale"], f"{path}: {name}")
+        elif dtypes[target] in ("float16", "bfloat16") and bloom is not None:
             arr = value.astype(np.float64)
         else:
             continue
         if ".query_key_value." in bloom:
             arr = _qkv_to_transformers(arr, n_head, f"{path}: {name}")
         matrices[bloom] = arr
-    for alias, target in aliases.items():  # a tied head: the projection is an alias of the embedding
-        if alias == "decoder/projection/weight" and "word_embeddings.weight" in matrices \
-                and target == "decoder/embeddings/weight":
-            matrices["lm_head.weight"] = matrices["word_embeddings.weight"]
     weights_type = _weights_type(variables, dtypes)
     notes = []
     if not any(dtypes[n] in ("int8", "int16") and v.ndim == 2 for n, v in variables.items()):
