@@ -19,6 +19,8 @@ Schemes (the keys of ``minibloom.oracle.engine_weights.ACTIVATIONS``):
   scale = (max(0, max x) - min(0, min x)) / 255, zero point = saturate(round(-min(0, min x) / scale)),
   q = saturate(round(x / scale) + zero point), rounding half to even; ``MatMulInteger`` then multiplies
   (q - zero point) exactly and the scales are applied after. The scale covers every row of the batch (padding too).
+  On x86 CPUs without VNNI, ONNX Runtime's u8s8 kernels can saturate the same way (its ``session.x64quantprecision``
+  option); that path is not emulated here.
 - ``int8-per-group``: symmetric int8 with one scale (amax / 127) per group of ``group`` consecutive input columns.
 - ``static``: activation scales fixed at calibration time (``quantize_static``): no run-time rule to emulate; the
   reference runs float activations and the verdict says so.
