@@ -399,3 +399,34 @@ def test_onnx_damaged_file_is_an_error(tmp_path):
         read(str(bad))
     with pytest.raises(MinibloomError, match="no such"):
         read(str(tmp_path / "missing.onnx"))
+
+
+def test_ct2_float_models(source, tmp_path):
+    """float32: nothing quantized, nothing returned; float16: every tensor, rounded to float16 (what it multiplies)."""
+    pytest.importorskip("ctranslate2")
+    from minibloom.engines import ctranslate2_convert
+    from minibloom.oracle.read_ct2 import read
+
+    src = source[2]
+    f32 = read(ctranslate2_convert(source[0], str(tmp_path / "f32"), "float32"))
+    assert f32.matrices == {} and f32.activations is None and f32.notes
+    f16 = read(ctranslate2_convert(source[0], str(tmp_path / "f16"), "float16"))
+    name = "h.0.self_attention.query_key_value.weight"
+    np.testing.assert_array_equal(f16.matrices[name], src[name].astype(np.float16).astype(np.float64))
+    assert f16.activations is None
+
+
+def test_onnx_matmul_nbits_bad_attributes_are_an_error(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    from minibloom.oracle.read_onnx import read
+
+    inits = {"B": np.zeros((4, 2, 8), np.uint8), "scales": np.ones(8, np.float32)}
+    for attrs in ({"K": 32, "N": 4, "bits": 4, "block_size": 12}, {"K": 32, "N": 5, "bits": 4, "block_size": 16},
+                  {"K": 2**40, "N": 2**40, "bits": 4, "block_size": 16}):
+        node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], "mm", domain="com.microsoft", **attrs)
+        path = str(tmp_path / "bad.onnx")
+        onnx.save(_one_node(node, inits, [1, 32], [1, 4]), path)
+        with pytest.raises(MinibloomError, match="MatMulNBits"):
+            read(path)
