@@ -57,6 +57,7 @@ from .. import model as M
 from ..config import BloomConfig
 from ..errors import MinibloomError
 from ..formats.safetensors import round_to_bf16
+from .activations import quant_rows_int8, quant_tensor_uint8  # noqa: F401 - re-exported, used below
 from .testing import limits, scale, top1_fails
 
 KINDS = ("float32", "float32-gelu-table", "float16", "bfloat16", "int8-weight-only", "int8-dynamic", "q8_0", "q4_0",
@@ -116,27 +117,10 @@ def quant_blocks(x: np.ndarray, block: int, fp16_scale: bool) -> np.ndarray:
     return (q * d).reshape(x.shape)
 
 
-def quant_rows_int8(x: np.ndarray) -> np.ndarray:
-    """Symmetric int8 with one scale per row (CTranslate2's dynamic activations and per-channel weights)."""
-    amax = np.max(np.abs(x), axis=-1, keepdims=True)
-    scale = np.divide(127.0, amax, out=np.zeros_like(amax), where=amax > 0)
-    return np.divide(np.rint(x * scale), scale, out=np.zeros_like(x), where=scale > 0)
-
-
 def quant_tensor_int8(x: np.ndarray) -> np.ndarray:
     """Symmetric int8 with one scale for the whole tensor (ONNX Runtime's default QInt8 weights)."""
     amax = float(np.max(np.abs(x)))
     return x if amax == 0 else np.rint(x * (127.0 / amax)) * (amax / 127.0)
-
-
-def quant_tensor_uint8(x: np.ndarray) -> np.ndarray:
-    """ONNX's DynamicQuantizeLinear: uint8 with a zero point, one scale for the whole tensor (range includes 0)."""
-    lo, hi = min(0.0, float(np.min(x))), max(0.0, float(np.max(x)))
-    if hi == lo:
-        return x
-    scale = (hi - lo) / 255.0
-    zp = np.clip(np.rint(-lo / scale), 0, 255)
-    return (np.clip(np.rint(x / scale) + zp, 0, 255) - zp) * scale
 
 
 NF4_CODE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

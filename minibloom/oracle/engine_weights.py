@@ -14,10 +14,14 @@ import numpy as np
 # How an engine quantizes the activations entering a product at run time (None: weight-only, float activations).
 ACTIVATIONS = {
     "int8-per-row": "symmetric int8, one scale per row (token) of the input: CTranslate2's int8 compute",
+    "int8-per-row-sat16": "CTranslate2's int8 compute where oneDNN / MKL multiply without VNNI (AVX2, AVX-512 "
+                          "without VNNI): int8-per-row, the input shifted to uint8 and products summed in adjacent "
+                          "pairs saturating at int16 (vpmaddubsw)",
     "uint8-per-tensor": "asymmetric uint8 with a zero point, one scale for the whole input "
                         "(ONNX Runtime's DynamicQuantizeLinear)",
     "int8-per-group": "symmetric int8, one scale per group of the input's columns: OpenVINO's CPU dynamic "
                       "quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE)",
+    "static": "fixed activation scales from calibration (ONNX Runtime's quantize_static): not emulated at run time",
 }
 
 
