@@ -223,6 +223,24 @@ def test_sat16_product_saturates_adjacent_pairs():
                                @ w[:, :3].T, rtol=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_sat16_product_equals_every_pair_clipped(seed):
+    """The sparse saturation (only weight pairs that can reach int16's range recomputed) equals clipping every pair:
+    random per-row int8 weights with large values, odd and even K."""
+    rng = np.random.default_rng(seed)
+    N, O, K = int(rng.integers(1, 6)), int(rng.integers(1, 30)), int(rng.integers(1, 41))
+    x = rng.standard_normal((N, K))
+    q = rng.integers(-127, 128, (O, K)).astype(np.float64)
+    q[:, 0] = 127.0  # every row reaches 127, so its scale is 127 / 127
+    w = q / 127.0
+    u = np.rint(x * (127.0 / np.abs(x).max(-1, keepdims=True))) + 128.0
+    up, qp = np.pad(u, ((0, 0), (0, K % 2))), np.pad(q, ((0, 0), (0, K % 2)))
+    pairs = up[:, None, 0::2] * qp[None, :, 0::2] + up[:, None, 1::2] * qp[None, :, 1::2]  # [N, O, K/2]
+    acc = np.clip(pairs, -32768, 32767).sum(-1) - 128.0 * q.sum(-1)
+    want = acc / (127.0 / np.abs(x).max(-1, keepdims=True))
+    np.testing.assert_allclose(u8s8_sat16_linear(x, w, 0.0), want, rtol=1e-12, atol=1e-12)
+
+
 def test_activation_schemes_are_checked():
     with pytest.raises(MinibloomError, match="activations"):
         activation_primitives("int7-per-row")

@@ -75,25 +75,27 @@ def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def u8s8_sat16_linear(x: np.ndarray, weight: np.ndarray, bias, block: int = 1 << 22) -> np.ndarray:
+def u8s8_sat16_linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
     """``x @ weight.T + bias`` as a u8s8s32 GEMM without VNNI computes it: x quantized per row (int8-per-row) and
     shifted to uint8, weight as its per-row int8 values, products of adjacent pairs along K summed with int16
-    saturation, the shift compensated exactly; scales and bias applied after, in float64."""
+    saturation, the shift compensated exactly; scales and bias applied after, in float64.
+
+    The exact integer product is one GEMM; a pair can only saturate when 255 * (|q_2j| + |q_2j+1|) > 32767, so only
+    those (rare) weight pairs are recomputed and clipped."""
     x = np.asarray(x, np.float64)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     amax = np.max(np.abs(x2), axis=-1, keepdims=True)
     sx = np.where(amax > 0, 127.0 / np.where(amax > 0, amax, 1.0), 1.0)
-    u = np.rint(x2 * sx) + 128.0
-    qw, sw = _int8_rows(np.asarray(weight, np.float64))
-    if K % 2:
-        u, qw = np.pad(u, ((0, 0), (0, 1))), np.pad(qw, ((0, 0), (0, 1)))
-    ue, uo, we, wo = u[:, 0::2], u[:, 1::2], qw[:, 0::2], qw[:, 1::2]
-    acc = np.empty((x2.shape[0], qw.shape[0]))
-    step = max(1, block // max(1, qw.shape[0] * ue.shape[1]))
-    for lo in range(0, x2.shape[0], step):  # [rows, out, K/2] pair sums, a few rows at a time
-        pairs = ue[lo:lo + step, None, :] * we[None] + uo[lo:lo + step, None, :] * wo[None]
-        acc[lo:lo + step] = np.clip(pairs, -32768.0, 32767.0).sum(-1)
+    u = np.rint(x2 * sx) + 128.0  # [N, K] in [1, 255]
+    qw, sw = _int8_rows(np.asarray(weight, np.float64))  # [O, K] in [-127, 127]
+    acc = u @ qw.T  # [N, O], exact: integers below 2^53
+    pairs_w = np.pad(qw, ((0, 0), (0, K % 2))).reshape(qw.shape[0], -1, 2)  # [O, K/2, 2]
+    o_idx, j_idx = np.nonzero(np.max(u, initial=0.0) * np.abs(pairs_w).sum(-1) > 32767.0)
+    if o_idx.size:
+        pairs_u = np.pad(u, ((0, 0), (0, K % 2))).reshape(u.shape[0], -1, 2)  # [N, K/2, 2]
+        pair = np.einsum("npc,pc->np", pairs_u[:, j_idx, :], pairs_w[o_idx, j_idx, :])  # [N, P]
+        np.add.at(acc.T, o_idx, (np.clip(pair, -32768.0, 32767.0) - pair).T)  # acc[:, o] += clipped - exact
     acc -= 128.0 * qw.sum(-1)[None, :]
     y = acc / sx / sw.reshape(1, -1) + bias
     return y.reshape(*lead, qw.shape[0])
