@@ -237,7 +237,7 @@ def test_sat16_product_equals_every_pair_clipped(seed):
     up, qp = np.pad(u, ((0, 0), (0, K % 2))), np.pad(q, ((0, 0), (0, K % 2)))
     pairs = up[:, None, 0::2] * qp[None, :, 0::2] + up[:, None, 1::2] * qp[None, :, 1::2]  # [N, O, K/2]
     acc = np.clip(pairs, -32768, 32767).sum(-1) - 128.0 * q.sum(-1)
-    want = acc / (127.0 / np.abs(x).max(-1, keepdims=True))
+    want = acc / (127.0 / np.abs(x).max(-1, keepdims=True)) / 127.0  # both scales: activation rows, weights
     np.testing.assert_allclose(u8s8_sat16_linear(x, w, 0.0), want, rtol=1e-12, atol=1e-12)
 
 
