@@ -547,3 +547,16 @@ def llama_cpp_trace(gguf_path, input_ids, attention_mask=None, kind: str | None 
     impl = f"llama.cpp via llama-cpp-python {version} (CPU, {threads} threads)"
     return {"input_ids": ids, "attention_mask": mask, "hidden_states": hidden, "logits": logits, "attentions": None,
             "meta": _meta(kind, impl, path, engine="llama.cpp")}
+
+
+# ---- OpenVINO (minibloom.oracle.engines_openvino, which imports this module's helpers) -----------------------
+_OPENVINO_NAMES = ("openvino_convert", "openvino_compress", "openvino_trace", "openvino_kind", "OPENVINO_WEIGHTS")
+
+
+def __getattr__(name: str):
+    """``engines.openvino_convert`` etc.: loaded on first use from ``engines_openvino`` (a module above this one)."""
+    if name in _OPENVINO_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.engines_openvino"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
