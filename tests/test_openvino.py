@@ -371,10 +371,10 @@ def test_reader_rejects_hostile_files(irs, tmp_path):
     xml = _copy_ir(irs["random-h8", "int8_asym"], tmp_path)
     good = open(xml).read()
     _edit_first_weight(xml, 'element_type="u8"', 'element_type="q7"')
-    with pytest.raises(MinibloomError, match="element_type 'q7'.*|q7"):
+    with pytest.raises(MinibloomError, match="element_type 'q7'"):
         read(xml)
     open(xml, "w").write(good)
-    _edit_first_weight(xml, 'offset="', 'offset="9')
+    _edit_first_weight(xml, 'offset="', 'offset="99999999999')
     with pytest.raises(MinibloomError, match="outside"):
         read(xml)
     open(xml, "w").write(good)
