@@ -121,6 +121,9 @@ def irs(checkpoints, tmp_path_factory) -> dict[tuple[str, str], str]:
     for name, d in checkpoints.items():
         f32 = engines.openvino_convert(d, root / name / "float32.xml")
         hidden = minibloom.BloomConfig.from_json(os.path.join(d, "config.json")).hidden_size
+        f16 = str(root / name / "float16-ir.xml")
+        ov.save_model(ov.Core().read_model(f32), f16, compress_to_fp16=True)
+        out[name, "float16-ir"] = f16
         for weights, group, all_layers in CONFIGS:
             label = _label(weights, group, all_layers)
             if weights == "float32":
@@ -199,9 +202,10 @@ def openvino_weights(xml: str) -> dict[str, np.ndarray]:
             for i, (name, t, _) in enumerate(wanted)}
 
 
-@pytest.mark.parametrize("config", CONFIGS[1:], ids=lambda c: _label(*c))
+@pytest.mark.parametrize("config", CONFIGS[1:] + [("float16-ir", None, False)], ids=lambda c: _label(*c))
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_reader_equals_openvino_decompression(name, config, irs, checkpoints, references):
+    """Compressed IRs, and a float IR saved with float16 weights (``compress_to_fp16=True``: f16 Const -> Convert)."""
     xml = _ir(irs, checkpoints, name, config)
     got = read(xml)
     want = openvino_weights(xml)
@@ -213,11 +217,12 @@ def test_reader_equals_openvino_decompression(name, config, irs, checkpoints, re
     for key, w in want.items():
         assert got.matrices[key].dtype == np.float64
         np.testing.assert_array_equal(got.matrices[key], w, err_msg=key)
-    # the quantization is real: the matrices are not the checkpoint's float32 weights
+    # the quantization is real: the matrices are not the checkpoint's weights (weights/default is stored float16)
     params = references[name].params
-    assert not np.array_equal(got.matrices["h.0.mlp.dense_h_to_4h.weight"],
+    assert (name, config[0]) == ("default", "float16-ir") or not np.array_equal(got.matrices["h.0.mlp.dense_h_to_4h.weight"],
                               params["h"][0]["mlp"]["dense_h_to_4h"]["weight"])
-    assert got.activations is None and any(config[0] in n for n in got.notes)
+    assert got.activations is None
+    assert config[0] == "float16-ir" or any(config[0] in n for n in got.notes)
 
 
 def test_reader_nibble_order_against_openvino_constant(tmp_path):
@@ -373,10 +378,12 @@ def test_dynamic_quantization_scheme(name, config, irs, checkpoints, references,
     plain = logit_metrics(tr["logits"], model(ids, mask), mask)
     emulated = logit_metrics(tr["logits"], model.forward(ids, mask, primitives=emulate_dynamic_quantization(group))
                              .logits, mask)
+    unquantized = logit_metrics(tr["logits"], references[name](ids, mask), mask)
     label = f"{name} {_label(*config)} dq{group}"
     for k in ("rel", "kl_mean", "kl_max", "top1"):
         record(f"{label} same-weights {k}", plain[k])
         record(f"{label} emulated {k}", emulated[k])
+        record(f"{label} vs-unquantized {k}", unquantized[k])
 
 
 # ---- the reader on hostile files -----------------------------------------------------------------------------
