@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import warnings
 
 import numpy as np
@@ -209,6 +210,16 @@ def openvino_kind(xml, dynamic_quantization: bool = False) -> str:
     return "int8-activations" if dynamic_quantization else f"int{bits}-weight-only"
 
 
+def _vnni() -> bool | None:
+    """Whether this x86-64 CPU has AVX512-VNNI or AVX-VNNI (the plugin's condition for dynamic quantization), from
+    /proc/cpuinfo; None where that cannot be read (not Linux, not x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.isfile("/proc/cpuinfo"):
+        return None
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return bool({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
 def openvino_trace(xml, input_ids, attention_mask=None, *, dynamic_quantization: bool = False,
                    threads: int = 0) -> dict:
     """A logits trace of OpenVINO's CPU plugin on an IR written by ``openvino_convert`` (inputs ``input_ids``,
@@ -218,7 +229,9 @@ def openvino_trace(xml, input_ids, attention_mask=None, *, dynamic_quantization:
     class of CPU are bf16 and u8), and ``DYNAMIC_QUANTIZATION_GROUP_SIZE=0`` (weight-only: compressed weights
     decompressed to float32) unless ``dynamic_quantization``: then the plugin's default group applies, recorded in
     ``meta["dynamic_quantization_group_size"]`` — symmetric int8 per token and per group of that many input columns,
-    ``scale = max|x| / 127``, round half to even (see this module's docstring for the source). The mask goes in as an
+    ``scale = max|x| / 127``, round half to even (see this module's docstring for the source; that is the x86-64
+    path). On an x86-64 CPU without VNNI the plugin does not quantize activations, and the kind stays weight-only
+    (``meta["dynamic_quantization_applied"]``). The mask goes in as an
     input; logits at padded positions are set to zero. ``threads``: the plugin's ``INFERENCE_NUM_THREADS`` (0 = its
     default).
     """
@@ -247,10 +260,12 @@ def openvino_trace(xml, input_ids, attention_mask=None, *, dynamic_quantization:
     if logits.ndim != 3 or logits.shape[:2] != ids.shape:
         raise MinibloomError(f"{xml}: the model returned shape {logits.shape}, expected [batch, seq, vocab]")
     logits[mask == 0] = 0.0
-    kind = openvino_kind(xml, dynamic_quantization)
+    applied = dynamic_quantization and group > 0 and _vnni() is not False  # else the plugin keeps float inputs
+    kind = openvino_kind(xml, applied)
     note = _read_note(xml)
     impl = (f"openvino {ov.get_version()} (CPU plugin, f32 inference, dynamic quantization "
             f"{'group ' + str(group) if group else 'off'})")
     return {"input_ids": ids, "attention_mask": mask, "hidden_states": None, "logits": logits, "attentions": None,
             "meta": _meta(kind, impl, xml, engine="openvino", weights=note.get("weights"),
-                          group_size=note.get("group_size"), dynamic_quantization_group_size=group)}
+                          group_size=note.get("group_size"), dynamic_quantization_group_size=group,
+                          dynamic_quantization_applied=bool(applied))}
