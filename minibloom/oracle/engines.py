@@ -558,3 +558,16 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
     from .dequantize import dequantized_checkpoint as write
 
     return write(source, out_dir, like, force=force, progress=progress)
+
+
+# ---- OpenVINO (minibloom.oracle.engines_openvino, which imports this module's helpers) -----------------------
+_OPENVINO_NAMES = ("openvino_convert", "openvino_compress", "openvino_trace", "openvino_kind", "OPENVINO_WEIGHTS")
+
+
+def __getattr__(name: str):
+    """``engines.openvino_convert`` etc.: loaded on first use from ``engines_openvino`` (a module above this one)."""
+    if name in _OPENVINO_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.engines_openvino"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
