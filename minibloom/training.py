@@ -127,7 +127,7 @@ MAX_NEW_PARAMS = 2 * 10**10  # a new model's parameters (embedding + blocks) at 
 
 def read_text(path: str | None) -> str:
     """The training text: ``path``, or the bundled Tiny Shakespeare when None."""
-    return textfile.read_text(corpus_path() if path is None else path)
+    return textfile.read_text(corpus_path() if path is None else path, "data")
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -212,7 +212,7 @@ def read_conversations(path: str) -> list[list[dict]]:
     from .jsonfile import parse_json
 
     convs = []
-    for n, line in enumerate(textfile.read_text(path).splitlines(), 1):
+    for n, line in enumerate(textfile.read_text(path, "data").splitlines(), 1):
         if not line.strip():
             continue
         obj = parse_json(line, f"{path}: line {n}")
@@ -373,16 +373,22 @@ def check_out(out, what: str = "out") -> str:
         raise MinibloomError(f"{what}: {out} exists and is not a directory")
     if not os.path.isdir(parent):
         raise MinibloomError(f"{what}: {out}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MinibloomError(f"{what}: {out}: cannot write in {parent} (permission denied)")
+    _probe(parent, f"{what}: {out}: cannot write in {parent}")
     if os.path.isdir(target):
-        if not os.access(target, os.W_OK | os.X_OK):
-            raise MinibloomError(f"{what}: {out}: cannot write in it (permission denied)")
+        _probe(target, f"{what}: {out}: cannot write in it")
         for name in sorted(os.listdir(target)):
             if not CHECKPOINT_FILES.fullmatch(name) and not name.startswith("."):
                 raise MinibloomError(f"{what}: {out} already holds {name!r}, which is no part of a checkpoint; give "
                                      "a new or empty directory (an earlier run there is replaced whole)")
     return out
+
+
+def _probe(directory: str, message: str) -> None:
+    """Make and remove a directory in ``directory`` (``os.access`` says yes to root, even on /proc)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".minibloom-probe-", dir=directory))
+    except OSError as e:
+        raise MinibloomError(f"{message} ({e.strerror or e})") from None
 
 
 def _path_arg(v, what: str) -> str:
