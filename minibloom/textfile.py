@@ -59,7 +59,7 @@ def _fspath(path, what: str) -> str:
 
 def read_bytes(path: str | os.PathLike, max_bytes: int, what: str = "") -> bytes:
     """The whole of the regular file ``path``, refused (before reading) when it holds more than ``max_bytes``."""
-    path = _fspath(path, what)
+    path = check_regular(path, what)  # stat first: a socket or a device is named as such, never opened
     label = f"{what}: {path}" if what else path
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
