@@ -11,6 +11,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from .errors import MinibloomError, shown
@@ -122,8 +123,6 @@ def _shape(a) -> tuple:
 def number(name: str, v, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
     """``v`` as a float if it is a finite real number (not a bool) in [lo, hi] (or [lo, hi) with ``hi_open``);
     a MinibloomError naming ``name`` otherwise."""
-    import numbers
-
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise MinibloomError(f"{name}: must be a number, got {shown(v)}")
     try:
@@ -150,6 +149,10 @@ def check_hyper(lr, betas, eps, weight_decay) -> None:
 def lr_at(step: int, lr: float, warmup: int, steps: int, min_lr_ratio: float = 0.1) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr * min_lr_ratio`` at ``steps``
     (``step`` counts from 0)."""
+    for name, v in (("step", step), ("warmup", warmup), ("steps", steps)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not 0 <= v <= MAX_STEP:
+            raise MinibloomError(f"{name}: must be an integer in [0, {MAX_STEP}], got {shown(v)}")
+    lr, min_lr_ratio = number("lr", lr), number("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
     if step < warmup:
         return lr * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -168,6 +171,7 @@ def global_norm(grads: dict) -> float:
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Scale ``grads`` in place so their global norm is at most ``max_norm`` (``clip_grad_norm_``: the factor is
     max_norm / (norm + 1e-6), capped at 1). Returns the norm before clipping."""
+    max_norm = number("max_norm", max_norm)
     norm = global_norm(grads)
     coef = min(1.0, max_norm / (norm + 1e-6))
     if coef < 1.0:

@@ -121,6 +121,19 @@ MIN_VOCAB = 256 + 4  # the 256 byte tokens and SPECIAL_TOKENS
 MAX_NEW_PARAMS = 2 * 10**10  # a new model's parameters (embedding + blocks) at most
 
 
+def _integer(name: str, v, lo: int, hi: int) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or not lo <= v <= hi:
+        raise MinibloomError(f"{name}: must be an integer in [{lo}, {hi}], got {shown(v)}")
+    return int(v)
+
+
+def _token_ids(ids) -> np.ndarray:
+    a = np.asarray(ids) if isinstance(ids, (np.ndarray, list, tuple)) else None
+    if a is None or a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise MinibloomError(f"ids: expected a 1-d array of token ids, got {shown(ids)}")
+    return a.astype(np.int64, copy=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -132,6 +145,9 @@ def read_text(path: str | None) -> str:
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """By characters: the first (1 - val_fraction) trains, the rest is held out."""
+    if not isinstance(text, str):
+        raise MinibloomError(f"split_text: text must be a str, got {type(text).__name__}")
+    val_fraction = number("val_fraction", val_fraction, 0.0, 1.0)
     cut = int(len(text) * (1 - val_fraction))
     return text[:cut], text[cut:]
 
@@ -140,6 +156,9 @@ def train_bpe(text: str, vocab_size: int):
     """A byte-level BPE with the structure of bigscience/bloom's tokenizer.json (Split regex, then ByteLevel without
     prefix space, no normalizer; special tokens <unk> <s> </s> <pad> = 0..3; all 256 bytes in the alphabet, so any
     text encodes), trained on ``text``. Returns a ``minibloom.tokenizer.Tokenizer``."""
+    if not isinstance(text, str):
+        raise MinibloomError(f"train_bpe: text must be a str, got {type(text).__name__}")
+    _integer("vocab", vocab_size, MIN_VOCAB, INT_BOUNDS["vocab"][1])
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -168,6 +187,8 @@ def tokenizer_config() -> dict:
 
 def encode(tokenizer, text: str) -> np.ndarray:
     """Token ids of ``text`` (int64), encoded in chunks of 2000 lines (BPE never merges across a newline)."""
+    if not isinstance(text, str):
+        raise MinibloomError(f"encode: text must be a str, got {type(text).__name__}")
     lines = text.splitlines(keepends=True)
     chunks = ["".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
     ids = [i for row in tokenizer.encode(chunks) for i in row] if chunks else []
@@ -176,6 +197,8 @@ def encode(tokenizer, text: str) -> np.ndarray:
 
 def random_windows(ids: np.ndarray, n: int, ctx: int, rng: np.random.Generator):
     """``n`` windows of ``ctx`` tokens at random starts (nanoGPT's ``get_batch``) -> (ids [n, ctx], labels)."""
+    ids = _token_ids(ids)
+    n, ctx = _integer("n", n, 1, INT_BOUNDS["batch"][1]), _integer("ctx", ctx, 1, len(ids))
     starts = rng.integers(0, len(ids) - ctx + 1, size=n)
     x = np.stack([ids[s:s + ctx] for s in starts])
     return x, x
@@ -184,11 +207,17 @@ def random_windows(ids: np.ndarray, n: int, ctx: int, rng: np.random.Generator):
 def eval_windows(ids: np.ndarray, ctx: int, limit: int | None = None) -> list[np.ndarray]:
     """Consecutive windows ``ids[s : s + ctx + 1]``, s = 0, ctx, 2 ctx ...: each reads up to ``ctx`` tokens and
     predicts the next, so every token after the first is scored exactly once (context restarts every ctx tokens)."""
+    ids, ctx = _token_ids(ids), _integer("ctx", ctx, 1, INT_BOUNDS["ctx"][1])
+    if limit is not None:
+        limit = _integer("limit", limit, 0, INT_BOUNDS["eval_windows"][1])
     return [ids[s:s + ctx + 1] for s in range(0, len(ids) - 1, ctx)][:limit]
 
 
 def evaluate(model: Bloom, ids: np.ndarray, ctx: int, limit: int | None = None, batch: int = 16) -> dict:
     """Held-out cross entropy of ``ids``: {"loss" (nats per token), "perplexity", "nats", "tokens"}."""
+    if not isinstance(model, Bloom):
+        raise MinibloomError(f"evaluate: model must be a minibloom.Bloom, got {type(model).__name__}")
+    batch = _integer("batch", batch, 1, INT_BOUNDS["batch"][1])
     windows = eval_windows(ids, ctx, limit)
     if not windows:
         raise MinibloomError("evaluate: the held-out text has fewer than 2 tokens")
@@ -638,6 +667,8 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
     # ---- the model and its tokenizer
     if resume is not None:
         m, opt_state = _resume(resume, backend, meta)
+        if m.tokenizer is None:
+            raise MinibloomError(f"resume: {resume} holds no tokenizer.json (a regular file) to encode its data with")
     elif model is not None:
         m = model if isinstance(model, Bloom) else load(model, dtype=cfg.dtype, backend=backend)
         m.trainable()

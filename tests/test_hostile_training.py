@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(batch=4, ctx=32, hidden=32, layers=1, heads=4, vocab=300, vocab_rows=384, warmup=1, progress=False)
 
 
-def child(code: str, seconds: float = 60, megabytes: int = 4096, env: dict | None = None) -> subprocess.CompletedProcess:
+def child(code: str, seconds: float = 60, megabytes: int = 4096, env: dict | None = None
+          ) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh Python (this checkout's minibloom) under a time and address-space bound: a hang is a
     TimeoutExpired and a crash a negative return code, never a stuck or dead test run."""
     def limit():
@@ -494,7 +495,8 @@ def test_widen_refuses_a_source_that_is_not_16_bit(dtype):
 @pytest.mark.parametrize("args, match", [
     ((np.zeros(31, np.uint8), "F16", np.float32), "even length"), ((np.zeros(4, np.uint16), "F8", np.float32), "F8"),
     (([1, 2], "F16", np.float32), "NumPy array"), ((np.zeros(4, np.uint16), "F16", np.int8), "float32 or float64"),
-    ((np.zeros(4, np.uint16), "F16", "nonesuch"), "not a dtype"), ((np.zeros(4, np.uint16), ["F16"], np.float32), "F16"),
+    ((np.zeros(4, np.uint16), "F16", "nonesuch"), "not a dtype"),
+    ((np.zeros(4, np.uint16), ["F16"], np.float32), "F16"),
 ])
 def test_widen_refuses_bad_arguments(args, match):
     with pytest.raises(MinibloomError, match=match):
@@ -564,3 +566,18 @@ def test_fuzz_trainer_state_fields(run, tmp_path_factory, key, value):
         T.read_state(str(path))
     except MinibloomError:
         pass
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: T.split_text(b"abc", 0.1), "text must be a str"), (lambda: T.split_text("abc", "x"), "val_fraction"),
+    (lambda: T.train_bpe("abc", 1), "vocab"), (lambda: T.train_bpe(None, 300), "text must be a str"),
+    (lambda: T.encode(None, 5), "text must be a str"), (lambda: T.eval_windows(np.arange(9), 0), "ctx"),
+    (lambda: T.eval_windows("abc", 2), "ids"), (lambda: T.eval_windows(np.arange(9), 2, limit=-1), "limit"),
+    (lambda: T.random_windows(np.arange(9), 2, 10**6, np.random.default_rng(0)), "ctx"),
+    (lambda: T.evaluate("model", np.arange(9), 4), "model must be a minibloom.Bloom"),
+    (lambda: T.lr_at(-1, 1e-3, 1, 10), "step"), (lambda: T.lr_at(0, float("nan"), 1, 10), "lr"),
+    (lambda: T.lr_at(0, 1e-3, 1, 10, 5.0), "min_lr_ratio"), (lambda: T.clip_grad_norm({}, "1"), "max_norm"),
+])
+def test_training_helpers_refuse_bad_arguments(call, match):
+    with pytest.raises(MinibloomError, match=match):
+        call()

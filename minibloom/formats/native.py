@@ -244,4 +244,7 @@ def kernel(code: str, dtype):
         with _lock:
             if _kernels is None:
                 _kernels = _load()
-    return _kernels.get((code, np.dtype(dtype).name))
+    try:
+        return _kernels.get((code, np.dtype(dtype).name))
+    except (TypeError, ValueError):  # not a dtype (or code unhashable): no kernel for it
+        return None
