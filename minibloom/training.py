@@ -819,8 +819,9 @@ def train_step(model: Bloom, opt: AdamW, batches, lr: float, grad_clip: float = 
     be, grads, loss, tokens = model.backend, None, 0.0, 0
     batches = [b for b in batches if (np.asarray(b[2])[:, 1:] != backward.IGNORE_INDEX).any()]
     for x, mask, labels in batches:
-        lv, g = backward.value_and_grad(model.params, be.asarray(x), be.asarray(mask), be.asarray(labels),
-                                        model.config, ops=model.primitives)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a diverging run is caught below
+            lv, g = backward.value_and_grad(model.params, be.asarray(x), be.asarray(mask), be.asarray(labels),
+                                            model.config, ops=model.primitives)
         g = hf_names(g)
         loss += float(be.to_numpy(lv)) / len(batches)
         tokens += int(np.asarray(x).size)
@@ -892,6 +893,11 @@ continue the run exactly.
 
 
 def _evaluate(m: Bloom, val_ids, val_rows, cfg: TrainConfig, pad_id: int, limit) -> dict:
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a non-finite loss is checked after
+        return _held_out(m, val_ids, val_rows, cfg, pad_id, limit)
+
+
+def _held_out(m: Bloom, val_ids, val_rows, cfg: TrainConfig, pad_id: int, limit) -> dict:
     if val_rows is None:
         return evaluate(m, val_ids, cfg.ctx, limit)
     if not val_rows:
