@@ -16,6 +16,7 @@ template and scored on the assistant turns only. Checkpoints are transformers' f
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -592,6 +593,25 @@ def _config(config, overrides: dict) -> TrainConfig:
     return cfg
 
 
+def check_memory(cfg: TrainConfig, hidden: int, layers: int, heads: int, vocab_rows: int) -> None:
+    """Refuse a run that cannot fit this machine's memory, before anything is allocated: the weights, their gradients
+    and AdamW's two moments, plus a lower estimate of one micro-batch's activations (a few per layer, the attention
+    scores, the logits and their gradient). Each is a MinibloomError naming the options that set it."""
+    from .formats.lowmem import physical_memory
+
+    item = np.dtype(cfg.dtype).itemsize
+    n_params = vocab_rows * hidden + layers * 12 * hidden * (hidden + 1)
+    micro, ctx = cfg.batch // cfg.accumulate, cfg.ctx
+    weights = 4 * n_params * item
+    acts = item * (micro * ctx * (layers * 10 * hidden + 2 * vocab_rows) + layers * micro * heads * ctx * ctx)
+    ram = physical_memory()
+    if weights + acts > ram:
+        raise MinibloomError(f"batch/ctx/model size: a training step needs at least {(weights + acts) / 2**30:.1f} "
+                             f"GiB ({weights / 2**30:.1f} GiB of weights, gradients and moments, "
+                             f"{acts / 2**30:.1f} GiB of activations for {micro} x {ctx} tokens), more than this "
+                             f"machine's {ram / 2**30:.1f} GiB: lower batch or ctx, or raise accumulate")
+
+
 def _data_tokens(rows, ctx: int) -> int:
     """Scored tokens of conversations: labels after the first position of each (truncated) row."""
     return sum(int((lab[-ctx:][1:] != backward.IGNORE_INDEX).sum()) for _, lab in rows)
@@ -601,6 +621,20 @@ class Diverged(MinibloomError):
     """A run whose loss, gradient or weights stopped being finite."""
 
 
+def _memory_is_a_minibloom_error(fn):
+    """A MemoryError inside a run (a machine with less memory free than ``check_memory`` assumed) is reported as a
+    MinibloomError naming the options that size it, not as a crash."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except MemoryError:
+            raise MinibloomError("train: out of memory: lower batch or ctx (or raise accumulate), or train a "
+                                 "smaller model (hidden, layers, vocab_rows)") from None
+    return wrapped
+
+
+@_memory_is_a_minibloom_error
 def train(data: str | None = None, *, model: str | Bloom | None = None, out: str | None = None,
           tokenizer: str | None = None, chat_template: str | None = None, config: TrainConfig | None = None,
           resume: str | None = None, backend: str = "numpy", save_dtype: str | None = None, progress: bool = True,
@@ -626,6 +660,8 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
 
     cfg = _config(config, overrides)
     _check_args(data, model, out, tokenizer, chat_template, resume, backend, save_dtype, progress, log)
+    if resume is None and model is None:
+        check_memory(cfg, cfg.hidden, cfg.layers, cfg.heads, cfg.vocab_rows)
     log = log or (lambda msg: None)
     rng = np.random.default_rng(cfg.seed)
     keep: list[str] = []
@@ -689,6 +725,8 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
         be = Backend(backend)
         params = new_params(mcfg, cfg.vocab_rows, cfg.init_std, np.random.default_rng(cfg.seed), cfg.dtype)
         m = Bloom(mcfg, tree_map(be.asarray, params), cfg.dtype, be, tokenizer=tok)
+    else:
+        check_memory(cfg, m.config.hidden_size, m.config.n_layer, m.config.n_head, m.vocab_size)
     tok = m.tokenizer
     pad_id = m.config.pad_token_id if m.config.pad_token_id is not None else 3
     if chat_template is not None:

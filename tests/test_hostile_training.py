@@ -184,6 +184,22 @@ def test_train_options_are_checked_before_any_work(corpus, no_training, change, 
         T.train(corpus, **{**TINY, "steps": 1, **change})
 
 
+@pytest.mark.parametrize("change", [{"batch": 65536, "ctx": 65536}, {"hidden": 8192, "layers": 16, "heads": 64},
+                                    {"vocab_rows": 2**24, "hidden": 1024}])
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_allocating(corpus, no_training, change):
+    with bounded(seconds=10, megabytes=512), pytest.raises(MinibloomError, match="a training step needs at least"):
+        T.train(corpus, **{**TINY, "steps": 1, **change})
+
+
+def test_running_out_of_memory_mid_run_is_a_minibloom_error(corpus, monkeypatch):
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(T, "train_step", no_memory)
+    with pytest.raises(MinibloomError, match="out of memory: lower batch or ctx"):
+        T.train(corpus, **TINY, steps=1)
+
+
 @pytest.mark.parametrize("argument, match", [
     ({"save_dtype": "int8"}, "save_dtype"), ({"chat_template": "nonesuch"}, "unknown chat template"),
     ({"chat_template": ["play"]}, "chat_template"), ({"backend": 3}, "backend"), ({"progress": "no"}, "progress"),
