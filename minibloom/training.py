@@ -331,7 +331,7 @@ def save(out: str, model: Bloom, opt: AdamW, cfg: TrainConfig, step: int, rng: n
     target = os.path.abspath(os.fspath(out))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.new-", dir=parent)
+    tmp = _new_dir(parent, f".{os.path.basename(target)}.new-")
     try:
         _write_run(tmp, model, opt, cfg, step, rng, extra, save_dtype)
         _swap_in(tmp, target, keep)
@@ -363,6 +363,19 @@ def _write_run(out: str, model: Bloom, opt: AdamW, cfg: TrainConfig, step: int, 
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "do_sample": True,
                    "temperature": 0.8, "top_k": 40, "max_new_tokens": 200}, f, indent=1)
+
+
+def _new_dir(parent: str, prefix: str) -> str:
+    """A new empty directory in ``parent`` with the permissions of any other (``mkdtemp``'s would be private)."""
+    import secrets
+
+    while True:
+        path = os.path.join(parent, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
 
 
 def _swap_in(new: str, out: str, keep: tuple) -> None:

@@ -273,6 +273,8 @@ def test_out_onto_an_earlier_sharded_run_replaces_it_whole(corpus, tmp_path):
     loaded, trained = hf_names(minibloom.load(str(out)).params), hf_names(res.model.params)
     assert all(np.array_equal(loaded[k], trained[k]) for k in trained)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".run.")]  # no temporary folder left
+    os.mkdir(tmp_path / "plain")
+    assert os.stat(out).st_mode == os.stat(tmp_path / "plain").st_mode  # not a private temporary folder's mode
 
 
 def test_write_checkpoint_onto_a_sharded_checkpoint_leaves_no_stale_index(tmp_path):
