@@ -521,6 +521,15 @@ def test_widen_refuses_bad_arguments(args, match):
         widen(*args)
 
 
+@pytest.mark.parametrize("kw, match", [({"threads": "x"}, "threads"), ({"threads": 0}, "threads"),
+                                       ({"where": 5}, "where"), ({"offset": -1}, "offset")])
+def test_widen_into_refuses_bad_options(kw, match):
+    from minibloom.formats.widen import widen_into
+
+    with pytest.raises(MinibloomError, match=match):
+        widen_into(np.zeros(8, np.uint16), "F16", np.zeros(8, np.float32), **kw)
+
+
 @pytest.mark.parametrize("value", ["0", "off", "OFF", "false", "False", "no", "No", " off "])
 def test_minibloom_native_off_in_every_spelling(monkeypatch, value):
     monkeypatch.setattr(native, "_kernels", None)

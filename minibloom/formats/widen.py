@@ -169,6 +169,13 @@ def widen_into(src: np.ndarray, code: str, out: np.ndarray, *, where: str | None
     if not isinstance(code, str) or code not in ("F16", "BF16"):
         raise MinibloomError(f"widen: {code!r} is not a 16-bit float code")
     src = as_16bit(src)
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool)
+                                or not 1 <= threads <= 1024):
+        raise MinibloomError(f"widen: threads must be an integer in [1, 1024] or None, got {threads!r}"[:200])
+    if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
+        raise MinibloomError(f"widen: offset must be a non-negative integer, got {offset!r}"[:200])
+    if where is not None and not isinstance(where, str):
+        raise MinibloomError(f"widen: where must be a str (a name for messages) or None, got {type(where).__name__}")
     if not isinstance(out, np.ndarray) or out.shape != src.shape or out.dtype not in (np.float32, np.float64) \
             or not out.flags.c_contiguous or not out.flags.writeable:
         raise MinibloomError(f"widen: cannot widen {src.shape} into {getattr(out, 'dtype', type(out).__name__)} "
