@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MinibloomError, shown
+from .textfile import read_bytes  # a regular file only (a FIFO would block), its size checked before reading
 
 MAX_DEPTH = 64  # real BLOOM configs nest 3 levels deep, tokenizer.json about 6
 MAX_BYTES = 64 * 2**20  # tokenizer.json of BLOOM's 250880-token vocabulary is ~14 MB
@@ -93,14 +94,7 @@ def _check_floats(value: Any, where: str) -> None:
 def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:
     """The JSON value in file ``path`` (size checked before reading)."""
     path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-        if size > max_bytes:
-            raise MinibloomError(f"{path}: {size} bytes of JSON, more than the {max_bytes} allowed")
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as e:
-        raise MinibloomError(f"{path}: cannot read ({e.strerror or e})") from None
+    raw = read_bytes(path, max_bytes)
     return parse_json(raw, path, max_bytes=max_bytes, max_depth=max_depth)
 
 

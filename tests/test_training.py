@@ -246,7 +246,7 @@ def test_cli_trains_and_reports(corpus, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "steps: must be an integer >= 1"),
+    (["--steps", "0"], "steps: must be an integer in [1, "),
     (["--batch", "4", "--accumulate", "3"], "accumulate: 3 does not divide batch 4"),
     (["--hidden", "30", "--heads", "4"], "hidden: 30 is not divisible by heads 4"),
     (["--data", "/nonexistent.txt"], "no such file"),

@@ -79,7 +79,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import sys
 
-    from ..training import TrainConfig, train
+    from ..training import TrainConfig, json_safe, train
 
     if not args.out and not args.resume:
         raise MinibloomError("train: give --out DIR (where the model goes)")
@@ -99,11 +99,12 @@ def run(args) -> int:
                 progress=not args.no_progress, log=log, **steps)
     m = res.metrics
     if args.json:
-        print(json.dumps({k: v for k, v in m.items()}, sort_keys=True))
+        print(json.dumps(json_safe(m), sort_keys=True, allow_nan=False))  # JSON has no NaN: null instead
     else:
         saved = f"; as saved ({args.save_dtype}): perplexity {m['val_ppl_as_saved']:.2f}" \
             if "val_ppl_as_saved" in m else ""
-        print(f"trained {m['steps']} steps in {m['train_wall_s']:.1f} s ({m['tokens_per_s']:,.0f} tokens/s); held-out "
+        rate = m["tokens_per_s"] or 0
+        print(f"trained {m['steps']} steps in {m['train_wall_s']:.1f} s ({rate:,.0f} tokens/s); held-out "
               f"loss {m['val_loss']:.4f} nats/token, perplexity {m['val_ppl']:.2f} over {m['val_tokens']} tokens"
               f"{saved}; model in {res.out}")
     return 0

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..backend import blas_threads
 from ..config import BloomConfig
-from ..errors import MinibloomError
+from ..errors import MinibloomError, shown
 from .weights import LAYER_TENSORS, Checkpoint, _progress, check_finite, check_tensors, nest
 from . import native
 from .widen import THREADS, pool, scratch, widen_into
@@ -54,20 +54,29 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+MAX_MEMORY = 2**60  # bytes: a budget above this (an exbibyte) is no budget a machine has; refused, never overflowed
+
+
 def parse_memory(value) -> int:
-    """``max_memory`` as bytes: an int (bytes) or a string such as "18GB", "18GiB", "500MB", "1.5 GB"."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    """``max_memory`` as bytes: an int (bytes) or a string such as "18GB", "18GiB", "500MB", "1.5 GB", at most
+    ``MAX_MEMORY``. The string is matched with bounded digits, so "9" * 400 + "GB" is refused, not an overflow."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         n = int(value)
     elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", value.upper())
+        m = re.fullmatch(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([KMGT]I?B|B)?\s*", value.upper(), flags=re.ASCII)
         if not m:
-            raise MinibloomError(f"max_memory: {value!r} is not a size (use bytes, or a string like '18GB', '18GiB', "
-                                 "'500MB')")
-        n = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+            raise MinibloomError(f"max_memory: {shown(value)} is not a size (use bytes, or a string like '18GB', "
+                                 "'18GiB', '500MB')")
+        whole, _, frac = m.group(1).partition(".")
+        unit = _UNITS[m.group(2) or ""]
+        n = int(whole) * unit + (int(frac) * unit) // 10 ** len(frac) if frac else int(whole) * unit
     else:
         raise MinibloomError(f"max_memory: expected bytes (int) or a string like '18GB', got {type(value).__name__}")
     if n < 0:
-        raise MinibloomError(f"max_memory: must not be negative, got {value!r}")
+        raise MinibloomError(f"max_memory: must not be negative, got {shown(value)}")
+    if n > MAX_MEMORY:
+        raise MinibloomError(f"max_memory: {shown(value)} is more than {MAX_MEMORY} bytes (2^60), more than any "
+                             "machine has")
     return n
 
 

@@ -15,7 +15,10 @@ every finite value, and NaN payloads then come out exactly as NumPy's cast makes
 
 Used only where all of this holds: Linux on x86-64, ``avx2`` and ``f16c`` in ``/proc/cpuinfo``, the page can be made
 executable, the kernels equal NumPy's conversion on all 65536 bit patterns (checked once, at first use), and the
-environment variable ``MINIBLOOM_NATIVE`` is not ``0``. Otherwise ``kernel`` returns None and the NumPy passes run.
+environment variable ``MINIBLOOM_NATIVE`` does not turn them off (``0``, ``off``, ``false``, ``no``, any case; an
+unrecognised value is a warning naming the variable, and the default, on, applies). Otherwise ``kernel`` returns None
+and the NumPy passes run. The caller hands a kernel only whole 16-element blocks of a 16-bit source: it reads
+``2 n`` bytes from ``src`` and nothing beyond (``widen._widen_native``).
 """
 
 from __future__ import annotations
@@ -183,10 +186,28 @@ def _self_check(kernels: dict) -> bool:
     return True
 
 
+OFF = ("0", "off", "false", "no")
+ON = ("", "1", "on", "true", "yes")
+
+
+def enabled() -> bool:
+    """Whether ``MINIBLOOM_NATIVE`` allows the kernels (unset: yes); an unknown value warns, naming the variable."""
+    value = os.environ.get("MINIBLOOM_NATIVE", "").strip().lower()
+    if value in OFF:
+        return False
+    if value not in ON:
+        import warnings
+
+        warnings.warn(f"MINIBLOOM_NATIVE={os.environ['MINIBLOOM_NATIVE']!r} is not one of {', '.join(ON[1:])} or "
+                      f"{', '.join(OFF)}; the machine-code widening stays on where the CPU allows", RuntimeWarning,
+                      stacklevel=3)
+    return True
+
+
 def _load() -> dict:
     global _page, reason
-    if os.environ.get("MINIBLOOM_NATIVE", "1") == "0":
-        reason = "MINIBLOOM_NATIVE=0"
+    if not enabled():
+        reason = f"MINIBLOOM_NATIVE={os.environ.get('MINIBLOOM_NATIVE')}"
         return {}
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         reason = f"not Linux on x86-64 ({sys.platform}, {platform.machine()})"
@@ -223,4 +244,7 @@ def kernel(code: str, dtype):
         with _lock:
             if _kernels is None:
                 _kernels = _load()
-    return _kernels.get((code, np.dtype(dtype).name))
+    try:
+        return _kernels.get((code, np.dtype(dtype).name))
+    except (TypeError, ValueError):  # not a dtype (or code unhashable): no kernel for it
+        return None

@@ -138,7 +138,9 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        from ..textfile import check_regular
+
+        self.path = check_regular(path)  # a FIFO would block open(), a device never ends
         try:
             self._f = open(self.path, "rb")
         except OSError as e:

@@ -147,13 +147,17 @@ def write_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, params: dic
     """``config.json`` + ``model.safetensors`` of an in-memory BLOOM (the nested NumPy parameter tree), under
     transformers' saved names, stored in ``dtype`` (float16, bfloat16, float32, float64): a checkpoint both
     transformers' ``from_pretrained`` and ``minibloom.load`` read. A tied head is stored once, as transformers does.
-    Returns the directory."""
+    A checkpoint already in ``directory`` is replaced: its shard index and the shards it names are removed (an index
+    left beside the new ``model.safetensors`` would win when loading). Returns the directory."""
     from .safetensors import save_file
 
-    if dtype not in STORED:
+    if not isinstance(dtype, str) or dtype not in STORED:
         raise MinibloomError(f"dtype: {dtype!r} cannot be stored (use one of {', '.join(STORED)})")
     directory = os.fspath(directory)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise MinibloomError(f"{directory}: exists and is not a directory")
     os.makedirs(directory, exist_ok=True)
+    remove_stale_shards(directory)
     flat = {k: np.asarray(v) for k, v in hf_names(params).items()}
     store = STORED[dtype]
     tensors = {k: v.astype(np.float32 if store is None else store) for k, v in flat.items()}
@@ -161,6 +165,28 @@ def write_checkpoint(directory: str | os.PathLike, cfg: BloomConfig, params: dic
               bf16=tuple(tensors) if store is None else ())
     write_config(directory, cfg, int(flat["transformer.word_embeddings.weight"].shape[0]), dtype)
     return directory
+
+
+def remove_stale_shards(directory: str) -> None:
+    """Remove the sharded weights of an earlier checkpoint in ``directory``: ``model.safetensors.index.json``, the
+    shards it names and any ``model-NNNNN-of-NNNNN.safetensors`` (a new single ``model.safetensors`` replaces them)."""
+    import re
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    shards = set()
+    if os.path.isfile(index):
+        try:
+            weight_map = read_json_object(index).get("weight_map")
+        except MinibloomError:
+            weight_map = None
+        if isinstance(weight_map, dict):
+            shards |= {v for v in weight_map.values() if isinstance(v, str) and os.path.basename(v) == v
+                       and v.endswith(".safetensors") and v != "model.safetensors"}
+    shards |= {n for n in os.listdir(directory) if re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)}
+    for name in sorted(shards) + (["model.safetensors.index.json"] if os.path.lexists(index) else []):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) or os.path.islink(path):
+            os.remove(path)
 
 
 def bare_name(key: str) -> str:

@@ -111,6 +111,8 @@ def _nonfinite(flat: np.ndarray, where: str, offset: int) -> None:
 
 def _widen_native(fn, src: np.ndarray, code: str, out: np.ndarray, where: str | None, offset: int) -> None:
     """``_widen_range`` with a machine-code loop (``native``); a block it flags (inf/NaN) is redone with NumPy."""
+    if src.itemsize != 2 or not src.flags.c_contiguous:  # a kernel reads 2 bytes per element: nothing past the end
+        raise MinibloomError(f"widen: the machine-code path needs contiguous 16-bit values, got {src.dtype}")
     src_at, out_at = src.__array_interface__["data"][0], out.__array_interface__["data"][0]
     for lo in range(0, src.size, CHUNK):
         hi = min(src.size, lo + CHUNK)
@@ -164,10 +166,21 @@ def widen_into(src: np.ndarray, code: str, out: np.ndarray, *, where: str | None
     ``finite``: ``src`` is known to hold no inf or NaN (it was checked before), which saves binary16 the pass that
     looks for them.
     """
-    if code not in ("F16", "BF16"):
+    if not isinstance(code, str) or code not in ("F16", "BF16"):
         raise MinibloomError(f"widen: {code!r} is not a 16-bit float code")
-    if out.shape != src.shape or out.dtype not in (np.float32, np.float64) or not out.flags.c_contiguous:
-        raise MinibloomError(f"widen: cannot widen {src.shape} into {out.dtype} {out.shape}")
+    src = as_16bit(src)
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool)
+                                or not 1 <= threads <= 1024):
+        raise MinibloomError(f"widen: threads must be an integer in [1, 1024] or None, got {threads!r}"[:200])
+    if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
+        raise MinibloomError(f"widen: offset must be a non-negative integer, got {offset!r}"[:200])
+    if where is not None and not isinstance(where, str):
+        raise MinibloomError(f"widen: where must be a str (a name for messages) or None, got {type(where).__name__}")
+    if not isinstance(out, np.ndarray) or out.shape != src.shape or out.dtype not in (np.float32, np.float64) \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise MinibloomError(f"widen: cannot widen {src.shape} into {getattr(out, 'dtype', type(out).__name__)} "
+                             f"{getattr(out, 'shape', '')} (a writable C-contiguous float32/float64 array of the "
+                             "source's shape)")
     flat_out = out.reshape(-1)
     flat = src.reshape(-1)  # a copy only for a strided source (a column slice)
     n = flat.size
@@ -186,4 +199,31 @@ def widen_into(src: np.ndarray, code: str, out: np.ndarray, *, where: str | None
 def widen(src: np.ndarray, code: str, dtype, *, where: str | None = None, threads: int | None = None,
           finite: bool = False) -> np.ndarray:
     """``src`` widened to ``dtype`` in a new array; see ``widen_into``."""
+    src = as_16bit(src)
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise MinibloomError(f"widen: {dtype!r} is not a dtype (float32 or float64)") from None
+    if dtype not in (np.float32, np.float64):
+        raise MinibloomError(f"widen: widens to float32 or float64, not {dtype}")
     return widen_into(src, code, np.empty(src.shape, dtype), where=where, threads=threads, finite=finite)
+
+
+def as_16bit(src) -> np.ndarray:
+    """The stored 16-bit values of ``src``: an array of any 2-byte type (uint16, int16, float16, bfloat16) as it is;
+    raw bytes (uint8 / int8, the last axis of even length) as the uint16 values they hold (that axis halved). Any
+    other dtype (float64, int32 ...) would be read as 16-bit patterns it does not hold: a MinibloomError naming it."""
+    if not isinstance(src, np.ndarray):
+        raise MinibloomError(f"widen: the source must be a NumPy array of 16-bit values, got {type(src).__name__}")
+    dt = src.dtype
+    if dt.fields is not None or dt.subdtype is not None or dt.hasobject:
+        raise MinibloomError(f"widen: the source's dtype {dt} is not a 16-bit type")
+    if dt.itemsize == 2 and dt.kind in "uifV":
+        return src
+    if dt.itemsize == 1 and dt.kind in "uiV" and src.ndim >= 1 and src.shape[-1] % 2 == 0:
+        return np.ascontiguousarray(src).view(np.uint16)  # reads exactly the bytes the array holds
+    if dt.itemsize == 1 and dt.kind in "uiV":
+        raise MinibloomError(f"widen: a {dt} source holds raw bytes of 16-bit values: its last axis must have an "
+                             f"even length, got shape {src.shape}")
+    raise MinibloomError(f"widen: the source's dtype {dt} is not a 16-bit type (give the stored uint16 / float16 / "
+                         "bfloat16 values, or their bytes as uint8)")
