@@ -8,7 +8,8 @@ import re
 
 from ..errors import MinibloomError
 
-_OPTIONS = (("out_dir", "--out"), ("like", "--like"), ("source", "SOURCE"), ("force", "--force"))
+_OPTIONS = (("out_dir", "--out"), ("like", "--like"), ("source", "SOURCE"), ("force", "--force"),
+            ("activations", "--activations"))
 
 
 def add_parser(sub) -> None:
@@ -25,6 +26,11 @@ def add_parser(sub) -> None:
                         "weights/, or hub repo id")
     p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must be empty or absent)")
     p.add_argument("--force", action="store_true", help="replace DIR as a whole if it exists")
+    p.add_argument("--activations", metavar="SCHEME",
+                   help="how the engine quantizes activations at run time, when its files do not say: "
+                        "int8-per-row (CTranslate2), uint8-per-tensor (ONNX Runtime dynamic), int8-per-group:N "
+                        "(OpenVINO's CPU dynamic quantization, N = DYNAMIC_QUANTIZATION_GROUP_SIZE, 32 by default), "
+                        "or none (weight-only); default: what the reader found in the files")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run)
 
@@ -43,7 +49,7 @@ def run(args) -> int:
     from ..oracle.dequantize import NOTE_FILE, dequantized_checkpoint
 
     try:
-        out = dequantized_checkpoint(args.source, args.out, args.like, force=args.force)
+        out = dequantized_checkpoint(args.source, args.out, args.like, force=args.force, activations=args.activations)
     except MinibloomError as e:
         raise MinibloomError(_cli_names(str(e))) from None
     with open(os.path.join(out, NOTE_FILE)) as f:

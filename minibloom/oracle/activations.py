@@ -108,6 +108,29 @@ def _check(scheme: str, group: int | None) -> None:
         raise MinibloomError(f"group: int8-per-group needs a positive group size, got {group!r}")
 
 
+def parse_scheme(value, group: int | None = None, what: str = "activations") -> tuple[str | None, int | None]:
+    """``"int8-per-group:32"`` / ``"int8-per-row"`` / ``"none"`` -> (scheme or None, group): how a run-time
+    activation quantization is named on the command line and in ``minibloom_dequantized.json``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "float", "")):
+        return None, None
+    if not isinstance(value, str):
+        raise MinibloomError(f"{what}: expected a scheme name such as 'int8-per-row', got {type(value).__name__}")
+    name, _, size = value.strip().partition(":")
+    if size:
+        if not size.isdigit() or len(size) > 7:
+            raise MinibloomError(f"{what}: group size {size[:20]!r} is not a positive integer")
+        group = int(size)
+    if name in ("int8-per-group",) and group is None:
+        raise MinibloomError(f"{what}: int8-per-group needs its group size, e.g. 'int8-per-group:32'")
+    _check(name if name in ACTIVATIONS else f"{name}", group if name == "int8-per-group" else None)
+    return name, (group if name == "int8-per-group" else None)
+
+
+# The emulations a correct engine with a recorded scheme may match: which one depends on the CPU it ran on (int8
+# products without VNNI saturate pairs at int16 in oneDNN and MKL), which the reference cannot know.
+EMULATIONS = {"int8-per-row": ("int8-per-row", "int8-per-row-sat16")}
+
+
 def quantize_activations(x, scheme: str, group: int | None = None) -> np.ndarray:
     """``x`` (the input of one product with a weight matrix, [..., in]) rounded as ``scheme`` rounds it, in float64.
 

@@ -316,7 +316,8 @@ def _write(out: str, force: bool, cfg, flat: dict, stored: str, note: dict, toke
         raise
 
 
-def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progress: bool = False) -> str:
+def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progress: bool = False,
+                           activations: str | None = None) -> str:
     """Write the same-weights reference of a quantized model to ``out_dir`` and return ``out_dir``.
 
     ``source``: a transformers BLOOM quantized in torch (in-memory module: optimum-quanto, torchao, HQQ,
@@ -331,12 +332,20 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
     float32 when every value is exactly a float32, else float64; plus ``minibloom_dequantized.json``. An existing,
     non-empty ``out_dir`` is refused unless ``force``, which replaces it as a whole. Every argument is checked before
     any work.
+
+    ``activations``: how the engine quantizes activations at run time, when its files do not say (OpenVINO's CPU
+    plugin decides at compile time: ``"int8-per-group:32"`` for its default dynamic quantization; ``"none"`` for a
+    weight-only run); default: what the reader found. Recorded in the note, where ``minibloom verify --kind
+    int8-activations`` reads it.
     """
     for flag, value in (("force", force), ("progress", progress)):
         if not isinstance(value, bool):
             raise MinibloomError(f"{flag}: expected True or False, got {value!r}")
     form, value = source_form(source)
     from ..bloom import Bloom
+    from .activations import parse_scheme
+
+    override = None if activations is None else parse_scheme(activations)
 
     if like is None or not isinstance(like, (str, os.PathLike, Bloom)):
         raise MinibloomError(f"like: expected the unquantized model (a checkpoint path, hub id or minibloom.Bloom), "
@@ -371,6 +380,8 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
         flat.pop("lm_head.weight", None)
     stored = "float32" if _exact_float32(flat.values()) else "float64"
     like_name = like_path or ("in-memory minibloom.Bloom" if isinstance(like, Bloom) else os.fspath(like))
+    if override is not None:
+        weights = dataclasses.replace(weights, activations=override[0], group=override[1])
     note = {"engine": weights.engine, "activations": weights.activations, "group": weights.group,
             "compute": weights.compute,
             "source": f"in-memory {type(value).__module__}.{type(value).__name__}" if form == "torch" else
