@@ -56,7 +56,7 @@ def run(args) -> int:
         note = json.load(f)
     summary = {"out": out, "engine": note["engine"], "activations": note["activations"], "compute": note["compute"],
                "from_engine": len(note["tensors"]), "from_model": len(note["from_model"]), "stored": note["stored"],
-               "tie_word_embeddings": note["tie_word_embeddings"]}
+               "tie_word_embeddings": note["tie_word_embeddings"], "differs_from_model": note["differs_from_model"]}
     kind = note["compute"] if note["activations"] is None else "int8-activations"  # the port's arithmetic
     nxt = f"minibloom verify CAND.npz --model {out} --kind {kind}"
     summary["next"] = nxt
@@ -71,5 +71,10 @@ def run(args) -> int:
     print(f"same-weights reference written to {out}")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    if note.get("differs_from_model"):
+        names = note["differs_from_model"]
+        print(f"  note: the engine's own float tensors differ from MODEL's in {len(names)} of them ("
+              f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): the reference holds MODEL's; a port "
+              "that loaded MODEL correctly matches it")
     print(f"next: {nxt}")
     return 0

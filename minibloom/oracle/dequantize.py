@@ -275,6 +275,36 @@ def _match(name: str, a: np.ndarray, refs: dict, went: dict) -> tuple[str, np.nd
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
+def _rounded(a: np.ndarray, fmt: str) -> np.ndarray:
+    """``a`` rounded to an engine's float storage format, back in float64."""
+    from ..formats.safetensors import round_to_bf16
+
+    if fmt == "float16":
+        return a.astype(np.float16).astype(np.float64)
+    if fmt == "bfloat16":
+        return round_to_bf16(a.astype(np.float32)).astype(np.float64)
+    if fmt == "float32":
+        return a.astype(np.float32).astype(np.float64)
+    raise MinibloomError(f"engine weights: unknown float storage format {fmt!r}")
+
+
+def _float_stored(weights: EngineWeights, model: dict) -> tuple[EngineWeights, dict, list[str]]:
+    """Split off the tensors the engine keeps in a float format (``EngineWeights.stored``): the reference holds
+    MODEL's values rounded to that format; the names whose engine values differ from those are returned too."""
+    if not weights.stored:
+        return weights, {}, []
+    floats, differs = {}, []
+    for name, fmt in sorted(weights.stored.items()):
+        if name not in model or name not in weights.matrices:
+            raise MinibloomError(f"engine tensor {name}: kept in {fmt} by the engine but not a tensor of MODEL")
+        a = np.asarray(weights.matrices[name], np.float64)
+        floats[name] = _rounded(model[name], fmt)
+        if a.shape != floats[name].shape or not np.array_equal(a, floats[name]):
+            differs.append(name)
+    rest = {n: v for n, v in weights.matrices.items() if n not in weights.stored}
+    return dataclasses.replace(weights, matrices=rest), floats, differs
+
+
 def _exact_float32(arrays) -> bool:
     return all(np.array_equal(a.astype(np.float32).astype(np.float64), a) for a in arrays)
 
@@ -369,7 +399,10 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
     flat = {k: np.asarray(v, np.float64) for k, v in flatten(model.params).items()}
     cfg = model.config
     tied = bool(cfg.tie_word_embeddings) or "lm_head.weight" not in flat
-    mapped, went = assign(weights, flat, tied)
+    weights, floats, differs = _float_stored(weights, flat)
+    mapped, went = assign(weights, flat, tied) if weights.matrices or not floats else ({}, {})
+    mapped.update(floats)
+    went.update({n: n for n in floats})
     if tied and "lm_head.weight" in mapped:  # a quantized head on a tied model: write it untied
         cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
         tied = False
@@ -388,6 +421,7 @@ def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progre
             os.path.abspath(os.fspath(value)),
             "like": os.path.abspath(like_name) if like_path else like_name, "stored": stored,
             "tie_word_embeddings": bool(cfg.tie_word_embeddings), "tensors": went,
-            "from_model": sorted(k for k in flat if k not in mapped), "notes": list(weights.notes)}
+            "from_model": sorted(k for k in flat if k not in mapped), "notes": list(weights.notes),
+            "differs_from_model": differs}
     _write(out, force, cfg, flat, stored, note, _tokenizer_dir(like_path))
     return out

@@ -42,3 +42,8 @@ class EngineWeights:
     compute: str = "float32"  # the precision of the engine's floating-point arithmetic
     group: int | None = None  # activation group size for "int8-per-group"
     notes: list[str] = field(default_factory=list)
+    # BLOOM names of ``matrices`` the engine keeps in a floating-point format rather than as integers ("float16",
+    # "bfloat16", "float32"): the reference takes MODEL's tensor rounded to that format (what a correct load of MODEL
+    # multiplies by), so a port that dropped or swapped one is still caught; where the engine's values differ from
+    # it, ``minibloom dequantize`` says so.
+    stored: dict[str, str] = field(default_factory=dict)

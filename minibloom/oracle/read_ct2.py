@@ -211,6 +211,7 @@ def read(model_dir: str) -> EngineWeights:
                              "TransformerDecoderSpec)")
     n_head = _n_head(path, variables)
     matrices: dict[str, np.ndarray] = {}
+    stored: dict[str, str] = {}
     for name in list(variables) + list(aliases):
         scope, _, field = name.rpartition("/")
         target = aliases.get(name, name)  # an alias (a tied head, equal tensors) reads its variable
@@ -226,6 +227,7 @@ def read(model_dir: str) -> EngineWeights:
             arr = dequantize(value, variables[target + "_scale"], f"{path}: {name}")
         elif dtypes[target] in ("float16", "bfloat16") and bloom is not None:
             arr = value.astype(np.float64)
+            stored[bloom] = dtypes[target]
         else:
             continue
         if ".query_key_value." in bloom:
@@ -243,7 +245,8 @@ def read(model_dir: str) -> EngineWeights:
         notes.append("int8 compute quantizes every linear layer's input per row (the head's too); a float "
                      "compute_type runs these weights in float")
     return EngineWeights(engine=f"ctranslate2 model.bin v{head['version']} {weights_type}", matrices=matrices,
-                         activations="int8-per-row" if int8 else None, compute="float32", notes=notes)
+                         activations="int8-per-row" if int8 else None, compute="float32", notes=notes,
+                         stored=stored)
 
 
 def _weights_type(variables: dict, dtypes: dict) -> str:
