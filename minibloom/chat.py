@@ -145,6 +145,9 @@ def render_template(source: str, where: str, **context) -> str:
     """Render an untrusted Jinja ``source`` in a sandbox with limits on output size, loop steps, time and recursion;
     every failure is a MinibloomError naming ``where``. (jinja2's sandbox blocks attribute escapes; it does not bound
     work: ``range(10**9)``, ``'a' * 10**10``, ``'%999999999s'|format``, nested loops or ``lipsum(10**8)``.)"""
+    where = where if isinstance(where, str) else "chat_template"
+    if not isinstance(source, str):
+        raise MinibloomError(f"{where}: a chat_template must be a string of Jinja source, got {type(source).__name__}")
     try:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -16,5 +16,8 @@ def shown(v, width: int = 60) -> str:
         v = v.item()
     elif isinstance(v, (list, tuple)) and any(isinstance(x, np.generic) for x in v[:20]):
         v = [x.item() if isinstance(x, np.generic) else x for x in v[:20]] + (["..."] if len(v) > 20 else [])
-    s = repr(v)
+    try:
+        s = repr(v)
+    except (ValueError, RecursionError):  # an int past sys.get_int_max_str_digits, a self-nesting list
+        s = f"<an int of {v.bit_length()} bits>" if isinstance(v, int) else f"<a {type(v).__name__} too big to show>"
     return s if len(s) <= width else s[:width - 3] + "..."

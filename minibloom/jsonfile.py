@@ -49,10 +49,15 @@ def _no_duplicates(where: str):
     return hook
 
 
+class _Constant:
+    """What a ``NaN`` / ``Infinity`` / ``-Infinity`` literal parses to, so the error can name the key holding it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
 def _no_constant(where: str):
-    def hook(name):
-        raise MinibloomError(f"{where}: {name} is not valid JSON (only finite numbers are)")
-    return hook
+    return _Constant
 
 
 def parse_json(text: str | bytes, where: str, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:
@@ -78,16 +83,21 @@ def parse_json(text: str | bytes, where: str, *, max_bytes: int = MAX_BYTES, max
 
 
 def _check_floats(value: Any, where: str) -> None:
-    """Huge exponents (``1e999``) parse to inf without going through ``parse_constant``."""
-    stack = [value]
+    """No ``NaN`` / ``Infinity`` literal (parsed to ``_Constant``) and no huge exponent (``1e999`` parses to inf
+    without going through ``parse_constant``); the error names the key path that holds it."""
+    stack = [(value, "")]
     while stack:
-        v = stack.pop()
+        v, key = stack.pop()
+        at = f" {key[1:]} =" if key else ""
+        if isinstance(v, _Constant):
+            raise MinibloomError(f"{where}:{at} {v.name} is not valid JSON (only finite numbers are)")
         if isinstance(v, float) and not math.isfinite(v):
-            raise MinibloomError(f"{where}: a number out of range (only finite numbers are allowed)")
+            raise MinibloomError(f"{where}:{at[:-2] + ':' if at else ''} a number out of range (only finite numbers "
+                                 "are allowed)")
         if isinstance(v, dict):
-            stack.extend(v.values())
+            stack.extend((x, f"{key}.{k}") for k, x in v.items())
         elif isinstance(v, list):
-            stack.extend(v)
+            stack.extend((x, f"{key}[{i}]") for i, x in enumerate(v))
 
 
 def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:
