@@ -42,7 +42,8 @@ import numpy as np
 
 from .backward import token_nll
 from .bloom import Bloom, load
-from .distributed import ModelSpec, check_cluster_args, connect, map_ordered, worker_count, worker_model
+from .distributed import (CONNECT_TIMEOUT, ModelSpec, check_cluster_args, check_timeout, connect, map_ordered,
+                          worker_count, worker_model)
 from .errors import MinibloomError, shown
 from .generate import memory_bytes
 from .oracle.compare import kl_divergence
@@ -188,11 +189,69 @@ class _Session:
     models: list
 
 
+def _load_keywords() -> tuple[str, ...]:
+    """The ``minibloom.load`` keyword arguments a caller may pass as ``load_options`` (dtype and progress are set
+    here; the path is the model argument)."""
+    import inspect
+
+    return tuple(name for name, p in inspect.signature(load).parameters.items()
+                 if name not in ("path_or_repo_id", "dtype", "progress") and p.kind != p.VAR_KEYWORD)
+
+
 def _load_options(low_memory: bool, load_options: dict | None) -> dict:
+    """``load_options`` checked against ``minibloom.load``'s keyword parameters (before any model is loaded or any
+    cluster started), with ``low_memory``."""
+    if not isinstance(low_memory, (bool, np.bool_)):
+        raise MinibloomError(f"low_memory: must be True or False, got {shown(low_memory)}")
+    if load_options is not None and not isinstance(load_options, dict):
+        raise MinibloomError(f"load_options: expected a dict of minibloom.load keyword arguments, got "
+                             f"{type(load_options).__name__}")
     opts = dict(load_options or {})
+    known = _load_keywords()
+    for key in opts:
+        if key in ("dtype", "progress", "path_or_repo_id"):
+            raise MinibloomError(f"load_options: {shown(key)} is set by evaluate itself (use the dtype / model "
+                                 "arguments)")
+        if key not in known:
+            raise MinibloomError(f"load_options: {shown(key)} is not a minibloom.load keyword argument (it takes "
+                                 f"{', '.join(known)})")
     if low_memory:
         opts["low_memory"] = True
     return opts
+
+
+def _check_model_arg(model, name: str) -> None:
+    if model is not None and not isinstance(model, (Bloom, str, os.PathLike)):
+        raise MinibloomError(f"{name}: expected a Bloom, a path, a hub repo id or None, got {type(model).__name__}")
+
+
+def _check_dtype_arg(dtype, name: str = "dtype") -> None:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in ("float32", "float64")):
+        raise MinibloomError(f"{name}: must be 'float32', 'float64' or None, got {shown(dtype)}")
+
+
+def _check_client_arg(client) -> None:
+    """A Dask client, checked by what it must do (Dask itself is not imported for this)."""
+    if client is not None and not all(callable(getattr(client, m, None)) for m in ("submit", "scheduler_info",
+                                                                                     "cancel")):
+        raise MinibloomError(f"client: expected a dask.distributed.Client, got {type(client).__name__}")
+
+
+def _check_text_arg(text_or_ids) -> None:
+    if not isinstance(text_or_ids, (str, list, tuple, np.ndarray)):
+        raise MinibloomError(f"text_or_ids: expected a str or a sequence of token ids, got "
+                             f"{type(text_or_ids).__name__}")
+
+
+def _check_common(model, text_or_ids, dtype, progress, client, timeout) -> None:
+    """The arguments perplexity and kl share, typed and bounded before any work."""
+    _check_model_arg(model, "model")
+    _check_text_arg(text_or_ids)
+    _check_dtype_arg(dtype)
+    _check_client_arg(client)
+    check_timeout(timeout, "scheduler_timeout")
+    if not isinstance(progress, (bool, np.bool_)):
+        raise MinibloomError(f"progress: must be True or False, got {shown(progress)}")
 
 
 def _local_model(model, dtype: str | None, options: dict) -> Bloom:
@@ -216,7 +275,8 @@ def _spec(model, dtype: str | None, options: dict) -> ModelSpec:
 
 
 @contextmanager
-def _session(models: Sequence[tuple[Any, str | None, dict]], scheduler, workers, client) -> Iterator[_Session]:
+def _session(models: Sequence[tuple[Any, str | None, dict]], scheduler, workers, client,
+             timeout: float = CONNECT_TIMEOUT) -> Iterator[_Session]:
     """Load ``models`` [(model, dtype, load options)] here, or describe them to a Dask cluster: an existing
     ``client``, the scheduler at ``scheduler``, or a LocalCluster of ``workers`` processes started for this call."""
     check_cluster_args(scheduler, workers)
@@ -226,7 +286,7 @@ def _session(models: Sequence[tuple[Any, str | None, dict]], scheduler, workers,
     if client is not None and (scheduler is not None or workers is not None):
         raise MinibloomError("client: give a Dask client, a scheduler address or a number of workers, not several")
     specs = [_spec(m, d, o) for m, d, o in models]
-    with (nullcontext(client) if client is not None else connect(scheduler, workers)) as c:
+    with (nullcontext(client) if client is not None else connect(scheduler, workers, timeout=timeout)) as c:
         yield _Session(c, specs)
 
 
@@ -286,7 +346,7 @@ def _needs_tokens(ids: np.ndarray, what: str) -> None:
 def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Sequence[int] | np.ndarray, *,
                context: int = 1024, stride: int | None = None, dtype: str | None = None, low_memory: bool = False,
                load_options: dict | None = None, scheduler: str | None = None, workers: int | None = None,
-               client: Any = None, progress: bool = False) -> dict:
+               client: Any = None, progress: bool = False, scheduler_timeout: float = CONNECT_TIMEOUT) -> dict:
     """Perplexity of a text (or token ids) under ``model``, in the sliding windows of transformers' perplexity guide.
 
     ``model``: a loaded ``Bloom``, or a path / hub id / None (the default model) loaded with ``dtype`` (default
@@ -311,9 +371,10 @@ def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Seque
     is their exact sum rather than mean x count.
     """
     t0 = time.perf_counter()
+    _check_common(model, text_or_ids, dtype, progress, client, scheduler_timeout)
     context, stride = check_window_args(context, stride)
     options = _load_options(low_memory, load_options)
-    with _session([(model, dtype, options)], scheduler, workers, client) as s:
+    with _session([(model, dtype, options)], scheduler, workers, client, scheduler_timeout) as s:
         ids, _ = _prepare(s, text_or_ids)
         _needs_tokens(ids, "perplexity")
         ws = windows(len(ids), context, stride)
@@ -382,6 +443,20 @@ def _check_logits_file(path: str, logits, file_ids, file_ws, ids: np.ndarray, ws
         raise MinibloomError(f"{path}: logits over {logits.shape[1]} ids, but the reference's vocab has {vocab}")
 
 
+def _check_save_path(path) -> None:
+    """Where ``save_logits_to`` writes: a ``.npz`` name in an existing directory, checked before any work."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise MinibloomError(f"save_logits: expected a path ending in .npz, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path.lower().endswith(".npz"):
+        raise MinibloomError(f"save_logits: {path}: the file name must end in .npz")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise MinibloomError(f"save_logits: {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise MinibloomError(f"save_logits: {path}: the directory {parent} does not exist")
+
+
 def _stats(values: np.ndarray) -> dict:
     return {"mean": float(np.mean(values)), "max": float(values.max()), "min": float(values.min()),
             "median": float(np.median(values))}
@@ -391,7 +466,8 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
        text_or_ids: str | Sequence[int] | np.ndarray, *, context: int = 1024, stride: int | None = None,
        dtype: str | None = None, candidate_dtype: str | None = None, low_memory: bool = False,
        load_options: dict | None = None, save_logits_to: str | os.PathLike | None = None,
-       scheduler: str | None = None, workers: int | None = None, client: Any = None, progress: bool = False) -> dict:
+       scheduler: str | None = None, workers: int | None = None, client: Any = None, progress: bool = False,
+       scheduler_timeout: float = CONNECT_TIMEOUT) -> dict:
     """KL(P_ref || P_cand) per scored token over the windows of ``perplexity``, with llama.cpp's statistics.
 
     ``reference``: like ``perplexity``'s model. ``candidate``: another model (a ``Bloom``, or a path loaded with
@@ -409,10 +485,15 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
     ``seconds``, ``saved_logits``.
     """
     t0 = time.perf_counter()
+    _check_common(reference, text_or_ids, dtype, progress, client, scheduler_timeout)
+    _check_dtype_arg(candidate_dtype, "candidate_dtype")
+    if candidate is not None and not isinstance(candidate, (Bloom, str, os.PathLike, np.ndarray)):
+        raise MinibloomError(f"candidate: expected a Bloom, a path, a hub repo id, a logits file or an array, got "
+                             f"{type(candidate).__name__}")
     context, stride = check_window_args(context, stride)
     options = _load_options(low_memory, load_options)
-    if save_logits_to is not None and not os.fspath(save_logits_to).lower().endswith(".npz"):
-        raise MinibloomError(f"save_logits: {os.fspath(save_logits_to)}: the file name must end in .npz")
+    if save_logits_to is not None:
+        _check_save_path(save_logits_to)
     external = None
     if candidate is None:
         if save_logits_to is None:
@@ -428,7 +509,7 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
     models = [(reference, dtype, options)]
     if candidate is not None and external is None:
         models.append((candidate, candidate_dtype or dtype, options))
-    with _session(models, scheduler, workers, client) as s:
+    with _session(models, scheduler, workers, client, scheduler_timeout) as s:
         ids, vocab = _prepare(s, text_or_ids)
         _needs_tokens(ids, "kl")
         ws = windows(len(ids), context, stride)
