@@ -47,6 +47,7 @@ from .distributed import (CONNECT_TIMEOUT, ModelSpec, check_cluster_args, check_
 from .errors import MinibloomError, shown
 from .generate import memory_bytes
 from .oracle.compare import kl_divergence
+from .oracle.trace import read_npz
 
 MAX_CONTEXT = 1 << 16  # tokens in one window: attention alone holds H x context^2 scores
 KL_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)  # llama.cpp's list, with 95 and 90
@@ -129,6 +130,36 @@ def _encode(model: Bloom, text) -> tuple[np.ndarray | None, int]:
 
 def _encode_task(spec: ModelSpec, text) -> tuple[np.ndarray | None, int]:
     return _encode(worker_model(spec), text)
+
+
+def _vocabulary(m: Bloom | ModelSpec) -> tuple[int, list[str] | None]:
+    """(the model's vocab size, its tokenizer's tokens by id, or None without a tokenizer); on a worker for a spec."""
+    model = _model(m)
+    tok = model.tokenizer
+    if tok is None:
+        return model.vocab_size, None
+    return model.vocab_size, [tok.id_to_token(i) for i in range(tok.vocab_size)]
+
+
+def check_same_vocabulary(ref: tuple[int, list | None], cand: tuple[int, list | None], ref_name: str,
+                          cand_name: str) -> None:
+    """Refuse a candidate whose logits do not index the reference's tokens: another vocab size, or a tokenizer that
+    maps some id to another token (two ids swapped would otherwise compare the wrong tokens' logits and still give
+    KL 0 and top-1 1.0)."""
+    (nr, tr), (nc, tc) = ref, cand
+    if nr != nc:
+        raise MinibloomError(f"candidate {cand_name}: its vocabulary has {nc} ids and the reference's ({ref_name}) "
+                             f"{nr}; KL needs logits over the same ids")
+    if tr is None or tc is None:
+        return  # a model without tokenizer.json: only the sizes can be compared
+    n = max(len(tr), len(tc))
+    differ = [i for i in range(n) if (tr[i] if i < len(tr) else None) != (tc[i] if i < len(tc) else None)]
+    if differ:
+        shown_ids = ", ".join(f"{i} ({(tr[i] if i < len(tr) else None)!r} vs {(tc[i] if i < len(tc) else None)!r})"
+                              for i in differ[:5])
+        more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+        raise MinibloomError(f"candidate {cand_name}: its tokenizer differs from the reference's ({ref_name}) at "
+                             f"{len(differ)} token id(s): {shown_ids}{more}; KL needs the same tokenizer")
 
 
 # ---- one window ----------------------------------------------------------------------------------------------------
@@ -397,21 +428,20 @@ def read_logits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None,
     pickles; a ``.npy`` is memory-mapped)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise MinibloomError(f"{path}: no such logits file")
-    try:
-        if path.lower().endswith(".npy"):
+        raise MinibloomError(f"{path}: no such logits file (or not a regular file)")
+    if path.lower().endswith(".npy"):
+        try:
             logits, ids, ws = np.load(path, mmap_mode="r", allow_pickle=False), None, None
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                if "logits" not in z.files:
-                    raise MinibloomError(f"{path}: no 'logits' array in it (it holds {', '.join(z.files) or 'none'})")
-                logits = z["logits"]
-                ids = z["input_ids"] if "input_ids" in z.files else None
-                ws = z["windows"] if "windows" in z.files else None
-    except MinibloomError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        raise MinibloomError(f"{path}: not a readable .npy/.npz logits file ({e})") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise MinibloomError(f"{path}: not a readable .npy/.npz logits file ({e})") from None
+    else:  # one reader for untrusted .npz files: sizes bounded before allocating (minibloom.oracle.trace.read_npz)
+        z = read_npz(path, "logits file", ("logits", "input_ids", "windows"))
+        if "logits" not in z:
+            raise MinibloomError(f"{path}: no 'logits' array in it")
+        logits, ids, ws = z["logits"], z.get("input_ids"), z.get("windows")
+        for name, a in (("input_ids", ids), ("windows", ws)):
+            if a is not None and a.dtype.kind not in "iu":
+                raise MinibloomError(f"{path}: {name} must be integers, got {a.dtype}")
     if logits.ndim != 2 or logits.dtype.kind != "f":
         raise MinibloomError(f"{path}: logits must be a float array [tokens, V], got shape {logits.shape} and dtype "
                              f"{logits.dtype}")
@@ -515,6 +545,10 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
         ws = windows(len(ids), context, stride)
         scored = [w for w in ws if w.scored]
         ref, cand = s.models[0], (s.models[1] if len(s.models) > 1 else None)
+        if cand is not None:
+            vocabs = [_vocabulary(m) for m in (ref, cand)] if s.client is None else \
+                [f.result() for f in [s.client.submit(_vocabulary, m, pure=False) for m in (ref, cand)]]
+            check_same_vocabulary(vocabs[0], vocabs[1], _name(reference), _name(candidate))
         rows = [None] * len(scored)
         if external is not None:
             _check_logits_file(external[0], external[1], external[2], external[3], ids, ws, vocab)

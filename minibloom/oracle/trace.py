@@ -129,13 +129,20 @@ def _memory_bytes() -> int:
         return 1 << 34
 
 
-def _read_members(path: str) -> dict[str, np.ndarray]:
-    """The arrays of a trace .npz, each member's name, npy header, declared size and compression checked before
-    anything is allocated for it (np.load trusts all of them)."""
+def _read_members(path: str, kind: str = "trace", names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (a trace, or ``kind`` another .npz such as a logits file, of which only the members
+    ``names`` are read), each member's name, npy header, declared size and compression checked before anything is
+    allocated for it (np.load trusts all of them)."""
     import zipfile
 
-    if not zipfile.is_zipfile(path):
-        raise MinibloomError(f"{path}: not a .npz trace (not a zip archive; a plain .npy file renamed?)")
+    if not os.path.isfile(path):
+        raise MinibloomError(f"{path}: no such .npz {kind} (or not a regular file)")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise MinibloomError(f"{path}: cannot read ({e})") from None
+    if not is_zip:
+        raise MinibloomError(f"{path}: not a .npz {kind} (not a zip archive; a plain .npy file renamed?)")
     budget = _memory_bytes() // 2
     out = {}
     try:
@@ -143,9 +150,11 @@ def _read_members(path: str) -> dict[str, np.ndarray]:
             for info in z.infolist():
                 what = f"{path}: member {info.filename!r}"
                 if not info.filename.endswith(".npy"):
-                    raise MinibloomError(f"{what}: not a .npy array (an .npz trace holds only NAME.npy members)")
+                    raise MinibloomError(f"{what}: not a .npy array (an .npz {kind} holds only NAME.npy members)")
                 key = info.filename[:-4]
-                m = _LAYER_KEY.match(key)
+                if names is not None and key not in names:
+                    continue  # not read at all
+                m = _LAYER_KEY.match(key) if names is None else None
                 if m and int(m.group(2)) >= MAX_LAYERS:
                     raise MinibloomError(f"{what}: layer index {m.group(2)} (at most {MAX_LAYERS - 1})")
                 if info.file_size > 1 << 26 and info.file_size > MAX_COMPRESSION * max(info.compress_size, 1):
@@ -154,9 +163,19 @@ def _read_members(path: str) -> dict[str, np.ndarray]:
                 with z.open(info) as f:
                     out[key] = _read_npy(f, info.file_size, budget, what)
                 budget -= out[key].nbytes
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise MinibloomError(f"{path}: not a readable .npz trace ({type(e).__name__}: {e})") from None
+    except MinibloomError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError,
+            RuntimeError) as e:  # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
+        raise MinibloomError(f"{path}: not a readable .npz {kind} ({type(e).__name__}: {e})") from None
     return out
+
+
+def read_npz(path: str | os.PathLike, kind: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The members ``names`` (those present) of an untrusted ``.npz`` file, read as a trace's are: no pickles, each
+    member's declared size bounded by what the member holds and by memory before anything is allocated, every failure
+    a MinibloomError naming ``path`` (``kind`` says what the file is, e.g. "logits file")."""
+    return _read_members(os.fspath(path), kind, tuple(names))
 
 
 def _read_npy(f, file_size: int, budget: int, what: str) -> np.ndarray:
