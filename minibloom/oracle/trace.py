@@ -271,7 +271,36 @@ def _validate(raw: dict, path: str) -> dict:
         _check_shape(tr["logits"], (B, T, None), f"{path}: logits")
     else:
         tr["logits"] = None
+    _check_label_range(tr, path)
     return tr
+
+
+def _vocab_of(tr: dict) -> int | None:
+    """The vocab size a trace shows: its logits' last axis, else its embedding gradient's rows."""
+    if tr.get("logits") is not None:
+        return int(tr["logits"].shape[-1])
+    for name, g in (tr.get("grads") or {}).items():
+        if name.endswith("word_embeddings.weight") and g.ndim == 2:
+            return int(g.shape[0])
+    return None
+
+
+def _check_label_range(tr: dict, path: str) -> None:
+    """Labels are token ids of the trace's vocabulary or -100 (ignored): an id past it scores nothing real."""
+    lab = tr.get("labels")
+    if lab is None:
+        return
+    vocab = _vocab_of(tr)
+    hi = vocab if vocab is not None else 1 << 31
+    bad = (lab != IGNORE_LABEL) & ((lab < 0) | (lab >= hi))
+    if bad.any():
+        b, t = (int(i) for i in np.argwhere(bad)[0])
+        of = " of the trace's vocabulary" if vocab is not None else ""
+        raise MinibloomError(f"{path}: labels[{b}, {t}] = {int(lab[b, t])} is not a token id (0 .. {hi - 1}{of}) "
+                             "or -100")
+
+
+IGNORE_LABEL = -100  # transformers' ignore_index
 
 
 def _validate_grads(tr: dict, path: str, shape: tuple[int, int]) -> None:
@@ -332,7 +361,7 @@ def _check_shape(a: np.ndarray, want: tuple, what: str) -> None:
         raise MinibloomError(f"{what}: expected a float array, got dtype {a.dtype}")
     if a.ndim != len(want) or any(w is not None and s != w for s, w in zip(a.shape, want)):
         spec = ", ".join("*" if w is None else str(w) for w in want)
-        raise MinibloomError(f"{what}: shape {a.shape} does not match the input ids (expected [{spec}])")
+        raise MinibloomError(f"{what}: shape {a.shape} does not match input_ids [B, T] (expected [{spec}])")
 
 
 # ---- comparing two traces ------------------------------------------------------------------------------------
@@ -402,6 +431,21 @@ def layer_name(i: int, n_hidden: int) -> str:
     return f"block {i - 1}"
 
 
+def _array_of(v, what: str) -> np.ndarray:
+    """A trace dict's value as a NumPy array (a torch tensor or any array-like), or a MinibloomError naming it."""
+    if hasattr(v, "detach"):  # torch: NumPy cannot hold bfloat16, so widen first (no torch import)
+        v = v.detach().cpu()
+        v = v.double() if v.is_floating_point() else v
+        v = v.numpy()
+    try:
+        a = np.asarray(v)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise MinibloomError(f"{what}: not an array ({type(e).__name__}: {str(e)[:120]})") from None
+    if a.dtype.kind not in "fiubUS":
+        raise MinibloomError(f"{what}: an array of {a.dtype} (expected integers or real floats)")
+    return a
+
+
 def _as_trace(t, what: str) -> dict:
     if isinstance(t, (str, os.PathLike)):
         return load_trace(t)
@@ -412,9 +456,11 @@ def _as_trace(t, what: str) -> dict:
         for name in ("hidden_states", "attentions"):
             for i, a in enumerate(t.get(name) or []):
                 raw[f"{name}.{i}"] = np.asarray(a)
+        if not all(isinstance(k, str) for k in t) or not isinstance(t.get("grads") or {}, dict):
+            raise MinibloomError(f"{what}: a trace dict has string keys (input_ids, logits, ...) and grads a dict")
         for name, g in (t.get("grads") or {}).items():
-            raw[f"grad.{name}"] = np.asarray(g)
-        out = _validate({k: np.asarray(v) for k, v in raw.items()}, what)
+            raw[f"grad.{name}"] = g
+        out = _validate({k: _array_of(v, f"{what}: {k}") for k, v in raw.items()}, what)
         out["meta"] = dict(t["meta"])
         return out
     raise MinibloomError(f"{what}: expected a trace dict or a path to a .npz trace, got {type(t).__name__}")
@@ -708,7 +754,12 @@ def verify_trace(candidate, model, kind: str | None = None):
     under the policy of ``kind`` (default: the candidate's ``meta`` kind / dtype)."""
     from .testing import policy_for, reference_model
 
-    cand = _as_trace(candidate, str(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate")
+    what = str(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate"
+    cand = _as_trace(candidate, what)
+    if cand["logits"] is None and cand["hidden_states"] is None:
+        raise MinibloomError(f"{what}: no logits to judge (verify compares logits and hidden states with minibloom's "
+                             "float64 run; a trace of gradients only can be compared with another trace: "
+                             "minibloom diff)")
     if kind is not None:
         policy_for(kind)  # a bad name fails here, naming the kinds
         cand["meta"] = {**cand["meta"], "kind": kind}
