@@ -12,8 +12,10 @@ maximum, percentiles and minimum, and the share of tokens where both models rank
 
 Exact reduction: every window returns its per-token float64 negative log-likelihoods (and KL values); they are put
 back in window order and summed with ``math.fsum`` (the correctly rounded sum), so the result does not depend on how
-windows were spread over workers, or in what order they finished. Each window is one forward pass of batch 1, the
-same on any process.
+windows were spread over workers, or in what order they finished. Each window is one forward pass of batch 1 with
+OpenBLAS held to one thread (``minibloom.backend.one_blas_thread``; another thread count may split a product
+differently and change float32's last bits), the same on any process: this process runs several windows side by side
+instead, one per BLAS thread it would have used.
 
 The candidate of ``kl`` can also be logits an external engine computed (llama.cpp, ONNX Runtime, ...) for the same
 windows, as a **logits file**: a ``.npy`` array, or a ``.npz`` with ``logits`` (and optionally ``input_ids`` and
@@ -41,6 +43,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backward import token_nll
+from .backend import one_blas_thread, openblas_threads
 from .bloom import Bloom, load
 from .distributed import (CONNECT_TIMEOUT, ModelSpec, check_cluster_args, check_timeout, connect, map_ordered,
                           worker_count, worker_model)
@@ -182,7 +185,8 @@ def _window_logits(model: Bloom, window_ids: np.ndarray, skip: int) -> np.ndarra
     if need > have:
         raise MinibloomError(f"context: a window of {len(window_ids)} tokens needs about {need / 2**30:.1f} GiB and "
                              f"this process can take {have / 2**30:.1f} GiB; use a smaller context")
-    return model(window_ids[None])[0, skip - 1:-1]
+    with one_blas_thread():  # the same BLAS thread count on this process and on every worker: the same bits
+        return model(window_ids[None])[0, skip - 1:-1]
 
 
 def _nll_task(model: Bloom | ModelSpec, window_ids: np.ndarray, skip: int) -> np.ndarray:
@@ -333,14 +337,47 @@ def _prepare(session: _Session, text_or_ids) -> tuple[np.ndarray, int]:
     return (ids if ids is not None else _id_array(text_or_ids, vocab)), vocab
 
 
-def _run(session: _Session, fn, tasks: list[tuple], bar) -> list:
-    if session.client is None:
+def _side_by_side(models: list[Bloom], context: int) -> int:
+    """How many windows this process runs at once: each runs on one BLAS thread (``one_blas_thread``), so one per
+    thread OpenBLAS would have used, as many as memory holds; one for a model with memory-mapped or quantized
+    weights (its low-memory products have threads of their own)."""
+    threads = openblas_threads() or 1
+    if threads <= 1:
+        return 1
+    for m in models:
+        try:
+            m.trainable()  # every weight a plain array in memory
+        except MinibloomError:
+            return 1
+    need = sum(window_bytes(m, context) for m in models)
+    return max(1, min(threads, os.cpu_count() or 1, memory_bytes() // max(2 * need, 1)))
+
+
+def _run(session: _Session, fn, tasks: list[tuple], bar, context: int = MAX_CONTEXT) -> list:
+    """``[fn(*args) for args in tasks]`` in order: on this process (windows side by side on a thread pool, each on
+    one BLAS thread) or on the Dask workers."""
+    if session.client is not None:
+        return map_ordered(session.client, fn, tasks, bar.update)
+    n = _side_by_side([m for m in session.models if isinstance(m, Bloom)], context)
+    if n == 1:
         out = []
         for args in tasks:
             out.append(fn(*args))
             bar.update()
         return out
-    return map_ordered(session.client, fn, tasks, bar.update)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n, thread_name_prefix="minibloom-window") as pool:
+        futures = [pool.submit(fn, *args) for args in tasks]
+        try:
+            out = []
+            for f in futures:  # in submission order: the results stay in window order
+                out.append(f.result())
+                bar.update()
+            return out
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -387,8 +424,10 @@ def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Seque
 
     Spread over Dask with ``workers=N`` (a LocalCluster of N one-thread processes, started and closed by this call),
     ``scheduler="tcp://HOST:8786"`` (an existing cluster) or ``client`` (a ``dask.distributed.Client``); the model
-    must then be a path, which every worker loads once. The result is the same to the last bit however the windows
-    are spread.
+    must then be a path, which every worker loads once. The result is the same to the last bit, in float32 and
+    float64, however the windows are spread (every window runs on one OpenBLAS thread, here and on the workers;
+    with the same NumPy and BLAS build on the same kind of CPU). ``scheduler_timeout``: seconds to wait for
+    ``scheduler`` (the wait is announced on stderr) before a MinibloomError.
 
     Returns a dict: ``perplexity`` = exp(nll / tokens); ``nll``, the exact float64 sum (``math.fsum``) of the
     per-token negative log-likelihoods (nats); ``tokens``, how many tokens were scored; ``input_tokens``,
@@ -412,7 +451,7 @@ def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Seque
         tasks = [(s.models[0], ids[w.begin:w.end], w.skip) for w in ws if w.scored]
         with _bar(len(ws), "perplexity", progress) as bar:
             bar.update(len(ws) - len(tasks))
-            nll, tokens = _fsum(_run(s, _nll_task, tasks, bar))
+            nll, tokens = _fsum(_run(s, _nll_task, tasks, bar, context))
         dtype_used = s.models[0].dtype
         out = {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens, "model": _name(model),
                "dtype": dtype_used, **_common(s, len(ids), ws, context, stride, t0)}
@@ -559,7 +598,7 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
         fn = _kl_task if (cand is not None or external is not None) else _ref_only_task
         with _bar(len(ws), "kl", progress) as bar:
             bar.update(len(ws) - len(tasks))
-            parts = _run(s, fn, tasks, bar)
+            parts = _run(s, fn, tasks, bar, context)
         common = _common(s, len(ids), ws, context, stride, t0)
         dtype_used = ref.dtype
         cand_dtype = cand.dtype if cand is not None else None

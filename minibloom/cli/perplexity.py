@@ -52,8 +52,10 @@ def add_parser(sub) -> None:
                        description="Tokenize FILE whole, run windows of up to C tokens starting every S tokens and "
                                    "score each token once (no earlier window scored it, and its window has at "
                                    "least one token before it); perplexity = exp(sum nll / tokens scored), the sum "
-                                   "exact in float64. The result is the same to the last bit on this process and "
-                                   "on any number of Dask workers.",
+                                   "exact in float64. Every window runs on one OpenBLAS thread (this process runs "
+                                   "several side by side), so the result is the same to the last bit, in float32 "
+                                   "and float64, on this process and on any number of Dask workers with the same "
+                                   "NumPy and BLAS build on the same kind of CPU.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_options(p)
     p.set_defaults(func=run)
