@@ -229,8 +229,11 @@ def _load_keywords() -> tuple[str, ...]:
     here; the path is the model argument)."""
     import inspect
 
-    return tuple(name for name, p in inspect.signature(load).parameters.items()
-                 if name not in ("path_or_repo_id", "dtype", "progress") and p.kind != p.VAR_KEYWORD)
+    from . import bloom
+
+    return tuple(name for name, p in inspect.signature(bloom.load).parameters.items()
+                 if name not in ("path_or_repo_id", "dtype", "progress")
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def _load_options(low_memory: bool, load_options: dict | None) -> dict:
