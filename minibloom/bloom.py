@@ -27,7 +27,8 @@ def _dtype_name(dtype) -> str:
     except Exception:  # NumPy raises TypeError, ValueError (a negative field offset), RecursionError ...
         name = None
     if name not in DTYPES:
-        raise MinibloomError(f"dtype: {shown(dtype)} is not supported (use 'float32', or 'float64' for the oracle mode)")
+        raise MinibloomError(f"dtype: {shown(dtype)} is not supported (use 'float32', or 'float64' for the oracle "
+                             "mode)")
     return name
 
 

@@ -155,7 +155,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, *,
               flush=True)
         try:
             client = dd.Client(address, timeout=timeout)
-        except Exception as e:  # noqa: BLE001 - OSError / TimeoutError, or distributed's own ValueError, CommClosedError
+        except Exception as e:  # noqa: BLE001 - OSError, TimeoutError, distributed's ValueError / CommClosedError
             raise MinibloomError(f"--scheduler {scheduler}: cannot connect within {timeout:g} s "
                                  f"({type(e).__name__}: {str(e)[:200]})") from None
         try:

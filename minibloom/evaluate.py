@@ -52,6 +52,8 @@ from .generate import memory_bytes
 from .oracle.compare import kl_divergence
 from .oracle.trace import read_npz
 
+MAX_TOKENS = 1 << 40  # ids in one text (far beyond any corpus a process tokenizes whole)
+MAX_WINDOWS = 1 << 24  # windows of one run: each is a task (and a Dask future) of its own
 MAX_CONTEXT = 1 << 16  # tokens in one window: attention alone holds H x context^2 scores
 KL_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)  # llama.cpp's list, with 95 and 90
 LOGITS_SUFFIXES = (".npy", ".npz")
@@ -99,6 +101,12 @@ def check_window_args(context, stride=None) -> tuple[int, int]:
 def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     """The guide's windows over ``n_tokens`` ids: begins 0, stride, ..., until one reaches the end."""
     context, stride = check_window_args(context, stride)
+    n_tokens = _positive_int(n_tokens, "n_tokens")
+    if not 0 <= n_tokens <= MAX_TOKENS:
+        raise MinibloomError(f"n_tokens: must be from 0 to {MAX_TOKENS}, got {n_tokens}")
+    if n_tokens // stride > MAX_WINDOWS:
+        raise MinibloomError(f"stride: {n_tokens} tokens in steps of {stride} make more than {MAX_WINDOWS} windows; "
+                             "use a larger stride")
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context, n_tokens)
@@ -468,6 +476,8 @@ def is_logits_file(candidate) -> bool:
 def read_logits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(logits [tokens, V], input_ids or None, windows [W, 3] or None) from a ``.npy`` / ``.npz`` logits file (never
     pickles; a ``.npy`` is memory-mapped)."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise MinibloomError(f"logits file: expected a path to a .npy or .npz file, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MinibloomError(f"{path}: no such logits file (or not a regular file)")
@@ -492,9 +502,8 @@ def read_logits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None,
 
 def save_logits(path: str | os.PathLike, logits: np.ndarray, input_ids: np.ndarray, ws: Sequence[Window]) -> None:
     """Write a ``.npz`` logits file (the format ``kl`` reads as a candidate)."""
+    _check_save_path(path)
     path = os.fspath(path)
-    if not path.lower().endswith(".npz"):
-        raise MinibloomError(f"save_logits: {path}: the file name must end in .npz")
     table = np.array([(w.begin, w.end, w.first) for w in ws], np.int64).reshape(-1, 3)
     np.savez(path, logits=logits, input_ids=np.asarray(input_ids, np.int64), windows=table)
 

@@ -589,3 +589,20 @@ for case in cases:
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stdout.count("REFUSED") == 5, r.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (("x", 4, 2), "n_tokens: must be an integer"), ((10**13, 4, 2), "n_tokens: must be from 0"),
+    ((-1, 4, 2), "n_tokens"), ((10**9, 4, 1), "more than 16777216 windows"), ((10, 4, 2.0), "stride"),
+])
+def test_windows_of_junk_or_too_many_are_refused(args, match):
+    with bounded(seconds=5, megabytes=256), pytest.raises(MinibloomError, match=match):
+        E.windows(*args)
+
+
+@pytest.mark.parametrize("path", [5, b"x.npz", None, ["a.npz"]])
+def test_logits_file_functions_refuse_a_non_path(path):
+    with pytest.raises(MinibloomError, match="logits file: expected a path"):
+        E.read_logits(path)
+    with pytest.raises(MinibloomError, match="save_logits"):
+        E.save_logits(path, np.zeros((1, 2), np.float32), np.arange(2), E.windows(2, 2, 1))

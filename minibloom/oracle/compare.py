@@ -64,7 +64,8 @@ def random_prompts(vocab: int, n: int = 4, length: int = 64, seed: int = 0) -> n
 def _prompt_rows(prompts, vocab: int) -> list[np.ndarray]:
     """``prompts`` as checked 1-D int64 rows: each non-empty, integers in [0, vocab); errors name the prompt."""
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
-        raise MinibloomError(f"prompts: expected an id array [N, T] or a list of id lists, got {type(prompts).__name__}")
+        raise MinibloomError(f"prompts: expected an id array [N, T] or a list of id lists, got "
+                             f"{type(prompts).__name__}")
     if len(prompts) == 0:
         raise MinibloomError("prompts: the prompt set is empty")
     rows = []
