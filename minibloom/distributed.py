@@ -164,8 +164,13 @@ def connect(scheduler: str | None = None, workers: int | None = None, *,
             client.close()
         return
     # memory_limit=0: no spilling or pausing by Dask's memory monitor; a worker's memory is its model and one window
-    with dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                         memory_limit=0, silence_logs=40) as cluster, dd.Client(cluster) as client:
+    try:
+        cluster = dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  memory_limit=0, silence_logs=40)
+    except Exception as e:  # noqa: BLE001 - no ports, no process spawning, a worker dying at start ...
+        raise MinibloomError(f"--workers {workers}: cannot start a local Dask cluster ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+    with cluster, dd.Client(cluster) as client:
         yield client
 
 
