@@ -33,8 +33,6 @@ STATE_PREFIX = "quant_state.bitsandbytes__"
 QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 OUT_DTYPES = ("float16", "bfloat16", "float32")
 MAX_BLOCKSIZE = 1 << 16  # bitsandbytes uses 64 .. 4096
-
-
 F32_MAX = float(np.finfo(np.float32).max)  # nested_offset is added in float32
 
 
