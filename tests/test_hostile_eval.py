@@ -606,3 +606,16 @@ def test_logits_file_functions_refuse_a_non_path(path):
         E.read_logits(path)
     with pytest.raises(MinibloomError, match="save_logits"):
         E.save_logits(path, np.zeros((1, 2), np.float32), np.arange(2), E.windows(2, 2, 1))
+
+
+@pytest.mark.parametrize("members, match", [
+    ({"grad.lm_head.weight": np.zeros((4, 4))}, "no logits to judge"),
+    ({"logits": np.zeros((1, 3, 8)) + 1j}, "logits: expected a float array, got dtype complex128"),
+    ({"logits": np.zeros((1, 3, 8)), "labels": np.array([[1, 2, 500]])}, r"labels\[0, 2\] = 500"),
+    ({"logits": np.zeros((1, 4, 8))}, r"logits: shape \(1, 4, 8\) does not match input_ids"),
+])
+def test_cli_verify_refuses_in_one_line(capsys, tmp_path, members, match):
+    path = tmp_path / "cand.npz"
+    np.savez(path, input_ids=np.array([[1, 2, 3]]), **members)
+    rc, out, err = cli(capsys, "verify", str(path), "--model", DEFAULT)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and re.search(match, err), err
