@@ -554,8 +554,10 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
     ``reference``: like ``perplexity``'s model. ``candidate``: another model (a ``Bloom``, or a path loaded with
     ``candidate_dtype``, default ``dtype``, and the same load options), a logits file (``.npy`` / ``.npz``, see the
     module docstring) or an array [tokens, V] of logits from an external engine; or None with ``save_logits_to``
-    only (the reference's perplexity and its logits file). ``save_logits_to``: write the reference's logits there
-    (``.npz``). Dask: as ``perplexity``.
+    only (the reference's perplexity and its logits file). A candidate model must index the reference's tokens: the
+    same vocab size and, where both have a tokenizer, the same token at every id (otherwise a MinibloomError names
+    the ids that differ). ``save_logits_to``: write the reference's logits there (``.npz``). Dask: as
+    ``perplexity``.
 
     Returns a dict: the reference's ``perplexity``, ``nll``, ``tokens`` (as ``perplexity`` returns them) and the
     candidate's ``perplexity_candidate``, ``nll_candidate``, ``ln_ppl_ratio`` (ln(PPL_cand / PPL_ref)); ``kl_mean``
