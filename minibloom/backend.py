@@ -129,6 +129,44 @@ def blas_threads(n: int):
             set_(before)
 
 
+_one_thread = {"holders": 0, "before": None}
+_one_lock = threading.Lock()  # not _blas_lock: a caller may be inside blas_threads already
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Run the block with OpenBLAS on one thread, whatever other threads of this process do meanwhile: the first of
+    several overlapping blocks (window tasks on a pool or on a Dask worker's threads) sets the count to 1, the last
+    one to leave restores it. Unlike ``blas_threads`` no lock is held inside the block, so the blocks run side by
+    side (and a ``blas_threads(1)`` inside one finds the count at 1 and leaves it there; one inside a
+    ``blas_threads`` block restores that block's count).
+
+    What for: OpenBLAS may split a product differently with another thread count, and float32 results can then differ
+    in the last bits; one thread everywhere makes a window's logits the same on this process and on any worker."""
+    get, set_ = _openblas_function("get_num_threads"), _openblas_function("set_num_threads")
+    if get is None or set_ is None:
+        yield
+        return
+    with _one_lock:
+        if _one_thread["holders"] == 0:
+            _one_thread["before"] = get()
+            set_(1)
+        _one_thread["holders"] += 1
+    try:
+        yield
+    finally:
+        with _one_lock:
+            _one_thread["holders"] -= 1
+            if _one_thread["holders"] == 0:
+                set_(_one_thread["before"])
+
+
+def openblas_threads() -> int | None:
+    """OpenBLAS's current thread count in this process, or None where NumPy uses another BLAS."""
+    get = _openblas_function("get_num_threads")
+    return None if get is None else int(get())
+
+
 @functools.cache
 def _openblas_function(what: str):
     """OpenBLAS's ``openblas_<what>`` (under any of the names its builds export) from the OpenBLAS this process has

@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from .errors import MinibloomError
+
 DEFAULT_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "minibloom-bench", "bloom-560m-f32")
 
 PROMPT, NEW, LONG, BATCH = 16, 64, 512, 8
@@ -94,6 +96,21 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _blas_threads_info() -> list[dict]:
+    """The BLAS thread pools of this process: threadpoolctl's view where it is installed (it is in the test extra,
+    not in a plain install), else OpenBLAS's own thread count (``minibloom.backend``), else nothing known."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        from .backend import _openblas_function
+
+        get = _openblas_function("get_num_threads")
+        if get is None:
+            return [{"internal_api": "unknown (pip install threadpoolctl to see it)"}]
+        return [{"internal_api": "openblas", "num_threads": int(get()), "architecture": None}]
+    return [{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")} for d in threadpool_info()]
 
 
 def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -182,9 +199,7 @@ def worker(engine: str, path: str) -> None:
         if op == "quit":
             break
         if op == "threads":
-            from threadpoolctl import threadpool_info
-
-            info = [{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")} for d in threadpool_info()]
+            info = _blas_threads_info()
             if engine == "transformers":
                 info.append({"torch.get_num_threads": eng.torch.get_num_threads()})
             out.write(json.dumps({"threads": info}) + "\n")
@@ -218,7 +233,8 @@ class Worker:
     def _read(self) -> dict:
         line = self.p.stdout.readline()
         if not line:
-            raise RuntimeError(f"{self.engine} worker died (exit code {self.p.wait()})")
+            raise MinibloomError(f"bench: the {self.engine} worker process ended (exit code {self.p.wait()}; its "
+                                 "error is the line above)")
         return json.loads(line)
 
     def ask(self, op: str, **kw) -> dict:
@@ -545,7 +561,11 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=["minibloom", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.dir)
+        try:
+            worker(args.worker, args.dir)
+        except (ImportError, MemoryError, OSError, ValueError) as e:  # one line for the parent to point at
+            print(f"{args.worker} worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return 1
         return 0
     if os.environ.get("OPENBLAS_CORETYPE"):
         print(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; it can pick a slower kernel "

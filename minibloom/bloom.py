@@ -16,18 +16,22 @@ from . import fast
 from . import model as M
 from .backend import Backend
 from .config import DTYPES, BloomConfig
-from .errors import MinibloomError
+from .errors import MinibloomError, shown
 from .backward import IGNORE_INDEX, check_labels
 from .formats.weights import flatten, hf_names
+
+
+SMALL_FORWARD_BYTES = 1 << 26  # forward passes below this size skip the memory check
 
 
 def _dtype_name(dtype) -> str:
     try:
         name = np.dtype(dtype).name
-    except TypeError:
-        name = str(dtype)
+    except Exception:  # NumPy raises TypeError, ValueError (a negative field offset), RecursionError ...
+        name = None
     if name not in DTYPES:
-        raise MinibloomError(f"dtype: {dtype!r} is not supported (use 'float32', or 'float64' for the oracle mode)")
+        raise MinibloomError(f"dtype: {shown(dtype)} is not supported (use 'float32', or 'float64' for the oracle "
+                             "mode)")
     return name
 
 
@@ -106,6 +110,36 @@ class Bloom:
             raise MinibloomError("attention_mask: values must be 0 (padding) or 1 (token)")
         return m.astype(np.int64)
 
+    def forward_bytes(self, batch: int, seq: int, past: int = 0, logits: str = "all", hidden_states: bool = False,
+                      attentions: bool = False) -> int:
+        """About the memory one forward pass over ``batch`` x ``seq`` new positions takes: one layer's attention
+        scores and a dozen hidden-state-sized arrays (the MLP's 4x included), the logits (all or the last position's)
+        and the per-layer outputs asked for."""
+        c, item = self.config, np.dtype(self.dtype).itemsize
+        B, T, K = int(batch), int(seq), int(past) + int(seq)
+        scores = B * c.n_head * T * K
+        hidden = B * T * c.hidden_size
+        rows = {"all": B * T, "last": B, "none": 0}[logits]
+        n = 2 * scores + 12 * hidden + rows * self.vocab_size
+        n += (c.n_layer + 1) * hidden if hidden_states else 0
+        n += c.n_layer * scores if attentions else 0
+        return n * item
+
+    def _check_memory(self, shape: tuple[int, int], past: int, logits: str, hidden_states: bool,
+                      attentions: bool) -> None:
+        """Refuse at once a batch whose forward pass cannot fit this process's memory (a million rows would otherwise
+        run for minutes and then fail to allocate its logits)."""
+        from .generate import memory_bytes
+
+        need = self.forward_bytes(shape[0], shape[1], past, logits, hidden_states, attentions)
+        if need <= SMALL_FORWARD_BYTES:  # a decoding step: not worth reading /proc for
+            return
+        have = memory_bytes()
+        if need > have:
+            raise MinibloomError(f"input_ids: a batch of shape {tuple(shape)} needs about {need / 2**30:.2f} GiB for "
+                                 f"its forward pass (logits over {self.vocab_size} ids included), and this process "
+                                 f"can take {have / 2**30:.2f} GiB; run fewer rows or positions at a time")
+
     # ---- running -------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False,
                 output_attentions: bool = False, logits: str = "all", cache: M.KVCache | None = None,
@@ -124,6 +158,7 @@ class Bloom:
         if cache is not None and (past + ids.shape[1] > cache.max_len or cache.k[0].shape[0] != ids.shape[0]):
             raise MinibloomError(f"cache: holds {cache.max_len} positions of batch {cache.k[0].shape[0]}, "
                                  f"got {past} + {ids.shape[1]} for batch {ids.shape[0]}")
+        self._check_memory(ids.shape, past, logits, output_hidden_states, output_attentions)
         be = self.backend
         out = M.forward(self.params, be.asarray(ids), be.asarray(mask), self.config, cache=cache,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, logits=logits,

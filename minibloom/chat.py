@@ -21,12 +21,12 @@ tokenizer          the Jinja ``chat_template`` of tokenizer_config.json         
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .chat_templates import template_for_name, template_for_source
 from .errors import MinibloomError
 
 ROLES = ("system", "user", "assistant")
@@ -145,6 +145,9 @@ def render_template(source: str, where: str, **context) -> str:
     """Render an untrusted Jinja ``source`` in a sandbox with limits on output size, loop steps, time and recursion;
     every failure is a MinibloomError naming ``where``. (jinja2's sandbox blocks attribute escapes; it does not bound
     work: ``range(10**9)``, ``'a' * 10**10``, ``'%999999999s'|format``, nested loops or ``lipsum(10**8)``.)"""
+    where = where if isinstance(where, str) else "chat_template"
+    if not isinstance(source, str):
+        raise MinibloomError(f"{where}: a chat_template must be a string of Jinja source, got {type(source).__name__}")
     try:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -248,28 +251,20 @@ class _Limit(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 # Auto-detection
 
-_NAME_RULES = (  # (regex on the lower-cased model id / path, template)
-    (r"sft-chat", "bloomz-sft-chat"),
-    (r"dpo-chat", "plain"),
-    (r"oasst|open-?assistant|bloom-zh-.*chat", "oasst"),
-    (r"bloomz", "bloomz"),
-    (r"(^|[/\\])(default|shakespeare[^/\\]*)[/\\]?$", "play"),
-)
-
 
 def detect(name_or_path: str | None = None, tokenizer=None, default: str = "bloomz") -> str:
     """The template a model most likely wants: from its repo id / path (the seed models above), else from the
     tokenizer's ``chat_template`` (a registry name, a recognisable format, or any Jinja text -> ``"tokenizer"``),
     else ``default``."""
-    if name_or_path:
-        key = os.fspath(name_or_path).lower().replace("--", "/")
-        for pattern, template in _NAME_RULES:
-            if re.search(pattern, key):
-                return template
+    named = template_for_name(name_or_path)
+    if named is not None:
+        return named
     source = getattr(tokenizer, "chat_template", None)
     if isinstance(source, str):
         if source in TEMPLATES:
             return source
+        if template_for_source(source) is not None:  # a registry template written as Jinja (a converted GGUF)
+            return template_for_source(source)
         if "<|prompter|>" in source:
             return "oasst"
         return TOKENIZER

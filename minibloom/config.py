@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MinibloomError
+from .errors import MinibloomError, shown
 from .jsonfile import read_json_object
 
 DTYPES = {"float32": np.float32, "float64": np.float64}  # the compute dtypes a model loads in
@@ -33,6 +33,7 @@ _ALIASES = {
 # layers, a 2^40 vocabulary) from turning into minutes of work or an impossible allocation.
 MAXIMA = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "n_layer": 1 << 12, "n_head": 1 << 12,
           "pretraining_tp": 1 << 12}
+MAX_EPSILON = 1.0  # layer_norm_epsilon: a constant added to a variance; BLOOMs use 1e-5
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,11 @@ class BloomConfig:
         if self.hidden_size % self.n_head:
             raise MinibloomError(f"{source}: hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-            raise MinibloomError(f"{source}: layer_norm_epsilon must be a positive number, got {eps!r}")
+        # an int of hundreds of digits cannot become a float (OverflowError): compare before converting
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= MAX_EPSILON or \
+                not math.isfinite(float(eps)):
+            raise MinibloomError(f"{source}: layer_norm_epsilon must be a number in (0, {MAX_EPSILON:g}], got "
+                                 f"{shown(eps)}")
         for name in ("apply_residual_connection_post_layernorm", "slow_but_exact", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise MinibloomError(f"{source}: {name} must be true or false, got {getattr(self, name)!r}")

@@ -9,13 +9,16 @@ spec. Dask is an optional dependency (``pip install minibloom[dask]``), imported
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
 from .bloom import Bloom, load
-from .errors import MinibloomError
+from .errors import MinibloomError, shown
 
 DASK_MISSING = "Dask is not installed: pip install minibloom[dask] (or pip install \"dask[distributed]\")"
 
@@ -85,36 +88,89 @@ def _dask():
     return distributed
 
 
+SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")  # distributed's comm backends
+DEFAULT_PORT = 8786  # a Dask scheduler's port when an address names none
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a scheduler before giving up (default of ``timeout``)
+MAX_TIMEOUT = 3600.0
+
+
+def check_scheduler(scheduler) -> str:
+    """``scheduler`` checked as a Dask address ``SCHEME://HOST:PORT`` (``inproc://...`` has no port; a bare
+    ``HOST:PORT`` means tcp), before anything connects; errors name --scheduler."""
+    if not isinstance(scheduler, str) or not scheduler or len(scheduler) > 1024 or not scheduler.isprintable():
+        raise MinibloomError(f"--scheduler: expected an address such as tcp://HOST:8786, got {shown(scheduler)}")
+    scheme, sep, rest = scheduler.partition("://")
+    if not sep:
+        scheme, rest = "tcp", scheduler
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise MinibloomError(f"--scheduler {scheduler}: unknown scheme {scheme!r} (a Dask address starts with "
+                             f"{', '.join(s + '://' for s in SCHEMES)})")
+    if scheme == "inproc":
+        if not rest:
+            raise MinibloomError(f"--scheduler {scheduler}: no address after inproc://")
+        return scheduler
+    host, colon, port = rest.rpartition(":")
+    if not colon and rest and "/" not in rest and " " not in rest:  # HOST alone: Dask's default port
+        host, colon, port = rest, ":", str(DEFAULT_PORT)
+    if not colon or not host or host in ("[]",) or "/" in host or " " in host:
+        raise MinibloomError(f"--scheduler {scheduler}: expected {scheme}://HOST:PORT (a host and a port, e.g. "
+                             f"{scheme}://127.0.0.1:8786)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise MinibloomError(f"--scheduler {scheduler}: port {port!r} is not a port number (1 to 65535)")
+    return f"{scheme}://{host}:{port}"
+
+
+def check_timeout(timeout, name: str = "timeout") -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise MinibloomError(f"{name}: must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {shown(timeout)}")
+    return float(timeout)
+
+
 def check_cluster_args(scheduler: str | None, workers: int | None) -> None:
     if scheduler is not None and workers is not None:
         raise MinibloomError("scheduler / workers: give one of them (an existing cluster, or N local worker processes)")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024):
-        raise MinibloomError(f"workers: must be an integer from 1 to 1024, got {workers!r}")
-    if scheduler is not None and (not isinstance(scheduler, str) or "://" not in scheduler and ":" not in scheduler):
-        raise MinibloomError(f"scheduler: expected an address such as tcp://HOST:8786, got {scheduler!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                or not 1 <= workers <= 1024):
+        raise MinibloomError(f"workers: must be an integer from 1 to 1024, got {shown(workers)}")
+    if scheduler is not None:
+        check_scheduler(scheduler)
 
 
 @contextmanager
-def connect(scheduler: str | None = None, workers: int | None = None, *, timeout: float = 30) -> Iterator[Any]:
+def connect(scheduler: str | None = None, workers: int | None = None, *,
+            timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
     """A ``dask.distributed.Client``: of the cluster at ``scheduler`` (``tcp://HOST:8786``), or of a new
-    ``LocalCluster`` of ``workers`` processes with one thread each, closed on exit (an existing cluster stays up)."""
+    ``LocalCluster`` of ``workers`` processes with one thread each, closed on exit (an existing cluster stays up).
+    Connecting to ``scheduler`` says so on stderr first and gives up after ``timeout`` seconds with a
+    MinibloomError."""
     check_cluster_args(scheduler, workers)
+    timeout = check_timeout(timeout)
     if scheduler is None and workers is None:
         raise MinibloomError("scheduler / workers: give an address tcp://HOST:8786 or a number of local workers")
     dd = _dask()
     if scheduler is not None:
+        address = check_scheduler(scheduler)
+        print(f"connecting to the Dask scheduler at {address} (giving up after {timeout:g} s)", file=sys.stderr,
+              flush=True)
         try:
-            client = dd.Client(scheduler, timeout=timeout)
-        except (OSError, TimeoutError) as e:
-            raise MinibloomError(f"scheduler {scheduler}: cannot connect ({e})") from None
+            client = dd.Client(address, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - OSError, TimeoutError, distributed's ValueError / CommClosedError
+            raise MinibloomError(f"--scheduler {scheduler}: cannot connect within {timeout:g} s "
+                                 f"({type(e).__name__}: {str(e)[:200]})") from None
         try:
             yield client
         finally:
             client.close()
         return
     # memory_limit=0: no spilling or pausing by Dask's memory monitor; a worker's memory is its model and one window
-    with dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                         memory_limit=0, silence_logs=40) as cluster, dd.Client(cluster) as client:
+    try:
+        cluster = dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  memory_limit=0, silence_logs=40)
+    except Exception as e:  # noqa: BLE001 - no ports, no process spawning, a worker dying at start ...
+        raise MinibloomError(f"--workers {workers}: cannot start a local Dask cluster ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+    with cluster, dd.Client(cluster) as client:
         yield client
 
 

@@ -18,6 +18,6 @@ def shown(v, width: int = 60) -> str:
         v = [x.item() if isinstance(x, np.generic) else x for x in v[:20]] + (["..."] if len(v) > 20 else [])
     try:
         s = repr(v)
-    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
-        s = f"<an integer of {v.bit_length()} bits>" if isinstance(v, int) else f"<a {type(v).__name__}>"
+    except (ValueError, RecursionError):  # an int past sys.get_int_max_str_digits, a self-nesting list
+        s = f"<an integer of {v.bit_length()} bits>" if isinstance(v, int) else f"<a {type(v).__name__} too big to show>"
     return s if len(s) <= width else s[:width - 3] + "..."

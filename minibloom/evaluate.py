@@ -12,8 +12,10 @@ maximum, percentiles and minimum, and the share of tokens where both models rank
 
 Exact reduction: every window returns its per-token float64 negative log-likelihoods (and KL values); they are put
 back in window order and summed with ``math.fsum`` (the correctly rounded sum), so the result does not depend on how
-windows were spread over workers, or in what order they finished. Each window is one forward pass of batch 1, the
-same on any process.
+windows were spread over workers, or in what order they finished. Each window is one forward pass of batch 1 with
+OpenBLAS held to one thread (``minibloom.backend.one_blas_thread``; another thread count may split a product
+differently and change float32's last bits), the same on any process: this process runs several windows side by side
+instead, one per BLAS thread it would have used.
 
 The candidate of ``kl`` can also be logits an external engine computed (llama.cpp, ONNX Runtime, ...) for the same
 windows, as a **logits file**: a ``.npy`` array, or a ``.npz`` with ``logits`` (and optionally ``input_ids`` and
@@ -41,12 +43,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backward import token_nll
+from .backend import one_blas_thread, openblas_threads
 from .bloom import Bloom, load
-from .distributed import ModelSpec, check_cluster_args, connect, map_ordered, worker_count, worker_model
+from .distributed import (CONNECT_TIMEOUT, ModelSpec, check_cluster_args, check_timeout, connect, map_ordered,
+                          worker_count, worker_model)
 from .errors import MinibloomError, shown
 from .generate import memory_bytes
 from .oracle.compare import kl_divergence
+from .oracle.trace import read_npz
 
+MAX_TOKENS = 1 << 40  # ids in one text (far beyond any corpus a process tokenizes whole)
+MAX_WINDOWS = 1 << 24  # windows of one run: each is a task (and a Dask future) of its own
 MAX_CONTEXT = 1 << 16  # tokens in one window: attention alone holds H x context^2 scores
 KL_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)  # llama.cpp's list, with 95 and 90
 LOGITS_SUFFIXES = (".npy", ".npz")
@@ -94,6 +101,12 @@ def check_window_args(context, stride=None) -> tuple[int, int]:
 def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     """The guide's windows over ``n_tokens`` ids: begins 0, stride, ..., until one reaches the end."""
     context, stride = check_window_args(context, stride)
+    n_tokens = _positive_int(n_tokens, "n_tokens")
+    if not 0 <= n_tokens <= MAX_TOKENS:
+        raise MinibloomError(f"n_tokens: must be from 0 to {MAX_TOKENS}, got {n_tokens}")
+    if n_tokens // stride > MAX_WINDOWS:
+        raise MinibloomError(f"stride: {n_tokens} tokens in steps of {stride} make more than {MAX_WINDOWS} windows; "
+                             "use a larger stride")
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context, n_tokens)
@@ -130,6 +143,36 @@ def _encode_task(spec: ModelSpec, text) -> tuple[np.ndarray | None, int]:
     return _encode(worker_model(spec), text)
 
 
+def _vocabulary(m: Bloom | ModelSpec) -> tuple[int, list[str] | None]:
+    """(the model's vocab size, its tokenizer's tokens by id, or None without a tokenizer); on a worker for a spec."""
+    model = _model(m)
+    tok = model.tokenizer
+    if tok is None:
+        return model.vocab_size, None
+    return model.vocab_size, [tok.id_to_token(i) for i in range(tok.vocab_size)]
+
+
+def check_same_vocabulary(ref: tuple[int, list | None], cand: tuple[int, list | None], ref_name: str,
+                          cand_name: str) -> None:
+    """Refuse a candidate whose logits do not index the reference's tokens: another vocab size, or a tokenizer that
+    maps some id to another token (two ids swapped would otherwise compare the wrong tokens' logits and still give
+    KL 0 and top-1 1.0)."""
+    (nr, tr), (nc, tc) = ref, cand
+    if nr != nc:
+        raise MinibloomError(f"candidate {cand_name}: its vocabulary has {nc} ids and the reference's ({ref_name}) "
+                             f"{nr}; KL needs logits over the same ids")
+    if tr is None or tc is None:
+        return  # a model without tokenizer.json: only the sizes can be compared
+    n = max(len(tr), len(tc))
+    differ = [i for i in range(n) if (tr[i] if i < len(tr) else None) != (tc[i] if i < len(tc) else None)]
+    if differ:
+        shown_ids = ", ".join(f"{i} ({(tr[i] if i < len(tr) else None)!r} vs {(tc[i] if i < len(tc) else None)!r})"
+                              for i in differ[:5])
+        more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+        raise MinibloomError(f"candidate {cand_name}: its tokenizer differs from the reference's ({ref_name}) at "
+                             f"{len(differ)} token id(s): {shown_ids}{more}; KL needs the same tokenizer")
+
+
 # ---- one window ----------------------------------------------------------------------------------------------------
 
 def _model(m: Bloom | ModelSpec) -> Bloom:
@@ -150,7 +193,8 @@ def _window_logits(model: Bloom, window_ids: np.ndarray, skip: int) -> np.ndarra
     if need > have:
         raise MinibloomError(f"context: a window of {len(window_ids)} tokens needs about {need / 2**30:.1f} GiB and "
                              f"this process can take {have / 2**30:.1f} GiB; use a smaller context")
-    return model(window_ids[None])[0, skip - 1:-1]
+    with one_blas_thread():  # the same BLAS thread count on this process and on every worker: the same bits
+        return model(window_ids[None])[0, skip - 1:-1]
 
 
 def _nll_task(model: Bloom | ModelSpec, window_ids: np.ndarray, skip: int) -> np.ndarray:
@@ -188,11 +232,72 @@ class _Session:
     models: list
 
 
+def _load_keywords() -> tuple[str, ...]:
+    """The ``minibloom.load`` keyword arguments a caller may pass as ``load_options`` (dtype and progress are set
+    here; the path is the model argument)."""
+    import inspect
+
+    from . import bloom
+
+    return tuple(name for name, p in inspect.signature(bloom.load).parameters.items()
+                 if name not in ("path_or_repo_id", "dtype", "progress")
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 def _load_options(low_memory: bool, load_options: dict | None) -> dict:
+    """``load_options`` checked against ``minibloom.load``'s keyword parameters (before any model is loaded or any
+    cluster started), with ``low_memory``."""
+    if not isinstance(low_memory, (bool, np.bool_)):
+        raise MinibloomError(f"low_memory: must be True or False, got {shown(low_memory)}")
+    if load_options is not None and not isinstance(load_options, dict):
+        raise MinibloomError(f"load_options: expected a dict of minibloom.load keyword arguments, got "
+                             f"{type(load_options).__name__}")
     opts = dict(load_options or {})
+    known = _load_keywords()
+    for key in opts:
+        if key in ("dtype", "progress", "path_or_repo_id"):
+            raise MinibloomError(f"load_options: {shown(key)} is set by evaluate itself (use the dtype / model "
+                                 "arguments)")
+        if key not in known:
+            raise MinibloomError(f"load_options: {shown(key)} is not a minibloom.load keyword argument (it takes "
+                                 f"{', '.join(known)})")
     if low_memory:
         opts["low_memory"] = True
     return opts
+
+
+def _check_model_arg(model, name: str) -> None:
+    if model is not None and not isinstance(model, (Bloom, str, os.PathLike)):
+        raise MinibloomError(f"{name}: expected a Bloom, a path, a hub repo id or None, got {type(model).__name__}")
+
+
+def _check_dtype_arg(dtype, name: str = "dtype") -> None:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in ("float32", "float64")):
+        raise MinibloomError(f"{name}: must be 'float32', 'float64' or None, got {shown(dtype)}")
+
+
+def _check_client_arg(client) -> None:
+    """A Dask client, checked by what it must do (Dask itself is not imported for this)."""
+    if client is not None and not all(callable(getattr(client, m, None)) for m in ("submit", "scheduler_info",
+                                                                                     "cancel")):
+        raise MinibloomError(f"client: expected a dask.distributed.Client, got {type(client).__name__}")
+
+
+def _check_text_arg(text_or_ids) -> None:
+    if not isinstance(text_or_ids, (str, list, tuple, np.ndarray)):
+        raise MinibloomError(f"text_or_ids: expected a str or a sequence of token ids, got "
+                             f"{type(text_or_ids).__name__}")
+
+
+def _check_common(model, text_or_ids, dtype, progress, client, timeout) -> None:
+    """The arguments perplexity and kl share, typed and bounded before any work."""
+    _check_model_arg(model, "model")
+    _check_text_arg(text_or_ids)
+    _check_dtype_arg(dtype)
+    _check_client_arg(client)
+    check_timeout(timeout, "scheduler_timeout")
+    if not isinstance(progress, (bool, np.bool_)):
+        raise MinibloomError(f"progress: must be True or False, got {shown(progress)}")
 
 
 def _local_model(model, dtype: str | None, options: dict) -> Bloom:
@@ -216,7 +321,8 @@ def _spec(model, dtype: str | None, options: dict) -> ModelSpec:
 
 
 @contextmanager
-def _session(models: Sequence[tuple[Any, str | None, dict]], scheduler, workers, client) -> Iterator[_Session]:
+def _session(models: Sequence[tuple[Any, str | None, dict]], scheduler, workers, client,
+             timeout: float = CONNECT_TIMEOUT) -> Iterator[_Session]:
     """Load ``models`` [(model, dtype, load options)] here, or describe them to a Dask cluster: an existing
     ``client``, the scheduler at ``scheduler``, or a LocalCluster of ``workers`` processes started for this call."""
     check_cluster_args(scheduler, workers)
@@ -226,7 +332,7 @@ def _session(models: Sequence[tuple[Any, str | None, dict]], scheduler, workers,
     if client is not None and (scheduler is not None or workers is not None):
         raise MinibloomError("client: give a Dask client, a scheduler address or a number of workers, not several")
     specs = [_spec(m, d, o) for m, d, o in models]
-    with (nullcontext(client) if client is not None else connect(scheduler, workers)) as c:
+    with (nullcontext(client) if client is not None else connect(scheduler, workers, timeout=timeout)) as c:
         yield _Session(c, specs)
 
 
@@ -242,14 +348,47 @@ def _prepare(session: _Session, text_or_ids) -> tuple[np.ndarray, int]:
     return (ids if ids is not None else _id_array(text_or_ids, vocab)), vocab
 
 
-def _run(session: _Session, fn, tasks: list[tuple], bar) -> list:
-    if session.client is None:
+def _side_by_side(models: list[Bloom], context: int) -> int:
+    """How many windows this process runs at once: each runs on one BLAS thread (``one_blas_thread``), so one per
+    thread OpenBLAS would have used, as many as memory holds; one for a model with memory-mapped or quantized
+    weights (its low-memory products have threads of their own)."""
+    threads = openblas_threads() or 1
+    if threads <= 1:
+        return 1
+    for m in models:
+        try:
+            m.trainable()  # every weight a plain array in memory
+        except MinibloomError:
+            return 1
+    need = sum(window_bytes(m, context) for m in models)
+    return max(1, min(threads, os.cpu_count() or 1, memory_bytes() // max(2 * need, 1)))
+
+
+def _run(session: _Session, fn, tasks: list[tuple], bar, context: int = MAX_CONTEXT) -> list:
+    """``[fn(*args) for args in tasks]`` in order: on this process (windows side by side on a thread pool, each on
+    one BLAS thread) or on the Dask workers."""
+    if session.client is not None:
+        return map_ordered(session.client, fn, tasks, bar.update)
+    n = _side_by_side([m for m in session.models if isinstance(m, Bloom)], context)
+    if n == 1:
         out = []
         for args in tasks:
             out.append(fn(*args))
             bar.update()
         return out
-    return map_ordered(session.client, fn, tasks, bar.update)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n, thread_name_prefix="minibloom-window") as pool:
+        futures = [pool.submit(fn, *args) for args in tasks]
+        try:
+            out = []
+            for f in futures:  # in submission order: the results stay in window order
+                out.append(f.result())
+                bar.update()
+            return out
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -286,7 +425,7 @@ def _needs_tokens(ids: np.ndarray, what: str) -> None:
 def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Sequence[int] | np.ndarray, *,
                context: int = 1024, stride: int | None = None, dtype: str | None = None, low_memory: bool = False,
                load_options: dict | None = None, scheduler: str | None = None, workers: int | None = None,
-               client: Any = None, progress: bool = False) -> dict:
+               client: Any = None, progress: bool = False, scheduler_timeout: float = CONNECT_TIMEOUT) -> dict:
     """Perplexity of a text (or token ids) under ``model``, in the sliding windows of transformers' perplexity guide.
 
     ``model``: a loaded ``Bloom``, or a path / hub id / None (the default model) loaded with ``dtype`` (default
@@ -296,8 +435,10 @@ def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Seque
 
     Spread over Dask with ``workers=N`` (a LocalCluster of N one-thread processes, started and closed by this call),
     ``scheduler="tcp://HOST:8786"`` (an existing cluster) or ``client`` (a ``dask.distributed.Client``); the model
-    must then be a path, which every worker loads once. The result is the same to the last bit however the windows
-    are spread.
+    must then be a path, which every worker loads once. The result is the same to the last bit, in float32 and
+    float64, however the windows are spread (every window runs on one OpenBLAS thread, here and on the workers;
+    with the same NumPy and BLAS build on the same kind of CPU). ``scheduler_timeout``: seconds to wait for
+    ``scheduler`` (the wait is announced on stderr) before a MinibloomError.
 
     Returns a dict: ``perplexity`` = exp(nll / tokens); ``nll``, the exact float64 sum (``math.fsum``) of the
     per-token negative log-likelihoods (nats); ``tokens``, how many tokens were scored; ``input_tokens``,
@@ -311,16 +452,17 @@ def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Seque
     is their exact sum rather than mean x count.
     """
     t0 = time.perf_counter()
+    _check_common(model, text_or_ids, dtype, progress, client, scheduler_timeout)
     context, stride = check_window_args(context, stride)
     options = _load_options(low_memory, load_options)
-    with _session([(model, dtype, options)], scheduler, workers, client) as s:
+    with _session([(model, dtype, options)], scheduler, workers, client, scheduler_timeout) as s:
         ids, _ = _prepare(s, text_or_ids)
         _needs_tokens(ids, "perplexity")
         ws = windows(len(ids), context, stride)
         tasks = [(s.models[0], ids[w.begin:w.end], w.skip) for w in ws if w.scored]
         with _bar(len(ws), "perplexity", progress) as bar:
             bar.update(len(ws) - len(tasks))
-            nll, tokens = _fsum(_run(s, _nll_task, tasks, bar))
+            nll, tokens = _fsum(_run(s, _nll_task, tasks, bar, context))
         dtype_used = s.models[0].dtype
         out = {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens, "model": _name(model),
                "dtype": dtype_used, **_common(s, len(ids), ws, context, stride, t0)}
@@ -334,23 +476,24 @@ def is_logits_file(candidate) -> bool:
 def read_logits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(logits [tokens, V], input_ids or None, windows [W, 3] or None) from a ``.npy`` / ``.npz`` logits file (never
     pickles; a ``.npy`` is memory-mapped)."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise MinibloomError(f"logits file: expected a path to a .npy or .npz file, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise MinibloomError(f"{path}: no such logits file")
-    try:
-        if path.lower().endswith(".npy"):
+        raise MinibloomError(f"{path}: no such logits file (or not a regular file)")
+    if path.lower().endswith(".npy"):
+        try:
             logits, ids, ws = np.load(path, mmap_mode="r", allow_pickle=False), None, None
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                if "logits" not in z.files:
-                    raise MinibloomError(f"{path}: no 'logits' array in it (it holds {', '.join(z.files) or 'none'})")
-                logits = z["logits"]
-                ids = z["input_ids"] if "input_ids" in z.files else None
-                ws = z["windows"] if "windows" in z.files else None
-    except MinibloomError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        raise MinibloomError(f"{path}: not a readable .npy/.npz logits file ({e})") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise MinibloomError(f"{path}: not a readable .npy/.npz logits file ({e})") from None
+    else:  # one reader for untrusted .npz files: sizes bounded before allocating (minibloom.oracle.trace.read_npz)
+        z = read_npz(path, "logits file", ("logits", "input_ids", "windows"))
+        if "logits" not in z:
+            raise MinibloomError(f"{path}: no 'logits' array in it")
+        logits, ids, ws = z["logits"], z.get("input_ids"), z.get("windows")
+        for name, a in (("input_ids", ids), ("windows", ws)):
+            if a is not None and a.dtype.kind not in "iu":
+                raise MinibloomError(f"{path}: {name} must be integers, got {a.dtype}")
     if logits.ndim != 2 or logits.dtype.kind != "f":
         raise MinibloomError(f"{path}: logits must be a float array [tokens, V], got shape {logits.shape} and dtype "
                              f"{logits.dtype}")
@@ -359,9 +502,8 @@ def read_logits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None,
 
 def save_logits(path: str | os.PathLike, logits: np.ndarray, input_ids: np.ndarray, ws: Sequence[Window]) -> None:
     """Write a ``.npz`` logits file (the format ``kl`` reads as a candidate)."""
+    _check_save_path(path)
     path = os.fspath(path)
-    if not path.lower().endswith(".npz"):
-        raise MinibloomError(f"save_logits: {path}: the file name must end in .npz")
     table = np.array([(w.begin, w.end, w.first) for w in ws], np.int64).reshape(-1, 3)
     np.savez(path, logits=logits, input_ids=np.asarray(input_ids, np.int64), windows=table)
 
@@ -382,6 +524,20 @@ def _check_logits_file(path: str, logits, file_ids, file_ws, ids: np.ndarray, ws
         raise MinibloomError(f"{path}: logits over {logits.shape[1]} ids, but the reference's vocab has {vocab}")
 
 
+def _check_save_path(path) -> None:
+    """Where ``save_logits_to`` writes: a ``.npz`` name in an existing directory, checked before any work."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise MinibloomError(f"save_logits: expected a path ending in .npz, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path.lower().endswith(".npz"):
+        raise MinibloomError(f"save_logits: {path}: the file name must end in .npz")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise MinibloomError(f"save_logits: {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise MinibloomError(f"save_logits: {path}: the directory {parent} does not exist")
+
+
 def _stats(values: np.ndarray) -> dict:
     return {"mean": float(np.mean(values)), "max": float(values.max()), "min": float(values.min()),
             "median": float(np.median(values))}
@@ -391,14 +547,17 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
        text_or_ids: str | Sequence[int] | np.ndarray, *, context: int = 1024, stride: int | None = None,
        dtype: str | None = None, candidate_dtype: str | None = None, low_memory: bool = False,
        load_options: dict | None = None, save_logits_to: str | os.PathLike | None = None,
-       scheduler: str | None = None, workers: int | None = None, client: Any = None, progress: bool = False) -> dict:
+       scheduler: str | None = None, workers: int | None = None, client: Any = None, progress: bool = False,
+       scheduler_timeout: float = CONNECT_TIMEOUT) -> dict:
     """KL(P_ref || P_cand) per scored token over the windows of ``perplexity``, with llama.cpp's statistics.
 
     ``reference``: like ``perplexity``'s model. ``candidate``: another model (a ``Bloom``, or a path loaded with
     ``candidate_dtype``, default ``dtype``, and the same load options), a logits file (``.npy`` / ``.npz``, see the
     module docstring) or an array [tokens, V] of logits from an external engine; or None with ``save_logits_to``
-    only (the reference's perplexity and its logits file). ``save_logits_to``: write the reference's logits there
-    (``.npz``). Dask: as ``perplexity``.
+    only (the reference's perplexity and its logits file). A candidate model must index the reference's tokens: the
+    same vocab size and, where both have a tokenizer, the same token at every id (otherwise a MinibloomError names
+    the ids that differ). ``save_logits_to``: write the reference's logits there (``.npz``). Dask: as
+    ``perplexity``.
 
     Returns a dict: the reference's ``perplexity``, ``nll``, ``tokens`` (as ``perplexity`` returns them) and the
     candidate's ``perplexity_candidate``, ``nll_candidate``, ``ln_ppl_ratio`` (ln(PPL_cand / PPL_ref)); ``kl_mean``
@@ -409,10 +568,15 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
     ``seconds``, ``saved_logits``.
     """
     t0 = time.perf_counter()
+    _check_common(reference, text_or_ids, dtype, progress, client, scheduler_timeout)
+    _check_dtype_arg(candidate_dtype, "candidate_dtype")
+    if candidate is not None and not isinstance(candidate, (Bloom, str, os.PathLike, np.ndarray)):
+        raise MinibloomError(f"candidate: expected a Bloom, a path, a hub repo id, a logits file or an array, got "
+                             f"{type(candidate).__name__}")
     context, stride = check_window_args(context, stride)
     options = _load_options(low_memory, load_options)
-    if save_logits_to is not None and not os.fspath(save_logits_to).lower().endswith(".npz"):
-        raise MinibloomError(f"save_logits: {os.fspath(save_logits_to)}: the file name must end in .npz")
+    if save_logits_to is not None:
+        _check_save_path(save_logits_to)
     external = None
     if candidate is None:
         if save_logits_to is None:
@@ -428,12 +592,16 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
     models = [(reference, dtype, options)]
     if candidate is not None and external is None:
         models.append((candidate, candidate_dtype or dtype, options))
-    with _session(models, scheduler, workers, client) as s:
+    with _session(models, scheduler, workers, client, scheduler_timeout) as s:
         ids, vocab = _prepare(s, text_or_ids)
         _needs_tokens(ids, "kl")
         ws = windows(len(ids), context, stride)
         scored = [w for w in ws if w.scored]
         ref, cand = s.models[0], (s.models[1] if len(s.models) > 1 else None)
+        if cand is not None:
+            vocabs = [_vocabulary(m) for m in (ref, cand)] if s.client is None else \
+                [f.result() for f in [s.client.submit(_vocabulary, m, pure=False) for m in (ref, cand)]]
+            check_same_vocabulary(vocabs[0], vocabs[1], _name(reference), _name(candidate))
         rows = [None] * len(scored)
         if external is not None:
             _check_logits_file(external[0], external[1], external[2], external[3], ids, ws, vocab)
@@ -444,7 +612,7 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
         fn = _kl_task if (cand is not None or external is not None) else _ref_only_task
         with _bar(len(ws), "kl", progress) as bar:
             bar.update(len(ws) - len(tasks))
-            parts = _run(s, fn, tasks, bar)
+            parts = _run(s, fn, tasks, bar, context)
         common = _common(s, len(ids), ws, context, stride, t0)
         dtype_used = ref.dtype
         cand_dtype = cand.dtype if cand is not None else None

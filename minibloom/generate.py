@@ -155,6 +155,7 @@ def memory_bytes() -> int:
 
 
 def _check_length(model, batch: int, prompt: int, max_new_tokens: int) -> None:
+    batch, prompt, max_new_tokens = int(batch), int(prompt), int(max_new_tokens)  # Python ints: no wrap-around
     need = decode_bytes(model, batch, prompt + max_new_tokens)
     have = memory_bytes()
     if need > have:
@@ -183,6 +184,7 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, d
     the arguments are known good).
     """
     _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+    max_new_tokens = int(max_new_tokens)  # a NumPy integer would wrap around in prompt + max_new_tokens
     ids = model._ids(input_ids)
     B, P = ids.shape
     _check_length(model, B, P, max_new_tokens)

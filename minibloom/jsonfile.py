@@ -50,10 +50,15 @@ def _no_duplicates(where: str):
     return hook
 
 
+class _Constant:
+    """What a ``NaN`` / ``Infinity`` / ``-Infinity`` literal parses to, so the error can name the key holding it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
 def _no_constant(where: str):
-    def hook(name):
-        raise MinibloomError(f"{where}: {name} is not valid JSON (only finite numbers are)")
-    return hook
+    return _Constant
 
 
 def parse_json(text: str | bytes, where: str, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:
@@ -78,17 +83,39 @@ def parse_json(text: str | bytes, where: str, *, max_bytes: int = MAX_BYTES, max
     return value
 
 
+def _bad_number(v: Any) -> bool:
+    return isinstance(v, _Constant) or (isinstance(v, float) and not math.isfinite(v))
+
+
 def _check_floats(value: Any, where: str) -> None:
-    """Huge exponents (``1e999``) parse to inf without going through ``parse_constant``."""
+    """No ``NaN`` / ``Infinity`` literal (parsed to ``_Constant``) and no huge exponent (``1e999`` parses to inf
+    without going through ``parse_constant``); the error names the key that holds it (found by a second walk, so
+    a good file pays for no key paths)."""
     stack = [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, float) and not math.isfinite(v):
-            raise MinibloomError(f"{where}: a number out of range (only finite numbers are allowed)")
+        if _bad_number(v):
+            _raise_bad_number(value, where)
         if isinstance(v, dict):
             stack.extend(v.values())
         elif isinstance(v, list):
             stack.extend(v)
+
+
+def _raise_bad_number(value: Any, where: str) -> None:
+    stack = [(value, "")]
+    while stack:
+        v, key = stack.pop()
+        if _bad_number(v):
+            if isinstance(v, _Constant):
+                raise MinibloomError(f"{where}: {key + ' = ' if key else ''}{v.name} is not valid JSON (only finite "
+                                     "numbers are)")
+            raise MinibloomError(f"{where}: {key + ': ' if key else ''}a number out of range (only finite numbers "
+                                 "are allowed)")
+        if isinstance(v, dict):
+            stack.extend((x, f"{key}.{k}" if key else str(k)) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, f"{key}[{i}]") for i, x in enumerate(v))
 
 
 def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:

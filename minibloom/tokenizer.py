@@ -58,6 +58,8 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> 
         raise MinibloomError(f"padding side: expected 'left' or 'right', got {side!r}")
     if len(rows) == 0:
         raise MinibloomError("rows: nothing to pad (no rows)")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < 2**63:
+        raise MinibloomError(f"pad_token_id: must be a token id (an integer from 0), got {shown(pad_id)}")
     T = max(len(r) for r in rows)
     ids = np.full((len(rows), T), pad_id, np.int64)
     mask = np.zeros((len(rows), T), np.int64)
@@ -183,6 +185,8 @@ class Tokenizer:
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         if pad is None:
             raise MinibloomError(f"{self.path}: the tokenizer has no <pad> token; pass pad_token_id=")
+        if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < self.vocab_size:
+            raise MinibloomError(f"pad_token_id: must be a token id (0 .. {self.vocab_size - 1}), got {shown(pad)}")
         return pad_rows(rows, pad, padding_side)
 
     def decode(self, ids, skip_special_tokens: bool = False):

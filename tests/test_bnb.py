@@ -145,6 +145,8 @@ def _set_state(t, **kw):
     (lambda t, c: t.__setitem__(STATE, np.frombuffer(b"[" * 5000, np.uint8).copy()), "JSON nested deeper"),
     (lambda t, c: _set_state(t, dtype="int8"), "field 'dtype'"),
     (lambda t, c: _set_state(t, nested_offset=None), "field 'nested_offset'"),
+    (lambda t, c: _set_state(t, nested_offset=10**400), "field 'nested_offset' must be a finite float32"),
+    (lambda t, c: _set_state(t, nested_offset=1e39), "field 'nested_offset' must be a finite float32"),
     (lambda t, c: t.pop(QKV + ".absmax"), r"missing .*absmax"),
     (lambda t, c: t.__setitem__(QKV + ".absmax", t[QKV + ".absmax"][:-1].copy()), "absmax"),
     (lambda t, c: t.__setitem__(QKV + ".quant_map", np.zeros(8, np.float32)), "quant_map"),

@@ -36,8 +36,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    if args.rounds < 1 or args.cold_rounds < 1:
-        raise MinibloomError("--rounds and --cold-rounds must be at least 1")
+    if not (1 <= args.rounds <= 1000 and 1 <= args.cold_rounds <= 1000):
+        raise MinibloomError("--rounds and --cold-rounds must be from 1 to 1000")
+    if not args.skip_transformers:
+        import importlib.util
+
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:  # checked here: the measuring runs in worker processes, whose ImportError would be a traceback
+            raise MinibloomError(f"bench: the comparison with transformers needs {' and '.join(missing)} "
+                                 "(pip install 'minibloom[test]'), or pass --skip-transformers")
     from ..bench import main
 
     argv = ["--rounds", str(args.rounds), "--cold-rounds", str(args.cold_rounds)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .perplexity import add_eval_options, eval_kwargs, summary, table
+from .perplexity import add_eval_options, check_eval_args, eval_kwargs, summary, table
 
 EXAMPLES = """\
 examples:
@@ -72,6 +72,7 @@ def run(args) -> int:
         raise MinibloomError("--candidate-dtype: the candidate is a logits file, not a model")
     if args.save_logits is not None:
         output_path(args.save_logits, "--save-logits")
+    check_eval_args(args)
     text = read_text(args.file)
     r = kl(args.model, args.candidate, text, candidate_dtype=args.candidate_dtype, save_logits_to=args.save_logits,
            **eval_kwargs(args))

@@ -36,6 +36,9 @@ def add_eval_options(p) -> None:
     d = p.add_argument_group("Dask (pip install minibloom[dask]); default: this process")
     d.add_argument("--scheduler", metavar="tcp://HOST:8786", default=None,
                    help="run the windows on an existing dask.distributed cluster (every worker loads the model once)")
+    d.add_argument("--scheduler-timeout", type=float, metavar="S", default=10.0,
+                   help="seconds to wait for --scheduler to answer before giving up (default 10; the wait is "
+                        "announced on stderr)")
     d.add_argument("--workers", type=int, metavar="N", default=None,
                    help="start a local Dask cluster of N worker processes (one thread each) for this run")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (the last line)")
@@ -49,16 +52,29 @@ def add_parser(sub) -> None:
                        description="Tokenize FILE whole, run windows of up to C tokens starting every S tokens and "
                                    "score each token once (no earlier window scored it, and its window has at "
                                    "least one token before it); perplexity = exp(sum nll / tokens scored), the sum "
-                                   "exact in float64. The result is the same to the last bit on this process and "
-                                   "on any number of Dask workers.",
+                                   "exact in float64. Every window runs on one OpenBLAS thread (this process runs "
+                                   "several side by side), so the result is the same to the last bit, in float32 "
+                                   "and float64, on this process and on any number of Dask workers with the same "
+                                   "NumPy and BLAS build on the same kind of CPU.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_options(p)
     p.set_defaults(func=run)
 
 
+def check_eval_args(args) -> None:
+    """The cluster options checked before the text is read or a model loaded."""
+    from ..distributed import check_cluster_args, check_timeout
+    from ..evaluate import check_window_args
+
+    check_cluster_args(args.scheduler, args.workers)
+    check_timeout(args.scheduler_timeout, "--scheduler-timeout")
+    check_window_args(args.context, args.stride)
+
+
 def eval_kwargs(args) -> dict:
     return dict(context=args.context, stride=args.stride, dtype=args.dtype, low_memory=args.low_memory,
-                scheduler=args.scheduler, workers=args.workers, progress=not args.no_progress)
+                scheduler=args.scheduler, workers=args.workers, progress=not args.no_progress,
+                scheduler_timeout=args.scheduler_timeout)
 
 
 def where(result: dict) -> str:
@@ -84,6 +100,7 @@ def run(args) -> int:
     from ..evaluate import perplexity
     from ..textfile import read_text
 
+    check_eval_args(args)
     text = read_text(args.file)
     r = perplexity(args.model, text, **eval_kwargs(args))
     if args.json:

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from ..config import BloomConfig
-from ..errors import MinibloomError
+from ..errors import MinibloomError, shown
 from ..jsonfile import parse_json
 from .safetensors import round_to_bf16
 from .weights import (Checkpoint, _progress, check_finite, check_layer_count, check_names, embedding_rows,
@@ -33,6 +33,7 @@ STATE_PREFIX = "quant_state.bitsandbytes__"
 QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 OUT_DTYPES = ("float16", "bfloat16", "float32")
 MAX_BLOCKSIZE = 1 << 16  # bitsandbytes uses 64 .. 4096
+F32_MAX = float(np.finfo(np.float32).max)  # nested_offset is added in float32
 
 
 def check_quantization_config(qc: dict, where: str) -> None:
@@ -77,7 +78,7 @@ def _state(ckpt: Checkpoint, name: str) -> tuple[str, dict]:
 def _field(meta: dict, field: str, where: str, check, what: str):
     v = meta.get(field)
     if v is None or not check(v):
-        raise MinibloomError(f"{where}: quant state field {field!r} must be {what}, got {v!r}")
+        raise MinibloomError(f"{where}: quant state field {field!r} must be {what}, got {shown(v)}")
     return v
 
 
@@ -154,8 +155,9 @@ def dequantize_4bit(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.n
     if nested:
         nbs = _field(meta, "nested_blocksize", where, lambda v: _int(v) and v <= MAX_BLOCKSIZE,
                      f"a positive integer up to {MAX_BLOCKSIZE}")
-        offset = _field(meta, "nested_offset", where, lambda v: isinstance(v, (int, float)) and math.isfinite(v),
-                        "a finite number")
+        # compared as is: a huge int would overflow math.isfinite, and NaN fails every comparison
+        offset = _field(meta, "nested_offset", where, lambda v: isinstance(v, (int, float)) and not isinstance(
+            v, bool) and abs(v) <= F32_MAX, "a finite float32 number")
         akey = f"{name}.absmax"
         if akey not in ckpt.where:
             raise MinibloomError(f"{ckpt.describe(name)}: missing {akey!r}")

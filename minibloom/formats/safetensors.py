@@ -22,6 +22,9 @@ from ..jsonfile import parse_json
 from .widen import check_finite, widen, widen_into
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
+# bloom-176b holds under a thousand tensors, a 4-bit bitsandbytes one a few thousand: a header listing more is forged,
+# and refusing it by a byte count before parsing keeps a million-entry header from minutes of JSON work
+MAX_TENSORS = 1 << 16
 MAX_DIMS, MAX_DIM = 8, 1 << 40  # no BLOOM tensor comes near; bounds what a zero-byte tensor may claim
 DTYPES = {  # safetensors code -> (numpy storage dtype, itemsize)
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
@@ -60,12 +63,17 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>") -> tuple[dic
     text = bytes(raw[8:8 + n])
     if not text.startswith(b"{"):
         raise MinibloomError(f"{path}: header is not valid JSON (does not start with '{{')")
+    if text.count(b'"data_offsets"') > MAX_TENSORS:  # every entry has one (an upper bound before parsing)
+        raise MinibloomError(f"{path}: header lists more than {MAX_TENSORS} tensors (no BLOOM checkpoint has so many)")
     header = parse_json(text, f"{path}: header", max_bytes=MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise MinibloomError(f"{path}: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise MinibloomError(f"{path}: __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise MinibloomError(f"{path}: header lists {len(header)} tensors, more than {MAX_TENSORS} (no BLOOM "
+                             "checkpoint has so many)")
     data_start, data_len = 8 + n, file_size - 8 - n
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():

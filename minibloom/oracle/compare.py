@@ -61,14 +61,40 @@ def random_prompts(vocab: int, n: int = 4, length: int = 64, seed: int = 0) -> n
     return np.random.default_rng(seed).integers(0, vocab, (n, length))
 
 
+def _prompt_rows(prompts, vocab: int) -> list[np.ndarray]:
+    """``prompts`` as checked 1-D int64 rows: each non-empty, integers in [0, vocab); errors name the prompt."""
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise MinibloomError(f"prompts: expected an id array [N, T] or a list of id lists, got "
+                             f"{type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise MinibloomError("prompts: the prompt set is empty")
+    rows = []
+    for i, p in enumerate(prompts):
+        try:
+            r = np.asarray(p)
+        except (ValueError, TypeError, OverflowError):
+            r = None
+        if r is None or r.ndim != 1 or (r.size and r.dtype.kind not in "iu"):
+            got = type(p).__name__ if r is None else f"shape {r.shape} and dtype {r.dtype}"
+            raise MinibloomError(f"prompts[{i}]: expected a 1-D list of token ids, got {got}")
+        if r.size == 0:
+            raise MinibloomError(f"prompts[{i}]: an empty prompt (every prompt needs at least one token)")
+        bad = (r < 0) | (r >= vocab)
+        if bad.any():
+            raise MinibloomError(f"prompts[{i}]: token id {int(r[bad][0])} is out of range [0, {vocab})")
+        rows.append(r.astype(np.int64))
+    return rows
+
+
 def compare_models(a, b, prompts, progress: bool = False) -> CompareReport:
     """Compare ``Bloom`` models ``a`` (reference) and ``b`` over ``prompts`` (an id array [N, T] or a list of
     1-D id lists), one prompt at a time so memory holds two [T, V] logit arrays at most."""
+    for name, m in (("a", a), ("b", b)):
+        if not callable(m) or not isinstance(getattr(m, "vocab_size", None), int):
+            raise MinibloomError(f"{name}: expected a loaded minibloom.Bloom, got {type(m).__name__}")
     if a.vocab_size != b.vocab_size:
         raise MinibloomError(f"compare: vocab sizes differ ({a.path}: {a.vocab_size}, {b.path}: {b.vocab_size})")
-    rows = [np.asarray(p) for p in prompts]
-    if not rows:
-        raise MinibloomError("prompts: the prompt set is empty")
+    rows = _prompt_rows(prompts, a.vocab_size)
     max_abs = max_ref = sum_abs = 0.0
     kls, agree, count = [], 0, 0
     for ids in rows:

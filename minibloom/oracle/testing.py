@@ -230,11 +230,11 @@ def logit_metrics(actual, reference, attention_mask=None) -> dict:
     """Figures of ``actual`` against ``reference`` (both [B, T, V]) over the positions where ``attention_mask`` is 1:
     ``rel``, ``kl_mean`` and ``kl_max`` (KL(reference || actual), nats, float64), ``top1`` (share of equal argmax),
     ``positions``, and ``worst`` = (row, position, vocab index) of the largest |actual - reference|."""
-    a = np.asarray(actual, np.float64)
-    r = np.asarray(reference, np.float64)
-    if a.shape != r.shape or a.ndim != 3:
+    a, _ = _numpy_of(actual, "logits")
+    r, _ = _numpy_of(reference, "reference")
+    if a.shape != r.shape or a.ndim != 3 or a.shape[2] == 0:
         raise MinibloomError(f"logits: shape {a.shape} against the reference's {r.shape} (want equal [B, T, V])")
-    real = np.ones(a.shape[:2], bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    real = np.ones(a.shape[:2], bool) if attention_mask is None else _mask_of(attention_mask)
     if real.shape != a.shape[:2]:
         raise MinibloomError(f"attention_mask: shape {real.shape} does not match the logits' [B, T] {a.shape[:2]}")
     rows, cols = np.nonzero(real)
@@ -314,8 +314,8 @@ def check_logits(actual, reference, attention_mask=None, policy=None, input_ids=
     (rounding noise grows with the model; without it, bloom-560m's size is assumed). This is the entry point for
     logits that minibloom did not compute: an engine's output saved to disk, or another framework's tensors.
     """
-    a, dtype = _numpy_of(actual)
-    r, _ = _numpy_of(reference)
+    a, dtype = _numpy_of(actual, what)
+    r, _ = _numpy_of(reference, "reference")
     if a.ndim == 2:
         a = a[None]
     if r.ndim == 2:
@@ -337,22 +337,59 @@ def check_logits(actual, reference, attention_mask=None, policy=None, input_ids=
     if pol.top1 is not None and top1_fails(m["top1"], m["positions"], pol.top1):
         failed.append("top1")
     row, pos, tok = m["worst"]
-    ids = None if input_ids is None else np.asarray(input_ids).reshape(a.shape[:2])
+    ids = None if input_ids is None else _input_ids_of(input_ids, a.shape[:2])
     return Verdict(pol, m["rel"], m["kl_mean"], m["kl_max"], m["top1"], m["positions"], m["worst"],
                    (float(a[row, pos, tok]), float(r[row, pos, tok])),
                    None if ids is None else int(ids[row, pos]), failed, what)
 
 
-def _numpy_of(actual) -> tuple[np.ndarray, str]:
-    """Any array-like (NumPy, CuPy, a torch tensor in any dtype) -> (float64 NumPy array, dtype name)."""
-    if not hasattr(actual, "dtype"):
-        actual = np.asarray(actual)
-    dtype = str(actual.dtype).replace("torch.", "")
-    if hasattr(actual, "detach"):  # a torch tensor; NumPy cannot hold bfloat16, so widen first (no torch import)
-        actual = actual.detach().cpu().double().numpy()
-    elif hasattr(actual, "get") and hasattr(actual, "__cuda_array_interface__"):  # CuPy
-        actual = actual.get()
-    return np.asarray(actual, dtype=np.float64), dtype
+def _mask_of(attention_mask) -> np.ndarray:
+    """``attention_mask`` as booleans, its values 0 or 1, else a MinibloomError naming it."""
+    m, _ = _numpy_of(attention_mask, "attention_mask")
+    if not np.all((m == 0) | (m == 1)):
+        raise MinibloomError("attention_mask: values must be 0 (padding) or 1 (token)")
+    return m.astype(bool)
+
+
+def _input_ids_of(input_ids, shape: tuple[int, int]) -> np.ndarray:
+    """``input_ids`` as integers of the logits' [B, T] (or [T] for one row), else a MinibloomError naming both
+    shapes."""
+    try:
+        ids = np.asarray(input_ids)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise MinibloomError(f"input_ids: not an array of token ids (got {type(input_ids).__name__})") from None
+    if ids.size and ids.dtype.kind not in "iu":
+        raise MinibloomError(f"input_ids: token ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim == 1 and shape[0] == 1:
+        ids = ids[None]
+    if ids.shape != tuple(shape):
+        raise MinibloomError(f"input_ids: shape {ids.shape} does not match the logits' [B, T] {tuple(shape)}")
+    return ids
+
+
+def _numpy_of(actual, what: str = "logits") -> tuple[np.ndarray, str]:
+    """Any array-like of real numbers (NumPy, CuPy, a torch tensor in any real dtype) -> (float64 NumPy array, dtype
+    name); anything else (strings, complex numbers, objects, ragged lists) a MinibloomError naming ``what``."""
+    try:
+        if not hasattr(actual, "dtype") or not hasattr(actual, "shape"):
+            actual = np.asarray(actual)
+        dtype = str(actual.dtype).replace("torch.", "")
+        if hasattr(actual, "detach"):  # a torch tensor; NumPy cannot hold bfloat16, so widen first (no torch import)
+            if getattr(actual, "is_complex", lambda: False)():
+                raise MinibloomError(f"{what}: complex values ({dtype}); logits are real numbers")
+            actual = actual.detach().cpu().double().numpy()
+        elif hasattr(actual, "get") and hasattr(actual, "__cuda_array_interface__"):  # CuPy
+            actual = actual.get()
+        a = np.asarray(actual)
+    except MinibloomError:
+        raise
+    except Exception as e:  # noqa: BLE001 - NumPy's ValueError / TypeError / OverflowError, a foreign array's own
+        raise MinibloomError(f"{what}: not an array of numbers ({type(e).__name__}: {str(e)[:120]})") from None
+    if a.dtype.kind not in "fiub":
+        kind = "complex values" if a.dtype.kind == "c" else f"dtype {a.dtype}"
+        raise MinibloomError(f"{what}: {kind}; expected real numbers (the imaginary part would be dropped)"
+                             if a.dtype.kind == "c" else f"{what}: {kind}; expected an array of real numbers")
+    return a.astype(np.float64, copy=False), dtype
 
 
 _REFERENCE_CACHE: dict = {}

@@ -129,13 +129,20 @@ def _memory_bytes() -> int:
         return 1 << 34
 
 
-def _read_members(path: str) -> dict[str, np.ndarray]:
-    """The arrays of a trace .npz, each member's name, npy header, declared size and compression checked before
-    anything is allocated for it (np.load trusts all of them)."""
+def _read_members(path: str, kind: str = "trace", names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (a trace, or ``kind`` another .npz such as a logits file, of which only the members
+    ``names`` are read), each member's name, npy header, declared size and compression checked before anything is
+    allocated for it (np.load trusts all of them)."""
     import zipfile
 
-    if not zipfile.is_zipfile(path):
-        raise MinibloomError(f"{path}: not a .npz trace (not a zip archive; a plain .npy file renamed?)")
+    if not os.path.isfile(path):
+        raise MinibloomError(f"{path}: no such .npz {kind} (or not a regular file)")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise MinibloomError(f"{path}: cannot read ({e})") from None
+    if not is_zip:
+        raise MinibloomError(f"{path}: not a .npz {kind} (not a zip archive; a plain .npy file renamed?)")
     budget = _memory_bytes() // 2
     out = {}
     try:
@@ -143,9 +150,11 @@ def _read_members(path: str) -> dict[str, np.ndarray]:
             for info in z.infolist():
                 what = f"{path}: member {info.filename!r}"
                 if not info.filename.endswith(".npy"):
-                    raise MinibloomError(f"{what}: not a .npy array (an .npz trace holds only NAME.npy members)")
+                    raise MinibloomError(f"{what}: not a .npy array (an .npz {kind} holds only NAME.npy members)")
                 key = info.filename[:-4]
-                m = _LAYER_KEY.match(key)
+                if names is not None and key not in names:
+                    continue  # not read at all
+                m = _LAYER_KEY.match(key) if names is None else None
                 if m and int(m.group(2)) >= MAX_LAYERS:
                     raise MinibloomError(f"{what}: layer index {m.group(2)} (at most {MAX_LAYERS - 1})")
                 if info.file_size > 1 << 26 and info.file_size > MAX_COMPRESSION * max(info.compress_size, 1):
@@ -154,9 +163,19 @@ def _read_members(path: str) -> dict[str, np.ndarray]:
                 with z.open(info) as f:
                     out[key] = _read_npy(f, info.file_size, budget, what)
                 budget -= out[key].nbytes
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise MinibloomError(f"{path}: not a readable .npz trace ({type(e).__name__}: {e})") from None
+    except MinibloomError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError,
+            RuntimeError) as e:  # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
+        raise MinibloomError(f"{path}: not a readable .npz {kind} ({type(e).__name__}: {e})") from None
     return out
+
+
+def read_npz(path: str | os.PathLike, kind: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The members ``names`` (those present) of an untrusted ``.npz`` file, read as a trace's are: no pickles, each
+    member's declared size bounded by what the member holds and by memory before anything is allocated, every failure
+    a MinibloomError naming ``path`` (``kind`` says what the file is, e.g. "logits file")."""
+    return _read_members(os.fspath(path), kind, tuple(names))
 
 
 def _read_npy(f, file_size: int, budget: int, what: str) -> np.ndarray:
@@ -252,7 +271,36 @@ def _validate(raw: dict, path: str) -> dict:
         _check_shape(tr["logits"], (B, T, None), f"{path}: logits")
     else:
         tr["logits"] = None
+    _check_label_range(tr, path)
     return tr
+
+
+def _vocab_of(tr: dict) -> int | None:
+    """The vocab size a trace shows: its logits' last axis, else its embedding gradient's rows."""
+    if tr.get("logits") is not None:
+        return int(tr["logits"].shape[-1])
+    for name, g in (tr.get("grads") or {}).items():
+        if name.endswith("word_embeddings.weight") and g.ndim == 2:
+            return int(g.shape[0])
+    return None
+
+
+def _check_label_range(tr: dict, path: str) -> None:
+    """Labels are token ids of the trace's vocabulary or -100 (ignored): an id past it scores nothing real."""
+    lab = tr.get("labels")
+    if lab is None:
+        return
+    vocab = _vocab_of(tr)
+    hi = vocab if vocab is not None else 1 << 31
+    bad = (lab != IGNORE_LABEL) & ((lab < 0) | (lab >= hi))
+    if bad.any():
+        b, t = (int(i) for i in np.argwhere(bad)[0])
+        of = " of the trace's vocabulary" if vocab is not None else ""
+        raise MinibloomError(f"{path}: labels[{b}, {t}] = {int(lab[b, t])} is not a token id (0 .. {hi - 1}{of}) "
+                             "or -100")
+
+
+IGNORE_LABEL = -100  # transformers' ignore_index
 
 
 def _validate_grads(tr: dict, path: str, shape: tuple[int, int]) -> None:
@@ -313,7 +361,7 @@ def _check_shape(a: np.ndarray, want: tuple, what: str) -> None:
         raise MinibloomError(f"{what}: expected a float array, got dtype {a.dtype}")
     if a.ndim != len(want) or any(w is not None and s != w for s, w in zip(a.shape, want)):
         spec = ", ".join("*" if w is None else str(w) for w in want)
-        raise MinibloomError(f"{what}: shape {a.shape} does not match the input ids (expected [{spec}])")
+        raise MinibloomError(f"{what}: shape {a.shape} does not match input_ids [B, T] (expected [{spec}])")
 
 
 # ---- comparing two traces ------------------------------------------------------------------------------------
@@ -383,6 +431,21 @@ def layer_name(i: int, n_hidden: int) -> str:
     return f"block {i - 1}"
 
 
+def _array_of(v, what: str) -> np.ndarray:
+    """A trace dict's value as a NumPy array (a torch tensor or any array-like), or a MinibloomError naming it."""
+    if hasattr(v, "detach"):  # torch: NumPy cannot hold bfloat16, so widen first (no torch import)
+        v = v.detach().cpu()
+        v = v.double() if v.is_floating_point() else v
+        v = v.numpy()
+    try:
+        a = np.asarray(v)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise MinibloomError(f"{what}: not an array ({type(e).__name__}: {str(e)[:120]})") from None
+    if a.dtype.kind not in "fiubUS":
+        raise MinibloomError(f"{what}: an array of {a.dtype} (expected integers or real floats)")
+    return a
+
+
 def _as_trace(t, what: str) -> dict:
     if isinstance(t, (str, os.PathLike)):
         return load_trace(t)
@@ -393,9 +456,11 @@ def _as_trace(t, what: str) -> dict:
         for name in ("hidden_states", "attentions"):
             for i, a in enumerate(t.get(name) or []):
                 raw[f"{name}.{i}"] = np.asarray(a)
+        if not all(isinstance(k, str) for k in t) or not isinstance(t.get("grads") or {}, dict):
+            raise MinibloomError(f"{what}: a trace dict has string keys (input_ids, logits, ...) and grads a dict")
         for name, g in (t.get("grads") or {}).items():
-            raw[f"grad.{name}"] = np.asarray(g)
-        out = _validate({k: np.asarray(v) for k, v in raw.items()}, what)
+            raw[f"grad.{name}"] = g
+        out = _validate({k: _array_of(v, f"{what}: {k}") for k, v in raw.items()}, what)
         out["meta"] = dict(t["meta"])
         return out
     raise MinibloomError(f"{what}: expected a trace dict or a path to a .npz trace, got {type(t).__name__}")
@@ -689,7 +754,12 @@ def verify_trace(candidate, model, kind: str | None = None):
     under the policy of ``kind`` (default: the candidate's ``meta`` kind / dtype)."""
     from .testing import policy_for, reference_model
 
-    cand = _as_trace(candidate, str(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate")
+    what = str(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate"
+    cand = _as_trace(candidate, what)
+    if cand["logits"] is None and cand["hidden_states"] is None:
+        raise MinibloomError(f"{what}: no logits to judge (verify compares logits and hidden states with minibloom's "
+                             "float64 run; a trace of gradients only can be compared with another trace: "
+                             "minibloom diff)")
     if kind is not None:
         policy_for(kind)  # a bad name fails here, naming the kinds
         cand["meta"] = {**cand["meta"], "kind": kind}

@@ -301,7 +301,10 @@ def read_gguf(path: str, dtype=np.float32, keep_quantized: bool = False, progres
     if "token_embd.weight" not in tensors:
         raise MinibloomError(f"{path}: missing tensor 'token_embd.weight' (is this a BLOOM GGUF?)")
     emb = tensors["token_embd.weight"]
-    vocab = int(emb.shape[1]) if len(emb.shape) == 2 else 0
+    if len(emb.shape) != 2 or min(int(d) for d in emb.shape) < 1:
+        raise MinibloomError(f"{path}: tensor 'token_embd.weight' has shape {[int(d) for d in emb.shape]}; the "
+                             "embedding is a matrix [n_embd, n_vocab] (GGUF order)")
+    vocab = int(emb.shape[1])
     has_output = "output.weight" in tensors
     cfg = config_from_gguf(meta, vocab, has_output, path)
     tensors = _check_tensors(reader, cfg, vocab, has_output, path)

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from ...chat_templates import JINJA, template_for_name
 from ...errors import MinibloomError, shown
 from ...jsonfile import field, read_json_object
 
@@ -177,4 +178,6 @@ def tokenizer_metadata(directory: str, n_tokens: int) -> dict | None:
                              if isinstance(t, dict) and t.get("name") == "default"), None)
         if template is not None and not isinstance(template, str):
             raise MinibloomError(f"{config_path}: chat_template must be a string, got {shown(template)}")
+    if template is None:  # the seed models pick their template by name: write it, so the GGUF keeps it
+        template = JINJA.get(template_for_name(os.path.abspath(directory)))
     return {"tokens": tokens, "types": types, "merges": merges, "chat_template": template}
