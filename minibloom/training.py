@@ -406,16 +406,20 @@ CHECKPOINT_FILES = re.compile(  # what a checkpoint folder (ours or transformers
 
 
 def check_out(out, what: str = "out") -> str:
-    """``out`` (a str) if a run can be written there: a new directory in an existing writable one, or an earlier
-    checkpoint (which the run replaces whole). A file, a missing parent, an unwritable place, or a directory holding
-    anything else (whose files would be lost) is a MinibloomError naming it, before any work."""
+    """``out`` (a str) if a run can be written there: a new directory (its missing parents are made now, as
+    ``mkdir -p`` would), or an earlier checkpoint (which the run replaces whole). A file on the way, an unwritable
+    place, or a directory holding anything else (whose files would be lost) is a MinibloomError naming it, before
+    any work."""
     out = _path_arg(out, what)
     target = os.path.abspath(out)
     parent = os.path.dirname(target)
     if os.path.lexists(target) and not os.path.isdir(target):
         raise MinibloomError(f"{what}: {out} exists and is not a directory")
     if not os.path.isdir(parent):
-        raise MinibloomError(f"{what}: {out}: the directory {parent} does not exist")
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise MinibloomError(f"{what}: {out}: cannot create the directory {parent} ({e.strerror or e})") from None
     _probe(parent, f"{what}: {out}: cannot write in {parent}")
     if os.path.isdir(target):
         _probe(target, f"{what}: {out}: cannot write in it")
