@@ -16,9 +16,13 @@ float32              float32 everywhere (minibloom's two primitive tables; trans
 float32-gelu-table   llama.cpp f32 on CPU: GeLU through ggml's fp16 table, Q/K/V in the fp16 KV      float64, same file
                      cache, attention probabilities rounded to fp16 for the V product
 float16 / bfloat16   weights and every activation rounded (transformers' cast of the model)        float64, unquantized
-int8-weight-only     weight-only int8, one symmetric scale per output row (or per tensor)          float64, unquantized
+int8-weight-only     weight-only int8 per output channel, symmetric (quanto qint8, torchao) or      float64, unquantized
+                     asymmetric (NNCF INT8_ASYM), or 8-bit groups of 64 asymmetric (HQQ)
+int4-weight-only     group-wise int4 round-to-nearest, sym (amax / 7, q in [-8, 7]) and asym       float64, unquantized
+                     ((max - min) / 15 with a zero point), groups of 32, 64 and 128
 int8-dynamic         int8 weights, activations quantized per call: per row int8 (CTranslate2) or    float64, unquantized
-                     per tensor uint8 with a zero point (ONNX Runtime ``quantize_dynamic``)
+                     per tensor int8 weights and uint8 activations with a zero point (ONNX
+                     Runtime ``quantize_dynamic``'s default, ``per_channel=False``)
 q8_0, q4_0, q4_k     ggml: activations quantized to Q8_0 (Q8_K for k-quants) blocks for each product, float64, same file
                      plus the float32-gelu-table rounding
 nf4                  bitsandbytes 4-bit: dequantized weights and activations in the compute dtype   float64, same file
@@ -26,11 +30,18 @@ nf4                  bitsandbytes 4-bit: dequantized weights and activations in 
 ==================== ============================================================================ =================
 
 "Same file" means the reference runs the weights the port runs (a GGUF or bnb file dequantized exactly); "unquantized"
-means the engine quantized or cast the weights itself, so the reference is the original checkpoint.
+means the engine quantized or cast the weights itself, so the reference is the original checkpoint. The
+*same-weights path* (``SAME_WEIGHTS``) is the third: a weight-only port whose engine weights were dequantized
+(``minibloom dequantize``) is judged at its compute precision, so float32 / float16 / bfloat16 run on each case's
+weights quantized (int8 per channel, int4 group-wise) against float64 on those same weights; those runs join the float
+kinds' evidence, and the bugs are planted on them too (the second matrix). ``int8-activations`` (the same weights
+with the engine's activation quantization emulated in the reference) is measured on real engines, not here
+(``EXTERNAL``).
 
 The *bugs* (``BUGS``) are the classic ways a BLOOM port goes wrong; each is planted on top of every kind. Evidence:
-random checkpoints (every parameter randomized) of several depths, head counts (8 and 12) and both residual layouts,
-over ``seeds`` seeds, and the trained models shipped in ``weights/`` (random weights hide activation bugs). A bug is
+random checkpoints (every parameter randomized) of several depths, head counts (8, 12 and 16), both residual layouts
+and weight scales (``STDS``), over ``seeds`` seeds (the bugs on the first seed, up to ``BUG_MAX_LAYERS`` deep), and
+the trained models shipped in ``weights/`` (random weights hide activation bugs). A bug is
 *separable* from a kind when the policy fails it on every model it applies to; the matrix says where it is not.
 
 Policies: rounding noise in the logits grows with the model as ``scale = sqrt(n_layer * hidden_size)`` (noise /
@@ -586,8 +597,8 @@ RANDOM_SHAPES = (  # (layers, hidden, heads, post-LN), every seed
     (24, 128, 16, False),
 )
 WIDE_SHAPES = ((24, 512, 16, False),)  # one seed: the depth of bloom-560m at half its width
-STDS = (0.02, 0.05, 0.1)
-BUG_MAX_LAYERS = 12  # the bug matrix runs on the first seed's random checkpoints up to this depth, and the trained  # weight scales of the random checkpoints: each shape meets each over three seeds
+STDS = (0.02, 0.05, 0.1)  # weight scales of the random checkpoints: each shape meets each over three seeds
+BUG_MAX_LAYERS = 12  # the bug matrix runs on the first seed's random checkpoints up to this depth (and the trained)
 
 
 def random_cases(seeds: int, vocab: int = 512, B: int = 4, T: int = 24, seed0: int = 0,
