@@ -109,3 +109,12 @@ def test_calibrate_refuses_text_that_is_not_utf8_or_not_a_file(tmp_path, capsys)
     with pytest.raises(MinibloomError, match="--markdown"):
         C.check_arguments(C.argparse.Namespace(seeds=1, quick=False, write=None, markdown=str(tmp_path), text=None,
                                                trained=None))
+
+
+def test_activation_quantizers_keep_nan():
+    """A NaN from a buggy softmax must reach the logits through every emulated activation quantizer."""
+    x = np.array([[1.0, np.nan, 2.0], [0.5, -1.0, 0.25]])
+    for quant in (C.quant_rows_int8, C.quant_tensor_uint8, lambda a: C.quant_blocks(a, 32, True)):
+        assert np.isnan(quant(x)[0]).all() or np.isnan(quant(x)).any()
+    assert np.isnan(C.quant_rows_int8(x)[0]).all() and np.allclose(C.quant_rows_int8(x)[1], [0.5, -1.0, 0.25],
+                                                                     atol=1 / 254)

@@ -151,7 +151,8 @@ def quant_rows_int8(x: np.ndarray) -> np.ndarray:
     """Symmetric int8 with one scale per row (CTranslate2's dynamic activations and per-channel weights)."""
     amax = np.max(np.abs(x), axis=-1, keepdims=True)
     scale = np.divide(127.0, amax, out=np.zeros_like(amax), where=amax > 0)
-    return np.divide(np.rint(x * scale), scale, out=np.zeros_like(x), where=scale > 0)
+    q = np.divide(np.rint(x * scale), scale, out=np.zeros_like(x), where=scale > 0)
+    return np.where(np.isfinite(amax), q, np.nan)  # a NaN / inf row stays NaN, as an engine's would
 
 
 def quant_rows_uint8(x: np.ndarray) -> np.ndarray:
