@@ -15,9 +15,9 @@ def add_parser(sub) -> None:
                                    "bug matrices, and with --write rebuild minibloom/oracle/policies.json (the "
                                    "policies `diff`, `verify` and minibloom.testing apply). Needs a clone (weights/, "
                                    "data/); transformers' own runs join the population when torch is installed. "
-                                   "Run time: about 10 minutes of CPU for the default (3 seeds; measured 616 s, "
-                                   "23 minutes wall on a 2-core machine shared with other jobs); --quick runs one "
-                                   "seed, --wide adds a slow 24 x 512 checkpoint.")
+                                   "Run time: about 3 minutes on 2 idle cores for the default (3 seeds; measured "
+                                   "2 min 47 s wall, 323 s CPU), several times longer while other jobs share the "
+                                   "cores; --quick runs one seed, --wide adds a slow 24 x 512 checkpoint.")
     add_arguments(p)
     p.set_defaults(func=run)
 
