@@ -12,8 +12,9 @@ def add_parser(sub) -> None:
     p.add_argument("a", metavar="A.npz", help="trace under test")
     p.add_argument("b", metavar="B.npz", help="reference trace")
     p.add_argument("--rtol", type=float, default=None,
-                   help="relative tolerance (default: minibloom.testing's policy for the less precise trace's "
-                        "meta dtype: 1e-10 float64, 1e-4 float32, ...)")
+                   help="relative tolerance (default: minibloom.testing's policy for the candidate's meta kind / "
+                        "dtype, sized for the model from B's hidden states or B's meta n_layer / hidden_size; A's "
+                        "meta must agree with that size)")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance added to rtol * max|B| (default 0)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the verdict line")
     p.set_defaults(func=run)

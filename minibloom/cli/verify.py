@@ -10,16 +10,19 @@ def add_parser(sub) -> None:
                                    "CANDIDATE.npz (a minibloom trace; logits alone are enough) and judge the "
                                    "candidate's logits (and hidden states, if present) under the policy of its kind. "
                                    "--model is the unquantized checkpoint for engines that cast or quantized the "
-                                   "weights themselves (float16, bfloat16, CTranslate2 / ONNX Runtime int8), the "
-                                   "same GGUF / bitsandbytes file for ports of a quantized file. Exit status: 0 pass, "
-                                   "1 mismatch, 2 cannot compare.")
+                                   "weights themselves (float16, bfloat16, int8 / int4 kinds), the same GGUF / "
+                                   "bitsandbytes file for ports of a quantized file, or the engine's own weights "
+                                   "written by `minibloom dequantize` (then --kind float32 / float16 / bfloat16, or "
+                                   "int8-activations). The limits are sized for --model's depth and width, never "
+                                   "for the candidate's meta. Exit status: 0 pass, 1 mismatch, 2 cannot compare.")
     p.add_argument("candidate", metavar="CANDIDATE.npz", help="the engine's trace (minibloom.trace format)")
     add_model_option(p, required=True,
                      help="the checkpoint the reference runs: directory, .safetensors / .gguf file, name under "
                           "weights/, or hub repo id")
-    p.add_argument("--kind", help="the candidate's implementation kind (default: its meta 'kind' or 'dtype'): "
-                                  "float32, float32-gelu-table, float16, bfloat16, int8-weight-only, int8 "
-                                  "(= int8-dynamic), q8_0, q4_0, q4_k, nf4")
+    p.add_argument("--kind", help="the candidate's implementation kind (default: its meta 'kind' or 'dtype'; "
+                                  "an unknown one is an error): float32, float32-gelu-table, float16, bfloat16, "
+                                  "int8-weight-only, int4-weight-only (= int4), int8-dynamic (= int8), "
+                                  "int8-activations, q8_0, q4_0, q4_k, nf4")
     p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the verdict line")
     p.set_defaults(func=run)

@@ -40,7 +40,8 @@ def quant_rows_int8(x: np.ndarray) -> np.ndarray:
     scale = 127 / amax, value = rint(x * scale) / scale (an all-zero row stays zero)."""
     amax = np.max(np.abs(x), axis=-1, keepdims=True)
     scale = np.divide(127.0, amax, out=np.zeros_like(amax), where=amax > 0)
-    return np.divide(np.rint(x * scale), scale, out=np.zeros_like(x), where=scale > 0)
+    q = np.divide(np.rint(x * scale), scale, out=np.zeros_like(x), where=scale > 0)
+    return np.where(np.isfinite(amax), q, np.nan)  # a NaN / inf row stays NaN, as an engine's would
 
 
 def quant_tensor_uint8(x: np.ndarray) -> np.ndarray:

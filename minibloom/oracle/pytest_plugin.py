@@ -38,7 +38,8 @@ class BloomOracle:
         return assert_logits_close(actual, model, input_ids, attention_mask, tol=tol, kind=kind)
 
     def check_logits(self, actual, reference, attention_mask=None, kind: str | None = None, size=None):
-        """``minibloom.testing.check_logits``: the verdict (not an assertion) on logits against reference logits."""
+        """``minibloom.testing.check_logits``: the verdict (not an assertion) on logits against reference logits;
+        ``size`` = (n_layer, hidden_size) of the model is required for every calibrated kind."""
         from .testing import check_logits
 
         return check_logits(actual, reference, attention_mask, kind, size=size)

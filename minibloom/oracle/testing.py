@@ -30,13 +30,36 @@ from .compare import kl_divergence
 from ..errors import MinibloomError
 
 
-DEFAULT_SIZE = (24, 1024)  # (n_layer, hidden_size) assumed when a verdict cannot see the model: bloom-560m's
+DEFAULT_SIZE = (24, 1024)  # (n_layer, hidden_size) of bloom-560m: the size POLICIES' printed limits are shown at
+MAX_N_LAYER = 4096  # bounds of a model size a verdict accepts (every BLOOM: at most 70 blocks, width 14336)
+MAX_HIDDEN_SIZE = 65536
+
+
+def check_size(size, what: str = "size") -> tuple[int, int]:
+    """``size`` = (n_layer, hidden_size) as two bounded integers (1..MAX_N_LAYER, 1..MAX_HIDDEN_SIZE); anything else
+    (a float, a bool, a number too large to scale a limit) raises ``MinibloomError`` naming ``what``."""
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise MinibloomError(f"{what}: expected (n_layer, hidden_size), got {size!r:.80}")
+    return (check_dimension(size[0], "n_layer", MAX_N_LAYER, what),
+            check_dimension(size[1], "hidden_size", MAX_HIDDEN_SIZE, what))
+
+
+def check_dimension(value, key: str, most: int, what: str = "") -> int:
+    """One model dimension: an integer (NumPy integers too, never a bool or a float) in 1..``most``."""
+    where = f"{what}: {key}" if what else key
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise MinibloomError(f"{where}: must be an integer in 1..{most}, got {type(value).__name__} {value!r:.40}")
+    if not 1 <= value <= most:
+        text = str(value) if abs(value) < 10 ** 30 else f"a {len(str(abs(value)))}-digit integer"
+        raise MinibloomError(f"{where}: must be in 1..{most}, got {text}")
+    return int(value)
 
 
 def scale(n_layer: int, hidden_size: int) -> float:
     """How rounding noise in the logits grows with the model: sqrt(n_layer * hidden_size) (README, "Choosing a
     policy": noise / scale is near constant from 2 x 64 to the bloom-560m shape for every kind)."""
-    return math.sqrt(max(1, int(n_layer)) * max(1, int(hidden_size)))
+    n_layer, hidden_size = check_size((n_layer, hidden_size))
+    return math.sqrt(n_layer * hidden_size)
 
 
 def limits(pol: dict, n_layer: int, hidden_size: int) -> dict:
@@ -53,8 +76,9 @@ def limits(pol: dict, n_layer: int, hidden_size: int) -> dict:
 class Tolerance:
     """A verdict policy. ``rel`` always applies; the other parts apply when set (None = not checked).
 
-    A calibrated policy also holds its per-scale coefficients (``coefficients``) and is sized for one model
-    (``size`` = (n_layer, hidden_size); ``DEFAULT_SIZE`` until ``at`` resizes it).
+    A calibrated policy also holds its per-scale coefficients (``coefficients``) and is sized for one model by
+    ``at`` (``size`` = (n_layer, hidden_size)). Until then ``size`` is None and its limits are those of
+    ``DEFAULT_SIZE`` (for display); ``check_logits`` refuses to judge with such an unsized policy.
     """
 
     rel: float  # on max|a - b| / max|ref|
@@ -70,11 +94,17 @@ class Tolerance:
 
     def at(self, n_layer: int, hidden_size: int) -> "Tolerance":
         """This policy's limits for a model of ``n_layer`` blocks of width ``hidden_size``."""
+        n_layer, hidden_size = check_size((n_layer, hidden_size))
         if self.coefficients is None:
             return self
         lim = limits(json.loads(self.coefficients), n_layer, hidden_size)
         return replace(self, rel=lim["rel"], kl_mean=lim["kl_mean"], kl_max=lim["kl_max"], top1=lim["top1"],
-                       hidden_rel=lim["hidden_rel"], size=(int(n_layer), int(hidden_size)))
+                       hidden_rel=lim["hidden_rel"], size=(n_layer, hidden_size))
+
+    @property
+    def scales(self) -> bool:
+        """Whether this policy's limits depend on the model's size (a calibrated kind)."""
+        return self.coefficients is not None
 
 
 Policy = Tolerance
@@ -98,6 +128,10 @@ _WHAT = {
     "int8-weight-only": "int8 weights, float activations vs minibloom float64 on the unquantized checkpoint",
     "int8-dynamic": "int8 weights and dynamically quantized activations (CTranslate2 int8, ONNX Runtime dynamic "
                     "int8) vs minibloom float64 on the unquantized checkpoint",
+    "int4-weight-only": "group-wise int4 weights (sym or asym, groups of 32-128), float activations vs minibloom "
+                        "float64 on the unquantized checkpoint",
+    "int8-activations": "activations quantized as the engine does, on the engine's own (dequantized) weights vs "
+                        "minibloom float64 on those weights with the same activation quantization emulated",
     "q8_0": "ggml Q8_0 kernels vs minibloom float64 on the same GGUF file",
     "q4_0": "ggml Q4_0 (and Q4_1 / Q5_x) kernels vs minibloom float64 on the same GGUF file",
     "q4_k": "ggml k-quant kernels (Q4_K ...) vs minibloom float64 on the same GGUF file",
@@ -111,8 +145,9 @@ def _load_policies(path: str = POLICY_FILE) -> dict[str, Tolerance]:
     out = {}
     for kind, p in doc["policies"].items():
         coef = {k: p[k] for k in ("rel", "hidden_rel", "kl_mean", "kl_max", "disagreement", "floors")}
-        out[kind] = Tolerance(0.0, _WHAT.get(kind, kind), kind, reference=p["reference"],
-                              coefficients=json.dumps(coef, sort_keys=True)).at(*DEFAULT_SIZE)
+        sized = Tolerance(0.0, _WHAT.get(kind, kind), kind, reference=p["reference"],
+                          coefficients=json.dumps(coef, sort_keys=True)).at(*DEFAULT_SIZE)
+        out[kind] = replace(sized, size=None)  # shown at DEFAULT_SIZE; unsized for a verdict
     return out
 
 
@@ -131,7 +166,11 @@ _ALIASES = {
     "int8-dynamic": "int8-dynamic", "int8_dynamic": "int8-dynamic", "dynamic-int8": "int8-dynamic",
     "int8-weight-only": "int8-weight-only", "int8_weight_only": "int8-weight-only", "w8a16": "int8-weight-only",
     "ggml-f32": "float32-gelu-table", "llama.cpp-f32": "float32-gelu-table",
-    "fp4": "nf4", "int4": "nf4", "bnb4": "nf4", "bnb-4bit": "nf4", "bnb_4bit": "nf4",
+    "int4": "int4-weight-only", "w4a16": "int4-weight-only", "int4_sym": "int4-weight-only",
+    "int4_asym": "int4-weight-only", "int4-sym": "int4-weight-only", "int4-asym": "int4-weight-only",
+    "int4_weight_only": "int4-weight-only", "qint4": "int4-weight-only",
+    "int8_activations": "int8-activations", "w8a8-same-weights": "int8-activations",
+    "fp4": "nf4", "bnb4": "nf4", "bnb-4bit": "nf4", "bnb_4bit": "nf4",
 }
 
 
@@ -159,7 +198,8 @@ def policy_for(kind, implementation: str | None = None, size: tuple[int, int] | 
     "int8-dynamic", "q8_0", "nf4", ...), an alias ("fp16", "bf16", "int8", "Q4_K_M", CTranslate2's "int8_float16"),
     or a NumPy / torch dtype. ``implementation`` (a trace's ``meta["implementation"]``) names the engine: a float32
     llama.cpp / ggml port gets the ``float32-gelu-table`` policy. ``size`` = (n_layer, hidden_size) of the model
-    sizes the limits (default ``DEFAULT_SIZE``, bloom-560m's). Raises ``MinibloomError`` for an unknown name."""
+    sizes the limits; without it the policy is unsized (``check_logits`` then needs ``size=``). Raises
+    ``MinibloomError`` for an unknown name."""
     if isinstance(kind, Tolerance):
         return kind if size is None else kind.at(*size)
     name = "" if kind is None else (kind if isinstance(kind, str) else str(getattr(kind, "name", None) or kind))
@@ -311,8 +351,10 @@ def check_logits(actual, reference, attention_mask=None, policy=None, input_ids=
 
     ``policy``: a ``Policy``, a kind name ("float16", "int8", "q8_0", ...), a number (a relative bound alone), or
     None for the policy of ``actual``'s dtype. ``size`` = (n_layer, hidden_size) of the model sizes the limits
-    (rounding noise grows with the model; without it, bloom-560m's size is assumed). This is the entry point for
-    logits that minibloom did not compute: an engine's output saved to disk, or another framework's tensors.
+    (rounding noise grows with the model): required for every calibrated kind unless ``policy`` was sized already
+    (``Policy.at``); a bare number and float64 need none. Raises ``MinibloomError`` when a size is needed and
+    missing. This is the entry point for logits that minibloom did not compute: an engine's output saved to disk,
+    or another framework's tensors.
     """
     a, dtype = _numpy_of(actual, what)
     r, _ = _numpy_of(reference, "reference")
@@ -325,7 +367,11 @@ def check_logits(actual, reference, attention_mask=None, policy=None, input_ids=
         mask = mask[None]
     pol = policy_for(dtype) if policy is None else _as_policy(policy)
     if size is not None:
-        pol = pol.at(*size)
+        pol = pol.at(*check_size(size, "size"))
+    elif pol.scales and pol.size is None:
+        raise MinibloomError(f"size: the {pol.kind!r} policy's limits grow with the model; pass size=(n_layer, "
+                             "hidden_size) of the model that produced the reference logits (or a policy sized "
+                             "with Policy.at)")
     m = logit_metrics(a, r, mask)
     failed = []
     if not m["rel"] <= pol.rel:

@@ -472,40 +472,82 @@ def diff_policy(candidate: dict, reference: dict):
     The candidate's ``meta["kind"]`` or ``meta["dtype"]`` names its precision and selects the policy; an engine named
     in ``meta["implementation"]`` refines it (llama.cpp / ggml float32 -> ``float32-gelu-table``), and so does a
     reference traced from a GGUF file (a float32 port of a GGUF file is a ggml port). A reference computed in lower
-    precision than the candidate (not float64) makes the looser of the two policies apply. An unknown name falls back
-    to float32 (with a note).
+    precision than the candidate (not float64) makes the looser of the two policies apply. A ``kind`` or ``dtype``
+    that names no policy raises ``MinibloomError`` naming the key (set a known kind, or pass --kind / --rtol).
+    The policy is unsized: ``Policy.at`` sizes it for the model (``diff_traces`` does).
     """
-    from .testing import POLICIES, FP32, policy_for
+    from .testing import POLICIES, policy_for
 
-    def pol(meta: dict):
+    def pol(meta: dict, who: str):
         impl = str(meta.get("implementation") or "")
-        name = meta.get("kind") or meta.get("dtype")
+        key = "kind" if meta.get("kind") is not None else "dtype"
+        name = meta.get(key)
+        if name is None:
+            return None
+        if not isinstance(name, str):
+            raise MinibloomError(f"{who} meta {key!r}: must be a string naming a kind, got {type(name).__name__}")
         try:
             return policy_for(name, impl)
-        except MinibloomError:
-            return None
+        except MinibloomError as e:
+            raise MinibloomError(f"{who} meta {key!r}: {e} (or pass --kind / --rtol)") from None
 
-    p = pol(candidate) or FP32
+    p = pol(candidate, "candidate") or POLICIES["float32"]
     ref_model = str(reference.get("model") or "")
     if p.kind == "float32" and ref_model.endswith(".gguf") and not candidate.get("kind"):
         p = POLICIES["float32-gelu-table"]
-    r = pol(reference)
+    r = pol(reference, "reference")
     if r is not None and r.kind != "float64" and r.rel > p.rel:
         p = r
     return p
 
 
-def model_size(*traces: dict) -> tuple[int, int] | None:
-    """(n_layer, hidden_size) of the model behind the traces: from their hidden states, else their meta."""
-    for t in traces:
-        h = t.get("hidden_states")
-        if h:
-            return len(h) - 1, int(h[0].shape[-1])
-    for t in traces:
-        m = t.get("meta") or {}
-        if isinstance(m.get("n_layer"), int) and isinstance(m.get("hidden_size"), int):
-            return m["n_layer"], m["hidden_size"]
-    return None
+def meta_size(meta: dict, what: str) -> tuple[int, int] | None:
+    """(n_layer, hidden_size) a trace's meta claims, validated (bounded integers: ``minibloom.testing.check_size``);
+    None when it claims neither. One without the other is an error."""
+    from .testing import MAX_HIDDEN_SIZE, MAX_N_LAYER, check_dimension
+
+    have = [k for k in ("n_layer", "hidden_size") if meta.get(k) is not None]
+    if not have:
+        return None
+    if len(have) == 1:
+        missing = "hidden_size" if have == ["n_layer"] else "n_layer"
+        raise MinibloomError(f"{what}: meta has {have[0]!r} but not {missing!r} (give both, or neither)")
+    return (check_dimension(meta["n_layer"], "n_layer", MAX_N_LAYER, f"{what}: meta"),
+            check_dimension(meta["hidden_size"], "hidden_size", MAX_HIDDEN_SIZE, f"{what}: meta"))
+
+
+def model_size(candidate: dict, reference: dict, names: tuple[str, str] = ("A", "B"),
+               known: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """(n_layer, hidden_size) that sizes a verdict of ``candidate`` against ``reference``: ``known`` (the reference
+    model's config), else the reference's hidden states, else the reference's meta. The candidate never sizes its
+    own verdict: its meta (and its hidden states) must agree with that size, or ``MinibloomError`` says which
+    disagrees. None when nothing but the candidate says."""
+    from .testing import check_size
+
+    size, source = None, ""
+    if known is not None:
+        size, source = check_size(known, "size"), "the reference model"
+    h = reference.get("hidden_states")
+    if h:
+        arrays = (len(h) - 1, int(h[0].shape[-1]))
+        if size is not None and arrays != size:
+            raise MinibloomError(f"{names[1]}: hidden states of a {arrays[0]} x {arrays[1]} model, but {source} is "
+                                 f"{size[0]} x {size[1]}")
+        size, source = size or arrays, source or f"{names[1]}'s hidden states"
+    ref_meta = meta_size(reference.get("meta") or {}, names[1])
+    if ref_meta is not None and size is not None and ref_meta != size:
+        raise MinibloomError(f"{names[1]}: meta n_layer / hidden_size {ref_meta[0]} x {ref_meta[1]} disagree with "
+                             f"{source} ({size[0]} x {size[1]})")
+    size, source = size or ref_meta, source or f"{names[1]}'s meta"
+    cand_meta = meta_size(candidate.get("meta") or {}, names[0])
+    if cand_meta is not None and size is not None and cand_meta != size:
+        raise MinibloomError(f"{names[0]}: meta n_layer / hidden_size {cand_meta[0]} x {cand_meta[1]} disagree with "
+                             f"{source} ({size[0]} x {size[1]})")
+    hc = candidate.get("hidden_states")
+    if hc and size is not None and int(hc[0].shape[-1]) != size[1]:
+        raise MinibloomError(f"{names[0]}: hidden states of width {int(hc[0].shape[-1])}, but {source} says "
+                             f"hidden_size {size[1]}")
+    return size
 
 
 def _computed_dtype(t: dict) -> dict:
@@ -618,14 +660,18 @@ def explain_input_mismatch(ta: dict, tb: dict, names: tuple[str, str]) -> str | 
     return msg + "; trace both from the same ids"
 
 
-def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffReport:
+def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0, *,
+                size: tuple[int, int] | None = None) -> DiffReport:
     """Compare trace ``a`` against the reference trace ``b`` (dicts or .npz paths), layer by layer.
 
     Only the real (attention_mask == 1) positions are compared. By default the candidate's policy applies
     (``diff_policy``: its ``meta`` kind or dtype): each hidden state passes when ``max|a - b| <= hidden_rel *
     max|b|``, the logits when every part of the policy holds (relative error, KL mean / max, top-1 agreement).
     With ``rtol`` / ``atol`` given, every layer and the logits pass when ``max|a - b| <= atol + rtol * max|b|``.
-    Raises ``MinibloomError`` when the traces cannot be compared (different inputs, shapes, layer counts).
+    The policy is sized for the model (``model_size``): ``size`` = (n_layer, hidden_size) when the caller knows the
+    model, else the reference's hidden states or meta; never the candidate's meta, which must agree with it.
+    Raises ``MinibloomError`` when the traces cannot be compared (different inputs, shapes, layer counts, sizes) or
+    the policy cannot be sized (a logits-only reference without meta n_layer / hidden_size, and no ``rtol``).
     """
     names = (os.fspath(a) if isinstance(a, (str, os.PathLike)) else "A",
              os.fspath(b) if isinstance(b, (str, os.PathLike)) else "B")
@@ -640,25 +686,21 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0) -> DiffRepor
         if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
             raise MinibloomError(f"{name}: must be a finite number >= 0, got {value!r}")
     meta_a, meta_b = _computed_dtype(ta), _computed_dtype(tb)
-    size = model_size(ta, tb)
-    if rtol is None and atol == 0:
+    size = model_size(ta, tb, names, size)
+    if rtol is None:
         policy = diff_policy(meta_a, meta_b)
-        if size is not None:
-            policy = policy.at(*size)
+        if policy.scales and size is None:
+            raise MinibloomError(f"{names[1]}: the model's size is unknown (a logits-only reference without meta "
+                                 f"n_layer / hidden_size), and the {policy.kind!r} policy's limits grow with it: "
+                                 "trace the reference with its hidden states or meta, or pass --rtol")
+        policy = policy if size is None else policy.at(*size)
+        if atol == 0:
+            rtol = policy.hidden_rel or policy.rel
         else:
-            notes.append("model size unknown (no hidden states, no meta n_layer / hidden_size): limits sized for "
-                         "bloom-560m")
-        rtol = policy.hidden_rel or policy.rel
-        if policy.kind == "float32" and meta_a.get("dtype") and meta_a.get("kind") is None:
-            from .testing import _kind_name
-
-            if _kind_name(str(meta_a["dtype"])) is None:
-                notes.append(f"{names[0]}: dtype {meta_a['dtype']!r} names no policy; the float32 policy applies "
-                             "(set meta 'kind', or pass --rtol)")
+            rtol = policy.hidden_rel or policy.rel
+            policy = Tolerance(rtol, f"max|A - B| <= {atol:.1e} + {rtol:.1e} * max|B|", "custom")
     else:
-        default = diff_policy(meta_a, meta_b)
-        default = default if size is None else default.at(*size)
-        rtol = (default.hidden_rel or default.rel) if rtol is None else float(rtol)
+        rtol = float(rtol)
         policy = Tolerance(rtol, f"max|A - B| <= {atol:.1e} + {rtol:.1e} * max|B|", "custom")
     real = tb["attention_mask"].astype(bool)  # [B, T]
     if not real.all():
@@ -763,8 +805,9 @@ def verify_trace(candidate, model, kind: str | None = None):
     if kind is not None:
         policy_for(kind)  # a bad name fails here, naming the kinds
         cand["meta"] = {**cand["meta"], "kind": kind}
-    ref = trace(reference_model(model), cand["input_ids"], cand["attention_mask"])
+    ref_model = reference_model(model)
+    ref = trace(ref_model, cand["input_ids"], cand["attention_mask"])
     ref["meta"]["model"] = str(getattr(model, "path", None) or model)
     if cand["hidden_states"] is None:
         ref["hidden_states"] = None
-    return diff_traces(cand, ref)
+    return diff_traces(cand, ref, size=(ref_model.config.n_layer, ref_model.config.hidden_size))
