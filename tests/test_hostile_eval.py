@@ -254,7 +254,7 @@ def test_check_logits_refuses_what_it_cannot_judge(kwargs, match):
 def test_check_logits_still_passes_real_input():
     from minibloom.oracle.testing import check_logits
 
-    v = check_logits(LOGITS.astype(np.float32), LOGITS, input_ids=IDS[0], attention_mask=[1, 1, 1, 0])
+    v = check_logits(LOGITS.astype(np.float32), LOGITS, input_ids=IDS[0], attention_mask=[1, 1, 1, 0], size=(2, 8))
     assert v.passed and v.positions == 3 and v.input_id is not None
 
 

@@ -21,9 +21,9 @@ import tempfile
 import numpy as np
 
 from ..errors import MinibloomError
-from .engine_weights import EngineWeights
+from .engine_weights import DEQUANTIZED_NOTE, EngineWeights
 
-NOTE_FILE = "minibloom_dequantized.json"
+NOTE_FILE = DEQUANTIZED_NOTE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model")
 ACCEPTED = ("a transformers BLOOM quantized in torch (an in-memory module; optimum-quanto, torchao, HQQ, "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+DEQUANTIZED_NOTE = "minibloom_dequantized.json"  # beside a same-weights reference: where each tensor came from
+
 # How an engine quantizes the activations entering a product at run time (None: weight-only, float activations).
 ACTIVATIONS = {
     "int8-per-row": "symmetric int8, one scale per row (token) of the input: CTranslate2's int8 compute",

@@ -496,13 +496,64 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
         pol = policy_for(dtype, "ggml" if gguf else None)
     cfg = reference_model(model).config
     mask = None if attention_mask is None else np.asarray(attention_mask).reshape(ref.shape[:2])
-    verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64",
-                           size=(cfg.n_layer, cfg.hidden_size))
+    size = (cfg.n_layer, cfg.hidden_size)
+    if pol.kind == "int8-activations":  # the engine's activation rounding, emulated in the reference
+        verdicts = [check_logits(a, m(input_ids, attention_mask), mask, pol, input_ids,
+                                 f"{what} ({dtype}) vs minibloom float64 with {name} activations", size=size)
+                    for name, m in activation_models(model)]
+        verdict = next((v for v in verdicts if v.passed), min(verdicts, key=lambda v: np.nan_to_num(v.rel, nan=1e300)))
+    else:
+        verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64", size=size)
     if not verdict.passed:
         raise AssertionError(verdict.message() + "\n  to find the first layer that differs, write a trace of your "
                              "implementation (format: minibloom.trace) and compare it with `minibloom trace --dtype "
                              "float64` using `minibloom diff`")
     return verdict.rel
+
+
+# ---- ports that quantize their activations too (kind "int8-activations") ----------------------------------------
+def activation_scheme(model, activations: str | None = None) -> tuple[str, int | None]:
+    """(scheme, group) of the run-time activation quantization to emulate for ``model``, a same-weights reference
+    written by ``minibloom dequantize`` (a directory or a ``Bloom`` loaded from one): ``activations`` when given
+    ("int8-per-row", "uint8-per-tensor", "int8-per-group:32", ...), else what its ``minibloom_dequantized.json``
+    records."""
+    from .activations import parse_scheme
+    from .engine_weights import DEQUANTIZED_NOTE
+
+    if activations is not None:
+        scheme, group = parse_scheme(activations)
+    else:
+        path = getattr(model, "path", None) if not isinstance(model, (str, os.PathLike)) else os.fspath(model)
+        note_path = os.path.join(path, DEQUANTIZED_NOTE) if path and os.path.isdir(path) else None
+        if note_path is None or not os.path.isfile(note_path):
+            raise MinibloomError(f"kind int8-activations: {path or 'the model'} is not a same-weights reference (no "
+                                 f"{DEQUANTIZED_NOTE}); write one with `minibloom dequantize SOURCE --like MODEL --out "
+                                 "DIR` and judge against DIR")
+        from ..jsonfile import read_json_object
+
+        note = read_json_object(note_path)
+        recorded, group = note.get("activations"), note.get("group")
+        scheme, group = parse_scheme(recorded if recorded is None or group is None else f"{recorded}:{group}",
+                                     what=f"{note_path}: activations")
+    if scheme is None or scheme == "static":
+        raise MinibloomError(f"kind int8-activations: the reference records no run-time activation quantization "
+                             f"({scheme or 'weight-only'}); judge a weight-only port with its float kind (float32, "
+                             "float16, bfloat16), or name the engine's scheme (minibloom dequantize --activations)")
+    return scheme, group
+
+
+def activation_models(model, activations: str | None = None) -> list[tuple[str, object]]:
+    """(emulation, float64 ``Bloom``) for every way a correct engine with ``model``'s activation scheme may compute:
+    its weights, and the primitives of ``minibloom.oracle.activations`` rounding each product's input as the engine
+    does (int8 per row: with and without the int16 pair saturation of CPUs without VNNI)."""
+    from ..bloom import Bloom
+    from .activations import EMULATIONS, activation_primitives
+
+    scheme, group = activation_scheme(model, activations)
+    ref = reference_model(model)
+    return [(name, Bloom(ref.config, ref.params, "float64", tokenizer=ref.tokenizer, path=ref.path,
+                         primitives=activation_primitives(name, group)))
+            for name in EMULATIONS.get(scheme, (scheme,))]
 
 
 # ---- gradient verdicts ------------------------------------------------------------------------------------------
