@@ -9,7 +9,9 @@ installed. The measured figures (rel, KL, top-1) are printed in the "measured fi
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -238,6 +240,154 @@ def test_onnx_diff_names_the_perturbed_block(name, block, checkpoints, inputs, t
     n_hidden = len(ref["hidden_states"])
     assert rep.first_divergence is not None and rep.first_divergence.name == layer_name(block + 1, n_hidden), \
         rep.table()
+
+
+# ---- same weights: the engine's own dequantized weights as the reference (minibloom.engines.dequantized_checkpoint)
+def _edited_checkpoint(src: str, out, edit) -> str:
+    """A copy of checkpoint ``src`` with ``edit(params)`` applied (a bug planted in the weights a port converts)."""
+    from minibloom.formats.weights import write_checkpoint
+
+    m = minibloom.load(src, dtype="float32")
+    edit(m.params)
+    write_checkpoint(out, m.config, m.params, "float32")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+    return os.fspath(out)
+
+
+def _drop_dense_bias(params: dict) -> None:
+    for layer in params["h"]:
+        layer["self_attention"]["dense"]["bias"] = np.zeros_like(layer["self_attention"]["dense"]["bias"])
+
+
+@pytest.fixture(scope="module")
+def ct2_same_weights(checkpoints, ct2_models, tmp_path_factory) -> dict[str, str]:
+    """Per checkpoint: the same-weights reference of its CTranslate2 int8 conversion."""
+    root = tmp_path_factory.mktemp("ct2-deq")
+    return {name: engines.dequantized_checkpoint(ct2_models[name, "int8"], root / name, like=checkpoints[name])
+            for name in CHECKPOINTS}
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_ctranslate2_int8_passes_on_its_own_weights(name, padding, inputs, ct2_models, ct2_same_weights, record):
+    """CTranslate2 int8: int8 compute passes ``int8-activations`` and float compute passes ``float32``, both against
+    minibloom float64 on the engine's own dequantized weights (which CPU path ran the int8 products does not
+    matter: the reference emulates both)."""
+    ids, mask = inputs[name][padding]
+    ref = ct2_same_weights[name]
+    for compute, kind in (("default", "int8-activations"), ("float32", "float32")):
+        tr = engines.ctranslate2_trace(ct2_models[name, "int8"], ids, mask, compute_type=compute, intra_threads=1)
+        rel = assert_logits_close(tr["logits"], ref, ids, mask, kind=kind)
+        record(f"ct2 int8 compute {compute} vs same weights ({kind}) rel", rel)
+
+
+def _ct2_in_child(model_dir: str, ids, mask, env: dict, tmp_path) -> np.ndarray:
+    """CTranslate2's logits computed in a child process with ``env`` set before ctranslate2 loads."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    code = ("import numpy as np; from minibloom import engines; "
+            f"t = engines.ctranslate2_trace({model_dir!r}, np.load({str(tmp_path / 'ids.npy')!r}), "
+            f"np.load({str(tmp_path / 'mask.npy')!r}), intra_threads=1); "
+            f"np.save({str(tmp_path / 'out.npy')!r}, t['logits'])")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True, capture_output=True,
+                   timeout=300)
+    return np.load(tmp_path / "out.npy")
+
+
+@pytest.mark.parametrize("name", ("random-h12", "default"))
+def test_ctranslate2_int8_without_vnni_passes_on_its_own_weights(name, inputs, ct2_models, ct2_same_weights,
+                                                                  tmp_path, record):
+    """The int8 path of a CPU without VNNI (oneDNN's u8s8 products with int16 saturation, what an AVX2-only CPU
+    runs), forced on any x86 CPU with ONEDNN_MAX_CPU_ISA=AVX2: far from the plain int8 emulation, within
+    ``int8-activations`` of the saturating one."""
+    ids, mask = inputs[name]["left"]
+    logits = _ct2_in_child(ct2_models[name, "int8"], ids, mask, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, tmp_path)
+    rel = assert_logits_close(logits, ct2_same_weights[name], ids, mask, kind="int8-activations")
+    record("ct2 int8 without VNNI vs same weights rel", rel)
+
+
+@pytest.mark.parametrize("quantization", ("int8", "int8_float16"))
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_ctranslate2_int8_dense_bias_dropped_fails_on_its_own_weights(name, quantization, checkpoints, inputs,
+                                                                       tmp_path, record):
+    """A port converted from weights whose ``self_attention.dense`` biases were dropped: its same-weights reference
+    (``like`` = the right model) keeps MODEL's biases, so both int8 compute and float compute fail; the note names
+    the biases the engine's file holds differently (int8_float16 keeps them in float16)."""
+    pytest.importorskip("ctranslate2")
+    bug = _edited_checkpoint(checkpoints[name], tmp_path / "bug", _drop_dense_bias)
+    model = engines.ctranslate2_convert(bug, tmp_path / "ct2", quantization)
+    ref = engines.dequantized_checkpoint(model, tmp_path / "ref", like=checkpoints[name])
+    with open(os.path.join(ref, "minibloom_dequantized.json")) as f:
+        differs = json.load(f)["differs_from_model"]
+    if quantization == "int8_float16":
+        assert differs == [f"h.{i}.self_attention.dense.bias" for i in range(n_layer(checkpoints[name]))]
+    ids, mask = inputs[name]["left"]
+    for compute, kind in (("default", "int8-activations"), ("float32", "float32")):
+        tr = engines.ctranslate2_trace(model, ids, mask, compute_type=compute, intra_threads=1)
+        report(record, f"ct2 {quantization} {compute} BUG dense bias dropped (same weights)", tr, ref, ids, mask)
+        with pytest.raises(AssertionError):
+            assert_logits_close(tr["logits"], ref, ids, mask, kind=kind)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_ctranslate2_int8_planted_bugs_fail_on_its_own_weights(name, inputs, ct2_models, ct2_same_weights, record):
+    """Driving bugs on the same-weights path: the pads attended, logits one position late, and the int8 logits
+    judged as if they were float32 (the activation quantization ignored)."""
+    ids, mask = inputs[name]["left"]
+    model, ref = ct2_models[name, "int8"], ct2_same_weights[name]
+    pads = engines.ctranslate2_trace(model, ids, None, "int8", intra_threads=1)
+    good = engines.ctranslate2_trace(model, ids, mask, intra_threads=1)
+    shifted = {**good, "logits": np.roll(good["logits"], 1, axis=1)}
+    for label, tr, kind in (("pads attended", pads, "int8-activations"), ("shifted", shifted, "int8-activations"),
+                            ("activation quantization ignored", good, "float32")):
+        report(record, f"ct2 int8 BUG {label} (same weights)", tr, ref, ids, mask)
+        with pytest.raises(AssertionError):
+            assert_logits_close(tr["logits"], ref, ids, mask, kind=kind)
+
+
+@pytest.fixture(scope="module")
+def onnx_same_weights(checkpoints, onnx_models, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("onnx-deq")
+    return {name: engines.dequantized_checkpoint(onnx_models[name, "int8-dynamic"], root / name,
+                                                 like=checkpoints[name]) for name in CHECKPOINTS}
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_onnxruntime_dynamic_int8_passes_on_its_own_weights(name, inputs, onnx_models, onnx_same_weights, record):
+    """ONNX Runtime's quantize_dynamic (per-tensor uint8 activations): ``int8-activations`` on its own weights; the
+    pads attended fail."""
+    ids, mask = inputs[name]["left"]
+    ref = onnx_same_weights[name]
+    tr = engines.onnx_trace(onnx_models[name, "int8-dynamic"], ids, mask, threads=1)
+    record("ort dynamic int8 vs same weights rel", assert_logits_close(tr["logits"], ref, ids, mask,
+                                                                      kind="int8-activations"))
+    bad = engines.onnx_trace(onnx_models[name, "int8-dynamic"], ids, np.ones_like(mask), threads=1)
+    shifted = {**tr, "logits": np.roll(tr["logits"], 1, axis=1)}
+    for label, t in (("all-ones mask", bad), ("shifted", shifted)):
+        report(record, f"ort int8 BUG {label} (same weights)", t, ref, ids, mask)
+        with pytest.raises(AssertionError):
+            assert_logits_close(t["logits"], ref, ids, mask, kind="int8-activations")
+
+
+@pytest.mark.parametrize("name", ("random-h12", "default"))
+def test_onnxruntime_dynamic_int8_dense_bias_dropped_fails_on_its_own_weights(name, checkpoints, inputs, tmp_path,
+                                                                              record):
+    """ONNX Runtime dynamic int8 exported from weights whose dense biases were dropped, judged on its own weights
+    with MODEL's biases: fails."""
+    pytest.importorskip("onnxruntime")
+    bug = _edited_checkpoint(checkpoints[name], tmp_path / "bug", _drop_dense_bias)
+    q = engines.onnx_quantize_dynamic(engines.onnx_export(bug, tmp_path / "bug.onnx"), tmp_path / "bug-q.onnx")
+    ref = engines.dequantized_checkpoint(q, tmp_path / "ref", like=checkpoints[name])
+    ids, mask = inputs[name]["left"]
+    tr = engines.onnx_trace(q, ids, mask, threads=1)
+    report(record, "ort int8 BUG dense bias dropped (same weights)", tr, ref, ids, mask)
+    with pytest.raises(AssertionError):
+        assert_logits_close(tr["logits"], ref, ids, mask, kind="int8-activations")
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------
