@@ -137,11 +137,13 @@ def test_ctranslate2_same_rows_any_padding(name, inputs, ct2_models):
     np.testing.assert_array_equal(left[lm == 1], right[rm == 1])
 
 
-@pytest.mark.parametrize("quantization", ("float32", "int8"))
+@pytest.mark.parametrize("quantization", ("float32",))
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_ctranslate2_planted_bugs_fail(name, quantization, checkpoints, inputs, ct2_models, record):
     """Left-padded rows handed over whole (the pads attended as real tokens), and logits put back one position
-    late, must both fail the policy."""
+    late, must both fail the policy. (The int8 port is checked for them on its own weights, under
+    ``int8-activations``: ``int8-dynamic`` against the unquantized model must also pass CPUs whose int8 products
+    saturate, and is too wide to see them on models this small — its blind spots in README's matrix.)"""
     ids, mask = inputs[name]["left"]
     model = ct2_models[name, quantization]
     pads_attended = engines.ctranslate2_trace(model, ids, None, quantization, intra_threads=1)
@@ -182,10 +184,11 @@ def test_onnxruntime_passes_policy(name, config, padding, checkpoints, inputs, o
     policy_check(tr, checkpoints[name], ids, mask)
 
 
-@pytest.mark.parametrize("config", ("float32", "int8-dynamic"))
+@pytest.mark.parametrize("config", ("float32", "float16"))
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_onnxruntime_all_ones_mask_fails(name, config, checkpoints, inputs, onnx_models, record):
-    """ONNX Runtime run with an all-ones mask on a left-padded batch (the pads attended) must fail the policy."""
+    """ONNX Runtime run with an all-ones mask on a left-padded batch (the pads attended) must fail the policy (the
+    int8 port: on its own weights, ``test_onnxruntime_dynamic_int8_passes_on_its_own_weights``)."""
     ids, mask = inputs[name]["left"]
     bad = engines.onnx_trace(onnx_models[name, config], ids, np.ones_like(mask), threads=1)
     report(record, f"ort {config} BUG all-ones mask", bad, checkpoints[name], ids, mask)
