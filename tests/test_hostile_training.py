@@ -608,3 +608,20 @@ def test_fuzz_trainer_state_fields(run, tmp_path_factory, key, value):
 def test_training_helpers_refuse_bad_arguments(call, match):
     with pytest.raises(MinibloomError, match=match):
         call()
+
+
+def test_native_kernels_outlive_a_reload(monkeypatch):
+    """Kernels from an earlier load keep working after the kernels are loaded again (their page is never
+    unmapped): loading twice used to free the first page, and a kernel kept from before then crashed the process."""
+    first = native.kernel("F16", np.float32)
+    if first is None:
+        pytest.skip(f"no machine-code kernels here: {native.reason}")
+    monkeypatch.setattr(native, "_kernels", None)
+    assert native.kernel("F16", np.float32) is not None  # a second page
+    import gc
+
+    gc.collect()
+    src = np.arange(32, dtype=np.float16).view(np.uint16)
+    out = np.empty(32, np.float32)
+    first(src.__array_interface__["data"][0], out.__array_interface__["data"][0], 32)
+    np.testing.assert_array_equal(out, np.arange(32, dtype=np.float32))

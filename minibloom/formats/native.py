@@ -142,7 +142,7 @@ Kernel = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes
 
 _lock = threading.Lock()
 _kernels: dict | None = None
-_page = None  # the executable page (kept alive for the life of the process)
+_pages: list = []  # every executable page mapped, kept for the life of the process (a kernel may outlive a reload)
 reason = "not tried yet"  # why the kernels are off, for benchmarks and bug reports
 
 
@@ -205,7 +205,7 @@ def enabled() -> bool:
 
 
 def _load() -> dict:
-    global _page, reason
+    global reason
     if not enabled():
         reason = f"MINIBLOOM_NATIVE={os.environ.get('MINIBLOOM_NATIVE')}"
         return {}
@@ -228,7 +228,7 @@ def _load() -> dict:
     except (OSError, ValueError, AttributeError, TypeError) as e:
         reason = f"cannot load the kernels ({e})"
         return {}
-    _page = page
+    _pages.append(page)  # never unmapped: kernels from an earlier load still point into their page
     kernels = {key: Kernel(address + offset) for key, offset in ENTRY.items()}
     if not _self_check(kernels):
         reason = "the kernels disagree with NumPy on this machine"
