@@ -20,11 +20,9 @@ import tempfile
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-
-from minibloom.oracle.calibrate import calibration_mask  # noqa: E402
-from minibloom.oracle.testing import check_logits, reference_logits, reference_model  # noqa: E402
+from minibloom.formats.loading import default_model_path
+from minibloom.oracle.calibrate import calibration_mask
+from minibloom.oracle.testing import check_logits, reference_logits, reference_model
 
 
 def _hf_logits(model, ids, mask):
@@ -89,7 +87,7 @@ def checkpoints(tmp):
         path = os.path.join(tmp, f"random-3x160-std{std}")
         random_model(seed=26, std=std, vocab=512, hidden=160, n_layer=3, n_head=8).save_pretrained(path)
         out.append((f"random 3x160 8h std {std}", path))
-    out.append(("weights/default", os.path.join(ROOT, "weights", "default")))
+    out.append(("weights/default", default_model_path()))
     return out
 
 

@@ -571,7 +571,6 @@ def test_the_battery_in_a_child_process_ends_cleanly(tmp_path):
     script.write_text(f"""
 import resource, sys, numpy as np
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, resource.RLIM_INFINITY))
-sys.path.insert(0, {ROOT!r})
 import minibloom
 from minibloom import evaluate as E
 m = minibloom.load()
@@ -586,7 +585,8 @@ for case in cases:
     except minibloom.MinibloomError as e:
         print("REFUSED", str(e)[:80])
 """)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stdout.count("REFUSED") == 5, r.stdout
 
