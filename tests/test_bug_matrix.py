@@ -15,6 +15,7 @@ from minibloom.cli import main
 from minibloom.config import BloomConfig
 from minibloom.errors import MinibloomError
 from minibloom.oracle import calibrate as C
+from minibloom.oracle import emulate as E
 from minibloom.testing import check_logits
 
 NEW_BUGS = ("alibi-scaled", "slopes-reversed", "layernorm-unbiased", "layernorms-swapped", "embedding-ln-skipped",
@@ -33,16 +34,16 @@ def tiny():
 @pytest.mark.parametrize("scheme", sorted(C.SAME_WEIGHTS))
 def test_every_new_bug_fails_float32_on_the_same_quantized_weights(tiny, scheme):
     cfg, params, ids, mask = tiny
-    weights = C.map_matrices(params, C.SAME_WEIGHTS[scheme], head=False)
+    weights = E.map_matrices(params, C.SAME_WEIGHTS[scheme], head=False)
     ref = M.forward(weights, ids, mask, cfg).logits  # float64 on the quantized weights
-    port = C.ports_for("float32")[1]  # the reference primitives in float32
-    prepared = C.prepare(port, weights)
+    port = E.ports_for("float32")[1]  # the reference primitives in float32
+    prepared = E.prepare(port, weights)
     size = (cfg.n_layer, cfg.hidden_size)
-    good = C.run_port(port, None, prepared, cfg, ids, mask)[0]
+    good = E.run_port(port, None, prepared, cfg, ids, mask)[0]
     assert check_logits(good, ref, mask, "float32", size=size).passed
     for bug in NEW_BUGS:
-        assert C.applies(bug, cfg, mask)
-        bad = C.run_port(port, bug, prepared, cfg, ids, mask)[0]
+        assert E.applies(bug, cfg, mask)
+        bad = E.run_port(port, bug, prepared, cfg, ids, mask)[0]
         v = check_logits(bad, ref, mask, "float32", size=size)
         assert not v.passed, f"{bug} on {scheme} weights passed float32: {v.message()}"
 
@@ -51,8 +52,8 @@ def test_the_new_bugs_do_what_they_say():
     x = np.array([[1.0, 2.0, 4.0, 7.0]])
     xc = x - x.mean()
     want = xc / np.sqrt(np.sum(xc * xc) / 3 + 1e-5)
-    assert np.allclose(C.layer_norm_unbiased(x, 1.0, 0.0, 1e-5), want, rtol=1e-12)
-    s = C.softmax_no_max_half(np.array([[0.0, 1.0, 2.0], [0.0, 12.0, 1.0], [11.5, 12.0, 1.0]]))
+    assert np.allclose(E.layer_norm_unbiased(x, 1.0, 0.0, 1e-5), want, rtol=1e-12)
+    s = E.softmax_no_max_half(np.array([[0.0, 1.0, 2.0], [0.0, 12.0, 1.0], [11.5, 12.0, 1.0]]))
     assert np.allclose(s[0], np.exp([0, 1, 2]) / np.exp([0, 1, 2]).sum(), rtol=2e-3)  # small scores: fine
     assert np.isnan(s[1, 1]) and s[1, 0] == 0.0  # exp(12) overflows float16: inf / inf, the rest 0
     assert np.isnan(s[2, 0]) and np.isnan(s[2, 1])
@@ -61,7 +62,7 @@ def test_the_new_bugs_do_what_they_say():
 @pytest.mark.parametrize("bits, group, sym", [(4, 32, True), (4, 64, False), (4, 128, True), (8, 64, False)])
 def test_group_quantizers_by_hand(bits, group, sym):
     w = np.random.default_rng(bits * group).standard_normal((6, 192)) * 0.05
-    q = C.quant_groups(w, bits, group, sym)
+    q = E.quant_groups(w, bits, group, sym)
     for g in range(0, 192, group):
         blk, qb = w[:, g:g + group], q[:, g:g + group]
         for row, qrow in zip(blk, qb):
@@ -77,7 +78,7 @@ def test_group_quantizers_by_hand(bits, group, sym):
 
 
 def test_int4_ports_cover_both_schemes_and_three_group_sizes():
-    names = [p.name for p in C.ports_for("int4-weight-only")]
+    names = [p.name for p in E.ports_for("int4-weight-only")]
     assert {n.split()[1] for n in names} == {"group-32", "group-64", "group-128"}
     assert any("asym" in n for n in names) and any(" sym" in n for n in names)
 
@@ -114,7 +115,7 @@ def test_calibrate_refuses_text_that_is_not_utf8_or_not_a_file(tmp_path, capsys)
 def test_activation_quantizers_keep_nan():
     """A NaN from a buggy softmax must reach the logits through every emulated activation quantizer."""
     x = np.array([[1.0, np.nan, 2.0], [0.5, -1.0, 0.25]])
-    for quant in (C.quant_rows_int8, C.quant_tensor_uint8, lambda a: C.quant_blocks(a, 32, True)):
+    for quant in (E.quant_rows_int8, E.quant_tensor_uint8, lambda a: E.quant_blocks(a, 32, True)):
         assert np.isnan(quant(x)[0]).all() or np.isnan(quant(x)).any()
-    assert np.isnan(C.quant_rows_int8(x)[0]).all() and np.allclose(C.quant_rows_int8(x)[1], [0.5, -1.0, 0.25],
+    assert np.isnan(E.quant_rows_int8(x)[0]).all() and np.allclose(E.quant_rows_int8(x)[1], [0.5, -1.0, 0.25],
                                                                      atol=1 / 254)

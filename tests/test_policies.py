@@ -17,6 +17,7 @@ import pytest
 
 import minibloom
 from minibloom.oracle import calibrate as C
+from minibloom.oracle import emulate as E
 from minibloom import model as M
 from minibloom.cli import main
 from minibloom.errors import MinibloomError
@@ -105,7 +106,7 @@ def test_policy_for_numpy_dtypes_engines_and_unknown_names():
 
 
 def test_every_kind_has_a_policy_with_every_part():
-    for kind in C.KINDS:
+    for kind in E.KINDS:
         p = POLICIES[kind]
         assert p.rel > 0 and p.kl_mean > 0 and p.kl_max >= p.kl_mean and 0 <= p.top1 <= 1 and p.hidden_rel > 0
         assert p.reference in ("same file", "unquantized")
@@ -139,27 +140,27 @@ def held_out_cases():
 def evidence():
     """kind -> list of (case, correct-port metrics per port, bug -> metrics) on held-out cases (the bugs: those the
     committed matrix calls separable from the kind, the ones the held-out test checks)."""
-    out = {kind: [] for kind in C.KINDS}
+    out = {kind: [] for kind in E.KINDS}
     for case in held_out_cases():
-        for kind in C.KINDS:
-            params = C.file_weights(kind, case.params)
+        for kind in E.KINDS:
+            params = E.file_weights(kind, case.params)
             ref = M.forward(params, case.ids, case.mask, case.cfg, output_hidden_states=True)
             ref = (ref.logits, ref.hidden_states)
             correct = []
-            for port in C.ports_for(kind):
-                prepared = C.prepare(port, params)
-                correct.append((port.name, C.metrics(C.run_port(port, None, prepared, case.cfg, case.ids,
+            for port in E.ports_for(kind):
+                prepared = E.prepare(port, params)
+                correct.append((port.name, C.metrics(E.run_port(port, None, prepared, case.cfg, case.ids,
                                                                 case.mask), ref, case.mask)))
-            port = C.ports_for(kind)[0]
-            prepared = C.prepare(port, params)
+            port = E.ports_for(kind)[0]
+            prepared = E.prepare(port, params)
             separable = [b for b, cell in COMMITTED["bug_matrix"][kind].items() if cell["separable"]]
-            bugs = {bug: C.metrics(C.run_port(port, bug, prepared, case.cfg, case.ids, case.mask), ref, case.mask)
-                    for bug in separable if C.applies(bug, case.cfg, case.mask)}
+            bugs = {bug: C.metrics(E.run_port(port, bug, prepared, case.cfg, case.ids, case.mask), ref, case.mask)
+                    for bug in separable if E.applies(bug, case.cfg, case.mask)}
             out[kind].append((case.name, (case.cfg.n_layer, case.cfg.hidden_size), correct, bugs))
     return out
 
 
-@pytest.mark.parametrize("kind", C.KINDS)
+@pytest.mark.parametrize("kind", E.KINDS)
 def test_correct_ports_pass_on_held_out_cases(evidence, kind, record):
     worst = 0.0
     for case, size, correct, _ in evidence[kind]:
@@ -170,7 +171,7 @@ def test_correct_ports_pass_on_held_out_cases(evidence, kind, record):
     record(f"{kind}: worst rel / limit", worst)
 
 
-@pytest.mark.parametrize("kind", C.KINDS)
+@pytest.mark.parametrize("kind", E.KINDS)
 def test_separable_bugs_fail_on_held_out_cases(evidence, kind):
     matrix = COMMITTED["bug_matrix"][kind]
     separable = [bug for bug, cell in matrix.items() if cell["separable"]]
@@ -200,13 +201,13 @@ def test_float32_on_the_same_weights_separates_every_bug_that_moves_the_logits()
         missed = {bug for bug, cell in same[column].items() if not cell["separable"]}
         assert missed <= {"gelu-erf", "softmax-half"}, (column, missed)
         assert all(same[column][bug]["rel"] < 2e-5 for bug in missed)
-    assert set(same["float32 on int8"]) == set(C.BUGS)
+    assert set(same["float32 on int8"]) == set(E.BUGS)
 
 
 # ---- the llama.cpp f32 stand-in -----------------------------------------------------------------------------
 def test_gelu_table_matches_ggml_rules():
     x = np.array([-12.0, -10.0, -1.0, 0.0, 0.5, 1.2345678, 9.99, 10.0, 30.0], np.float32)
-    y = C.gelu_table(x)
+    y = E.gelu_table(x)
     assert y[0] == 0.0 and y[1] == 0.0 and y[-1] == 30.0 and y[-2] == 10.0
     h = np.float32(np.float16(x[5]))
     exact = 0.5 * h * (1 + math.tanh(math.sqrt(2 / math.pi) * h * (1 + 0.044715 * h * h)))
@@ -219,9 +220,9 @@ def trained():
 
 
 def _ggml_f32_trace(model, ids, mask):
-    port = C.ports_for("float32-gelu-table")[0]
-    prepared = C.prepare(port, model.params)
-    logits, hidden = C.run_port(port, None, prepared, model.config, ids, mask)
+    port = E.ports_for("float32-gelu-table")[0]
+    prepared = E.prepare(port, model.params)
+    logits, hidden = E.run_port(port, None, prepared, model.config, ids, mask)
     return {"input_ids": ids, "attention_mask": mask, "logits": logits, "hidden_states": hidden,
             "meta": {"dtype": "float32", "implementation": "llama.cpp (stand-in: ggml f32 GeLU table)"}}
 
@@ -252,7 +253,7 @@ def test_a_float32_candidate_of_a_gguf_reference_gets_the_ggml_policy(trained):
 @pytest.fixture(scope="module")
 def q8_case(trained, tmp_path_factory):
     """The trained model's Q8_0 weights; a correct ggml-style Q8_0 port's trace and one with the pads attended."""
-    params = C.file_weights("q8_0", trained.params)
+    params = E.file_weights("q8_0", trained.params)
     model = minibloom.Bloom(trained.config, params, "float64", tokenizer=trained.tokenizer, path="q8_0 weights")
     with open(TEXT, encoding="utf-8") as f:
         enc = trained.encode(f.read()[-3000:])
@@ -260,12 +261,12 @@ def q8_case(trained, tmp_path_factory):
     ids = np.stack([row, np.concatenate([np.full(6, 3), row[:18]])])
     mask = np.ones_like(ids)
     mask[1, :6] = 0
-    port = C.ports_for("q8_0")[0]
-    prepared = C.prepare(port, params)
+    port = E.ports_for("q8_0")[0]
+    prepared = E.prepare(port, params)
     d = tmp_path_factory.mktemp("q8")
     paths = {}
     for name, bug in (("correct", None), ("pads", "pads-attended")):
-        logits, hidden = C.run_port(port, bug, prepared, trained.config, ids, mask)
+        logits, hidden = E.run_port(port, bug, prepared, trained.config, ids, mask)
         paths[name] = save_trace({"input_ids": ids, "attention_mask": mask, "logits": logits.astype(np.float32),
                                   "meta": {"dtype": "q8_0", "implementation": "ggml-style emulation"}},
                                  d / f"{name}.npz")

@@ -106,6 +106,12 @@ class Tolerance:
         """Whether this policy's limits depend on the model's size (a calibrated kind)."""
         return self.coefficients is not None
 
+    @property
+    def probes(self) -> bool:
+        """Whether a verdict that has the model sizes this policy by probing it (``probe_policy``): the statistical
+        kinds, whose noise depends on the weights as much as on the size."""
+        return self.coefficients is not None and "probe" in json.loads(self.coefficients)
+
 
 Policy = Tolerance
 
@@ -144,7 +150,8 @@ def _load_policies(path: str = POLICY_FILE) -> dict[str, Tolerance]:
         doc = json.load(f)
     out = {}
     for kind, p in doc["policies"].items():
-        coef = {k: p[k] for k in ("rel", "hidden_rel", "kl_mean", "kl_max", "disagreement", "floors")}
+        coef = {k: p[k] for k in ("rel", "hidden_rel", "kl_mean", "kl_max", "disagreement", "floors", "probe")
+                if k in p}
         sized = Tolerance(0.0, _WHAT.get(kind, kind), kind, reference=p["reference"],
                           coefficients=json.dumps(coef, sort_keys=True)).at(*DEFAULT_SIZE)
         out[kind] = replace(sized, size=None)  # shown at DEFAULT_SIZE; unsized for a verdict
@@ -496,19 +503,67 @@ def assert_logits_close(actual, model, input_ids, attention_mask=None, tol: Tole
         pol = policy_for(dtype, "ggml" if gguf else None)
     cfg = reference_model(model).config
     mask = None if attention_mask is None else np.asarray(attention_mask).reshape(ref.shape[:2])
-    size = (cfg.n_layer, cfg.hidden_size)
+    pol = pol.at(cfg.n_layer, cfg.hidden_size)
+    if pol.probes:  # a statistical kind: sized by how much its emulated ports move this very model
+        pol = probe_policy(pol, model, input_ids, mask)
     if pol.kind == "int8-activations":  # the engine's activation rounding, emulated in the reference
         verdicts = [check_logits(a, m(input_ids, attention_mask), mask, pol, input_ids,
-                                 f"{what} ({dtype}) vs minibloom float64 with {name} activations", size=size)
+                                 f"{what} ({dtype}) vs minibloom float64 with {name} activations")
                     for name, m in activation_models(model)]
         verdict = next((v for v in verdicts if v.passed), min(verdicts, key=lambda v: np.nan_to_num(v.rel, nan=1e300)))
     else:
-        verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64", size=size)
+        verdict = check_logits(a, ref, mask, pol, input_ids, f"{what} ({dtype}) vs minibloom float64")
     if not verdict.passed:
         raise AssertionError(verdict.message() + "\n  to find the first layer that differs, write a trace of your "
                              "implementation (format: minibloom.trace) and compare it with `minibloom trace --dtype "
                              "float64` using `minibloom diff`")
     return verdict.rel
+
+
+# ---- statistical kinds sized by the model under test ------------------------------------------------------------
+PROBE_FLOORS = {"rel": 2e-5, "kl": 1e-7}  # float32's: no statistical kind is judged more finely than float32
+
+
+def probe_figures(kind: str, model, input_ids, attention_mask=None) -> dict:
+    """How far the emulated correct ports of ``kind`` (``minibloom.oracle.emulate.ports_for``: the engines' weight
+    schemes and roundings) move *this* model's float64 logits and hidden states on *this* input: the worst ``rel``,
+    ``kl_mean``, ``kl_max`` and ``hidden_rel`` over them (``model``: a Bloom, path or hub id)."""
+    from .emulate import ports_for, prepare, run_port
+
+    ref = reference_model(model)
+    ids = np.asarray(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+    out = ref.forward(ids, mask, output_hidden_states=True)
+    real = mask.astype(bool)
+    worst: dict = {}
+    for port in ports_for(kind):
+        logits, hidden = run_port(port, None, prepare(port, ref.params), ref.config, ids, mask)
+        m = logit_metrics(logits, out.logits, mask)
+        m["hidden_rel"] = max(rel_error(a[real], r[real]) for a, r in zip(hidden, out.hidden_states))
+        for f in ("rel", "kl_mean", "kl_max", "hidden_rel"):
+            worst[f] = max(worst.get(f, 0.0), float(np.nan_to_num(m[f], nan=np.inf)))
+    return worst
+
+
+def probe_policy(pol: Tolerance, model, input_ids, attention_mask=None) -> Tolerance:
+    """A statistical policy sized by the model under test: each limit is the policy's probe coefficient times how
+    far the kind's emulated ports move this model's logits on this input (``probe_figures``), never above the
+    size-scaled limit ``pol`` already has (the envelope over all evidence) nor below float32's floors. Noise depends
+    on the weights (their scale, the residual layout) as much as on the size, so one envelope for every model would
+    let bugs pass on the quiet ones."""
+    if not pol.probes:
+        return pol
+    coef = json.loads(pol.coefficients)["probe"]
+    fig = probe_figures(pol.kind, model, input_ids, attention_mask)
+    lim = {"rel": max(coef["rel"] * fig["rel"], PROBE_FLOORS["rel"]),
+           "hidden_rel": max(coef["rel"] * fig["hidden_rel"], PROBE_FLOORS["rel"]),
+           "kl_mean": max(coef["kl"] * fig["kl_mean"], PROBE_FLOORS["kl"]),
+           "kl_max": max(coef["kl"] * fig["kl_max"], PROBE_FLOORS["kl"])}
+    return replace(pol, rel=min(pol.rel, lim["rel"]), hidden_rel=min(pol.hidden_rel or pol.rel, lim["hidden_rel"]),
+                   kl_mean=min(pol.kl_mean, lim["kl_mean"]), kl_max=min(pol.kl_max, lim["kl_max"]),
+                   what=f"{pol.what}; limits sized by the kind's emulated ports on this model (rel {fig['rel']:.2e}, "
+                        f"KL mean {fig['kl_mean']:.2e}) times {coef['rel']:g} / {coef['kl']:g}")
 
 
 # ---- ports that quantize their activations too (kind "int8-activations") ----------------------------------------

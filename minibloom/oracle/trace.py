@@ -661,7 +661,7 @@ def explain_input_mismatch(ta: dict, tb: dict, names: tuple[str, str]) -> str | 
 
 
 def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0, *,
-                size: tuple[int, int] | None = None) -> DiffReport:
+                size: tuple[int, int] | None = None, policy=None) -> DiffReport:
     """Compare trace ``a`` against the reference trace ``b`` (dicts or .npz paths), layer by layer.
 
     Only the real (attention_mask == 1) positions are compared. By default the candidate's policy applies
@@ -687,7 +687,9 @@ def diff_traces(a, b, rtol: float | None = None, atol: float = 0.0, *,
             raise MinibloomError(f"{name}: must be a finite number >= 0, got {value!r}")
     meta_a, meta_b = _computed_dtype(ta), _computed_dtype(tb)
     size = model_size(ta, tb, names, size)
-    if rtol is None:
+    if rtol is None and policy is not None:  # a policy the caller sized already (verify_trace)
+        rtol = policy.hidden_rel or policy.rel
+    elif rtol is None:
         policy = diff_policy(meta_a, meta_b)
         if policy.scales and size is None:
             raise MinibloomError(f"{names[1]}: the model's size is unknown (a logits-only reference without meta "
@@ -813,13 +815,18 @@ def verify_trace(candidate, model, kind: str | None = None):
         models = activation_models(model)  # the engine's activation rounding emulated, each way a CPU may compute
     else:
         models = [(None, ref_model)]
+    policy = diff_policy(_computed_dtype(cand), {"dtype": "float64"}).at(*size)
+    if policy.probes:  # a statistical kind: sized by how much its emulated ports move this very model
+        from .testing import probe_policy
+
+        policy = probe_policy(policy, ref_model, cand["input_ids"], cand["attention_mask"])
     reports = []
     for name, m in models:
         ref = trace(m, cand["input_ids"], cand["attention_mask"])
         ref["meta"]["model"] = str(getattr(model, "path", None) or model)
         if cand["hidden_states"] is None:
             ref["hidden_states"] = None
-        rep = diff_traces(cand, ref, size=size)
+        rep = diff_traces(cand, ref, size=size, policy=policy)
         if name is not None:
             rep.notes.append(f"reference: minibloom float64 on {ref['meta']['model']} with {name} activations "
                              f"(tried: {', '.join(n for n, _ in models)})")
