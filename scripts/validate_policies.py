@@ -22,7 +22,7 @@ import numpy as np
 
 from minibloom.formats.loading import default_model_path
 from minibloom.oracle.calibrate import calibration_mask
-from minibloom.oracle.testing import check_logits, reference_logits, reference_model
+from minibloom.oracle.testing import check_logits, policy_for, probe_policy, reference_logits, reference_model
 
 
 def _hf_logits(model, ids, mask):
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                 except ImportError as e:
                     print(f"note: {engine} skipped ({e})", file=sys.stderr)
                     continue
-                v = check_logits(logits, ref, mask, kind, size=(cfg.n_layer, cfg.hidden_size))
+                pol = probe_policy(policy_for(kind).at(cfg.n_layer, cfg.hidden_size), path, ids, mask)
+                v = check_logits(logits, ref, mask, pol)  # as assert_logits_close judges: sized by this model
                 rows.append({"engine": engine, "kind": kind, "checkpoint": name, "rel": v.rel, "kl_mean": v.kl_mean,
                              "kl_max": v.kl_max, "top1": v.top1, "limit_rel": v.policy.rel,
                              "limit_kl_mean": v.policy.kl_mean, "passed": v.passed, "failed": v.failed,

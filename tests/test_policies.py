@@ -178,8 +178,12 @@ def test_separable_bugs_fail_on_held_out_cases(evidence, kind):
     assert separable
     if kind in ("float32", "float32-gelu-table", "float16"):  # the statistical kinds' limits cover every weight scale
         assert {"pads-attended", "causal-off-by-one", "qkv-blocks", "untied-head"} <= set(separable)
-    for case, size, _, bugs in evidence[kind]:
-        pol = limits(COMMITTED["policies"][kind], *size)
+    for case, size, correct, bugs in evidence[kind]:
+        # sized as assert_logits_close / verify size it: by the model, and a statistical kind by its probe (the
+        # worst of the kind's emulated ports on this case)
+        probe = {f: max(m[f] for _, m in correct) for f in ("rel", "kl_mean", "kl_max")}
+        pol = C._case_limits(COMMITTED["policies"][kind], size, probe if "probe" in COMMITTED["policies"][kind]
+                             else None)
         for bug in separable:
             if bug in bugs:
                 assert C.verdict_of(bugs[bug], pol), f"{bug} passed {kind} on {case}: {bugs[bug]}"

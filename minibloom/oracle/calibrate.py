@@ -66,8 +66,8 @@ import numpy as np
 from .. import model as M
 from ..config import BloomConfig
 from ..errors import MinibloomError
-from .emulate import (BUGS, KINDS, REFERENCE, STATISTICAL, applies, file_weights, map_matrices, ports_for, prepare,
-                      quant_groups, quant_rows_int8, run_port)
+from .emulate import (BUGS, KINDS, REFERENCE, STATISTICAL, Port, applies, file_weights, map_matrices, ports_for,
+                      prepare, quant_groups, quant_rows_int8, run_port)
 from .testing import limits, scale, top1_fails
 
 # Kinds whose limits are not calibrated here but measured on real engines (their activation quantization is emulated
@@ -253,6 +253,7 @@ class Calibration:
     sizes: dict = field(default_factory=dict)  # case -> (n_layer, hidden_size)
     same: dict = field(default_factory=dict)  # "float32 on int8" -> bug -> case -> metrics (same-weights path)
     probe: dict = field(default_factory=dict)  # kind -> case -> worst metrics over the emulated ports alone
+    activations: dict = field(default_factory=dict)  # case -> int8-activations' emulated correct port (same weights)
 
 
 FIGURES = ("rel", "kl_mean", "kl_max", "top1", "hidden_rel")
@@ -281,10 +282,11 @@ def default_text() -> str:
 
 def calibrate(seeds: int = 3, trained: tuple[str, ...] | None = None, text: str | None = None,
               kinds=KINDS, bugs=tuple(BUGS), use_hf: bool = True, progress: bool = True, *, wide: bool = False,
-              same_weights=tuple(SAME_WEIGHTS), stds=STDS) -> Calibration:
+              same_weights=tuple(SAME_WEIGHTS), stds=STDS, activations: bool = True) -> Calibration:
     """Measure every kind's correct ports and every (kind, bug) pair on every case; and on the same-weights path,
     the float kinds (``SAME_WEIGHTS_KINDS``) on each case's weights quantized by each scheme of ``same_weights``
-    (their correct figures join the float kinds' evidence as cases "<case> on <scheme> weights")."""
+    (their correct figures join the float kinds' evidence as cases "<case> on <scheme> weights"), and with
+    ``activations`` ``int8-activations`` on the int8 weights (``_measure_activations``)."""
     from tqdm.auto import tqdm
 
     trained = default_trained() if trained is None else trained
@@ -316,8 +318,32 @@ def calibrate(seeds: int = 3, trained: tuple[str, ...] | None = None, text: str 
                 cal.correct[kind][name] = worst
                 for bug, m in per_bug.items():
                     cal.same.setdefault(f"{kind} on {scheme}", {}).setdefault(bug, {})[case.name] = m
+        if activations and "int8" in same_weights:
+            worst, per_bug = _measure_activations(case, bugs if case.bugs else ())
+            cal.activations[case.name] = worst
+            for bug, m in per_bug.items():
+                cal.same.setdefault("int8-activations on int8", {}).setdefault(bug, {})[case.name] = m
     bar.close()
     return cal
+
+
+def _measure_activations(case: Case, bugs) -> tuple[dict, dict]:
+    """The same-weights path of ``int8-activations``: CTranslate2's arithmetic (per-row int8 weights, the head's
+    too; each product's input quantized per row; float32 elsewhere), correct and with each bug, against float64 on
+    the same weights with the same activation rounding emulated (``minibloom.oracle.activations``). Its limits come
+    from the real engines (``EXTERNAL``); these runs show which bugs they separate."""
+    from .activations import activation_primitives
+
+    params = map_matrices(case.params, quant_rows_int8, head=True)
+    out = M.forward(params, case.ids, case.mask, case.cfg, output_hidden_states=True,
+                    ops=activation_primitives("int8-per-row"))
+    ref = (out.logits, out.hidden_states)
+    port = Port("CTranslate2 int8 compute", np.float32, act_in=quant_rows_int8)
+    prepared = prepare(port, params)
+    worst = metrics(run_port(port, None, prepared, case.cfg, case.ids, case.mask), ref, case.mask)
+    per_bug = {bug: metrics(run_port(port, bug, prepared, case.cfg, case.ids, case.mask), ref, case.mask)
+               for bug in bugs if applies(bug, case.cfg, case.mask)}
+    return worst, per_bug
 
 
 def _measure(kind: str, params: dict, case: Case, bugs, use_hf: bool, bar) -> tuple[dict, dict, dict]:
