@@ -469,6 +469,9 @@ def test_bad_sources(tmp_path, tiny):
         engines.dequantized_checkpoint(like, tmp_path / "o", like=like)  # unquantized: nothing to read
     with pytest.raises(MinibloomError, match="source: a dict is not a quantized model"):
         engines.dequantized_checkpoint({}, tmp_path / "o", like=like)
+    os.mkfifo(tmp_path / "pipe.onnx")  # never opened: reading a FIFO would block
+    with pytest.raises(MinibloomError, match=r"source .*pipe\.onnx: not a regular file or a directory"):
+        engines.dequantized_checkpoint(tmp_path / "pipe.onnx", tmp_path / "o", like=like)
     (tmp_path / "ir").mkdir()
     (tmp_path / "ir" / "model.xml").write_text("<net/>")
     with pytest.raises(MinibloomError, match=r"model\.xml has no weights file"):

@@ -94,6 +94,8 @@ def source_form(source) -> tuple[str, object]:
             return "pickle", path
         raise MinibloomError(f"{where}: a {ext or 'suffix-less'} file is not a quantized model minibloom can read; "
                              f"expected {ACCEPTED}")
+    if os.path.exists(path):  # a FIFO, a device, a socket: never opened (a FIFO would block)
+        raise MinibloomError(f"{where}: not a regular file or a directory")
     raise MinibloomError(f"{where}: no such file or directory")
 
 
