@@ -54,26 +54,23 @@ def _quanto(qtype_name):
     return quantize
 
 
-def _torchao_int8(model):
-    pytest.importorskip("torchao")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    q = copy.deepcopy(model)
-    quantize_(q, Int8WeightOnlyConfig())
-    return q
+def _torchao(config):
+    """A torchao port of ``model``: ``config(torchao.quantization)`` applied with ``quantize_`` to a copy."""
+    def quantize(model):
+        pytest.importorskip("torchao")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao.quantization as tq
+        q = copy.deepcopy(model)
+        tq.quantize_(q, config(tq))
+        return q
+    return quantize
 
 
-def _torchao_int4(model):
-    """torchao's int4 weight-only that runs on CPU: IntxWeightOnlyConfig, int4, one scale and zero point per 32."""
-    pytest.importorskip("torchao")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torchao.quantization import IntxWeightOnlyConfig, quantize_
-        from torchao.quantization.granularity import PerGroup
-    q = copy.deepcopy(model)
-    quantize_(q, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
-    return q
+_torchao_int8 = _torchao(lambda tq: tq.Int8WeightOnlyConfig())
+# torchao's int4 weight-only that runs on CPU: IntxWeightOnlyConfig, int4, one scale and zero point per 32
+_torchao_int4 = _torchao(lambda tq: tq.IntxWeightOnlyConfig(weight_dtype=torch.int4,
+                                                           granularity=tq.granularity.PerGroup(32)))
 
 
 def _hqq(nbits):
