@@ -19,5 +19,6 @@ def shown(v, width: int = 60) -> str:
     try:
         s = repr(v)
     except (ValueError, RecursionError):  # an int past sys.get_int_max_str_digits, a self-nesting list
-        s = f"<an integer of {v.bit_length()} bits>" if isinstance(v, int) else f"<a {type(v).__name__} too big to show>"
+        s = (f"<an integer of {v.bit_length()} bits>" if isinstance(v, int)
+             else f"<a {type(v).__name__} too big to show>")
     return s if len(s) <= width else s[:width - 3] + "..."

@@ -229,7 +229,8 @@ def test_out_onto_a_file_or_an_impossible_parent_is_refused_at_the_start(corpus,
 
 @pytest.mark.parametrize("argv, message", [
     (["--seed", "-1"], "seed: must be an integer in [0, "), (["--vocab", "1"], "vocab: 1 entries"),
-    (["--out", "/proc/minibloom-none/run"], "cannot create the directory"), (["--lr", "inf"], "lr: must be a finite number"),
+    (["--out", "/proc/minibloom-none/run"], "cannot create the directory"),
+    (["--lr", "inf"], "lr: must be a finite number"),
 ])
 def test_cli_train_refuses_bad_options_in_one_line(corpus, tmp_path, capsys, argv, message):
     argv = ["train", "--data", corpus, "--out", str(tmp_path / "o"), "--no-progress", *argv]

@@ -16,7 +16,7 @@ from minibloom.errors import MinibloomError
 from minibloom.formats.weights import flatten, nest, write_checkpoint
 from minibloom.oracle.activations import activation_primitives, quantize_activations, u8s8_sat16_linear
 from minibloom.oracle.calibrate import calibration_mask, random_checkpoint
-from minibloom.oracle.testing import check_logits, logit_metrics
+from minibloom.oracle.testing import check_logits
 
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 CFG = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
