@@ -353,6 +353,22 @@ def test_ctranslate2_int8_planted_bugs_fail_on_its_own_weights(name, inputs, ct2
             assert_logits_close(tr["logits"], ref, ids, mask, kind=kind)
 
 
+def test_verify_int8_activations_on_its_own_weights(inputs, ct2_models, ct2_same_weights, tmp_path, capsys):
+    """``minibloom verify CAND --model DIR --kind int8-activations`` reads the scheme from DIR's note and passes a
+    correct CTranslate2 int8 trace (naming the emulation it matched); the same trace one position late fails."""
+    from minibloom.cli import main
+    from minibloom.trace import save_trace
+
+    ids, mask = inputs["random-h12"]["left"]
+    tr = engines.ctranslate2_trace(ct2_models["random-h12", "int8"], ids, mask, intra_threads=1)
+    save_trace(tr, tmp_path / "good.npz")
+    save_trace({**tr, "logits": np.roll(tr["logits"], 1, axis=1)}, tmp_path / "bad.npz")
+    ref = ct2_same_weights["random-h12"]
+    assert main(["verify", str(tmp_path / "good.npz"), "--model", ref, "--kind", "int8-activations"]) == 0
+    assert "int8-per-row" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "bad.npz"), "--model", ref, "--kind", "int8-activations"]) == 1
+
+
 @pytest.fixture(scope="module")
 def onnx_same_weights(checkpoints, onnx_models, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("onnx-deq")
