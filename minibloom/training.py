@@ -841,9 +841,17 @@ def train(data: str | None = None, *, model: str | Bloom | None = None, out: str
     return result
 
 
+DIVERGED_FACTOR = 10  # a held-out loss this many times a uniform guess's is a diverged run, not a bad model
+
+
 def _finite_run(m: Bloom, loss: float, when: str, last_good: str, bar) -> None:
-    """Raise ``Diverged`` if the held-out ``loss`` or any weight of ``m`` is not finite (nothing is saved then)."""
+    """Raise ``Diverged`` if the held-out ``loss`` or any weight of ``m`` is not finite, or the loss is over
+    ``DIVERGED_FACTOR`` times a uniform guess's (log of the vocabulary): nothing is saved then."""
+    uniform = math.log(max(2, m.vocab_size))
     bad = None if math.isfinite(loss) else f"the held-out loss is {loss}"
+    if bad is None and loss > DIVERGED_FACTOR * uniform:
+        bad = (f"the held-out loss is {loss:.4g} nats/token, over {DIVERGED_FACTOR}x a uniform guess's "
+               f"({uniform:.3g})")
     if bad is None:
         be = m.backend
         for name, p in hf_names(m.params).items():
