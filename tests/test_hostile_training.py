@@ -525,6 +525,7 @@ def test_widen_refuses_a_source_that_is_not_16_bit(dtype):
     ((np.zeros(31, np.uint8), "F16", np.float32), "even length"), ((np.zeros(4, np.uint16), "F8", np.float32), "F8"),
     (([1, 2], "F16", np.float32), "NumPy array"), ((np.zeros(4, np.uint16), "F16", np.int8), "float32 or float64"),
     ((np.zeros(4, np.uint16), "F16", "nonesuch"), "not a dtype"),
+    ((np.zeros(4, np.uint16), "F16", ","), "not a dtype"),  # NumPy's own parser raises SyntaxError for this one
     ((np.zeros(4, np.uint16), ["F16"], np.float32), "F16"),
 ])
 def test_widen_refuses_bad_arguments(args, match):

@@ -246,5 +246,5 @@ def kernel(code: str, dtype):
                 _kernels = _load()
     try:
         return _kernels.get((code, np.dtype(dtype).name))
-    except (TypeError, ValueError):  # not a dtype (or code unhashable): no kernel for it
+    except Exception:  # not a dtype (NumPy raises TypeError, ValueError, even SyntaxError) or code unhashable
         return None

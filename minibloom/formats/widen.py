@@ -202,7 +202,7 @@ def widen(src: np.ndarray, code: str, dtype, *, where: str | None = None, thread
     src = as_16bit(src)
     try:
         dtype = np.dtype(dtype)
-    except (TypeError, ValueError):
+    except Exception:  # NumPy raises TypeError, ValueError, even SyntaxError (a comma string such as ",")
         raise MinibloomError(f"widen: {dtype!r} is not a dtype (float32 or float64)") from None
     if dtype not in (np.float32, np.float64):
         raise MinibloomError(f"widen: widens to float32 or float64, not {dtype}")
