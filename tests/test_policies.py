@@ -22,7 +22,7 @@ from minibloom import model as M
 from minibloom.cli import main
 from minibloom.errors import MinibloomError
 from minibloom.testing import POLICIES, check_logits, limits, logit_metrics, policy_for
-from minibloom.trace import diff_traces, save_trace, trace
+from minibloom.trace import diff_traces, save_trace, trace, verify_trace
 
 pytestmark = pytest.mark.xdist_group("policies")  # one worker computes the calibration evidence once
 
@@ -253,6 +253,18 @@ def test_a_float32_candidate_of_a_gguf_reference_gets_the_ggml_policy(trained):
     assert diff_traces(cand, ref).policy.kind == "float32-gelu-table"
 
 
+def test_verify_of_a_float32_candidate_against_a_gguf_file_gets_the_ggml_policy(trained, tmp_path):
+    """verify sizes and picks the policy itself: a float32 candidate judged against a .gguf file is a ggml port."""
+    from minibloom.gguf import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(DEFAULT, tmp_path / "default.f32.gguf", "f32")
+    ids = np.arange(1, 17)[None]
+    cand = _ggml_f32_trace(trained, ids, np.ones_like(ids))
+    cand["meta"] = {"dtype": "float32"}  # no engine named
+    report = verify_trace(cand, str(path))
+    assert report.policy.kind == "float32-gelu-table" and report.passed, report.table()
+
+
 # ---- diff and verify on a quantized port ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def q8_case(trained, tmp_path_factory):
@@ -290,7 +302,6 @@ def test_diff_cli_judges_a_q8_0_port_by_its_kind(q8_case, capsys):
 
 def test_verify_cli_and_api_take_external_logits(q8_case, capsys, tmp_path):
     model, paths = q8_case
-    from minibloom.trace import verify_trace
 
     assert verify_trace(paths["correct"], model).passed
     assert not verify_trace(paths["pads"], model).passed

@@ -809,13 +809,14 @@ def verify_trace(candidate, model, kind: str | None = None):
         cand["meta"] = {**cand["meta"], "kind": kind}
     ref_model = reference_model(model)
     size = (ref_model.config.n_layer, ref_model.config.hidden_size)
-    if diff_policy(_computed_dtype(cand), {"dtype": "float64"}).kind == "int8-activations":
+    ref_name = str(getattr(model, "path", None) or model)
+    policy = diff_policy(_computed_dtype(cand), {"dtype": "float64", "model": ref_name}).at(*size)
+    if policy.kind == "int8-activations":
         from .testing import activation_models
 
         models = activation_models(model)  # the engine's activation rounding emulated, each way a CPU may compute
     else:
         models = [(None, ref_model)]
-    policy = diff_policy(_computed_dtype(cand), {"dtype": "float64"}).at(*size)
     if policy.probes:  # a statistical kind: sized by how much its emulated ports move this very model
         from .testing import probe_policy
 
@@ -823,7 +824,7 @@ def verify_trace(candidate, model, kind: str | None = None):
     reports = []
     for name, m in models:
         ref = trace(m, cand["input_ids"], cand["attention_mask"])
-        ref["meta"]["model"] = str(getattr(model, "path", None) or model)
+        ref["meta"]["model"] = ref_name
         if cand["hidden_states"] is None:
             ref["hidden_states"] = None
         rep = diff_traces(cand, ref, size=size, policy=policy)
