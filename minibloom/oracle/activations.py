@@ -35,13 +35,21 @@ from ..errors import MinibloomError
 from .engine_weights import ACTIVATIONS
 
 
-def quant_rows_int8(x: np.ndarray) -> np.ndarray:
-    """Symmetric int8 with one scale per row (CTranslate2's dynamic activations and per-channel weights):
-    scale = 127 / amax, value = rint(x * scale) / scale (an all-zero row stays zero)."""
+def int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CTranslate2's per-row symmetric int8 (its activations and its weights): (q, scale) with scale = 127 / amax per
+    row ([..., 1]; 1 for an all-zero row) and q = rint(x * scale), so that x ~ q / scale."""
     amax = np.max(np.abs(x), axis=-1, keepdims=True)
-    scale = np.divide(127.0, amax, out=np.zeros_like(amax), where=amax > 0)
-    q = np.divide(np.rint(x * scale), scale, out=np.zeros_like(x), where=scale > 0)
-    return np.where(np.isfinite(amax), q, np.nan)  # a NaN / inf row stays NaN, as an engine's would
+    scale = np.where(amax > 0, 127.0 / np.where(amax > 0, amax, 1.0), 1.0)
+    return np.rint(x * scale), scale
+
+
+def quant_rows_int8(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to per-row symmetric int8 (``int8_rows``) and back: q / scale (an all-zero row stays zero)."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # a NaN / inf row: handled below
+        q, scale = int8_rows(x)
+        value = q / scale
+    finite = np.isfinite(np.max(np.abs(x), axis=-1, keepdims=True))
+    return np.where(finite, value, np.nan)  # a NaN / inf row stays NaN, as an engine's would
 
 
 def quant_tensor_uint8(x: np.ndarray) -> np.ndarray:
@@ -65,11 +73,10 @@ def quant_groups_int8(x: np.ndarray, group: int) -> np.ndarray:
     return out
 
 
-def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(integers, scale) of a weight dequantized from per-row symmetric int8 (CTranslate2's): scale = 127 / amax."""
-    amax = np.max(np.abs(w), axis=-1, keepdims=True)
-    scale = np.where(amax > 0, 127.0 / np.where(amax > 0, amax, 1.0), 1.0)
-    q = np.rint(w * scale)
+def _int8_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(q, scale) of a weight dequantized from per-row symmetric int8 (``int8_rows``: max |q| = 127 per row), checked
+    to be such a weight."""
+    q, scale = int8_rows(w)
     if np.max(np.abs(q - w * scale), initial=0.0) > 1e-3:
         raise MinibloomError("int8-per-row-sat16: the weights are not per-row int8 values (pass the engine's "
                              "dequantized weights)")
@@ -85,11 +92,9 @@ def u8s8_sat16_linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
     those (rare) weight pairs are recomputed and clipped."""
     x = np.asarray(x, np.float64)
     lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    amax = np.max(np.abs(x2), axis=-1, keepdims=True)
-    sx = np.where(amax > 0, 127.0 / np.where(amax > 0, amax, 1.0), 1.0)
-    u = np.rint(x2 * sx) + 128.0  # [N, K] in [1, 255]
-    qw, sw = _int8_rows(np.asarray(weight, np.float64))  # [O, K] in [-127, 127]
+    qx, sx = int8_rows(x.reshape(-1, K))
+    u = qx + 128.0  # [N, K] in [1, 255]
+    qw, sw = _int8_weights(np.asarray(weight, np.float64))  # [O, K] in [-127, 127]
     acc = u @ qw.T  # [N, O], exact: integers below 2^53
     pairs_w = np.pad(qw, ((0, 0), (0, K % 2))).reshape(qw.shape[0], -1, 2)  # [O, K/2, 2]
     o_idx, j_idx = np.nonzero(np.max(u, initial=0.0) * np.abs(pairs_w).sum(-1) > 32767.0)
@@ -121,9 +126,9 @@ def parse_scheme(value, group: int | None = None, what: str = "activations") -> 
         if not size.isdigit() or len(size) > 7:
             raise MinibloomError(f"{what}: group size {size[:20]!r} is not a positive integer")
         group = int(size)
-    if name in ("int8-per-group",) and group is None:
+    if name == "int8-per-group" and group is None:
         raise MinibloomError(f"{what}: int8-per-group needs its group size, e.g. 'int8-per-group:32'")
-    _check(name if name in ACTIVATIONS else f"{name}", group if name == "int8-per-group" else None)
+    _check(name, group if name == "int8-per-group" else None)
     return name, (group if name == "int8-per-group" else None)
 
 
