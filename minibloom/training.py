@@ -35,7 +35,7 @@ from .config import BloomConfig
 from .errors import MinibloomError, shown
 from .formats.weights import expected_shapes, nest, tree_map, write_checkpoint
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at, number
-from .paths import corpus_path
+from .paths import corpus_path, new_dir, swap_in
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in BLOOM
 BLOOM_SPLIT = " ?[^(\\s|[.,!?…。，、।۔،])]+"  # bigscience/bloom tokenizer.json's Split regex, verbatim
@@ -331,10 +331,10 @@ def save(out: str, model: Bloom, opt: AdamW, cfg: TrainConfig, step: int, rng: n
     target = os.path.abspath(os.fspath(out))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = _new_dir(parent, f".{os.path.basename(target)}.new-")
+    tmp = new_dir(parent, f".{os.path.basename(target)}.new-")
     try:
         _write_run(tmp, model, opt, cfg, step, rng, extra, save_dtype)
-        _swap_in(tmp, target, keep)
+        swap_in(tmp, target, keep)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -363,39 +363,6 @@ def _write_run(out: str, model: Bloom, opt: AdamW, cfg: TrainConfig, step: int, 
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "do_sample": True,
                    "temperature": 0.8, "top_k": 40, "max_new_tokens": 200}, f, indent=1)
-
-
-def _new_dir(parent: str, prefix: str) -> str:
-    """A new empty directory in ``parent`` with the permissions of any other (``mkdtemp``'s would be private)."""
-    import secrets
-
-    while True:
-        path = os.path.join(parent, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-
-
-def _swap_in(new: str, out: str, keep: tuple) -> None:
-    """Directory ``new`` becomes ``out``; the old ``out`` (if any) is removed, bar its sub-directories ``keep``."""
-    if not os.path.lexists(out):
-        os.rename(new, out)
-        return
-    if not os.path.isdir(out) or os.path.islink(out):
-        raise MinibloomError(f"out: {out} exists and is not a directory; it is not replaced")
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-    os.rename(out, old)  # onto the empty directory just made (POSIX rename replaces an empty one)
-    try:
-        os.rename(new, out)
-    except OSError as e:
-        os.rename(old, out)
-        raise MinibloomError(f"out: cannot replace {out} ({e.strerror or e}); the earlier run is unchanged") from None
-    for name in keep:
-        if os.path.isdir(os.path.join(old, name)) and not os.path.lexists(os.path.join(out, name)):
-            os.rename(os.path.join(old, name), os.path.join(out, name))
-    shutil.rmtree(old, ignore_errors=True)
 
 
 CHECKPOINT_FILES = re.compile(  # what a checkpoint folder (ours or transformers') holds: `out` may replace these

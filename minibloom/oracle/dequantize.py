@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -321,10 +320,12 @@ def _write(out: str, force: bool, cfg, flat: dict, stored: str, note: dict, toke
     """Write into a fresh sibling directory, then put it in place of ``out`` (replaced as a whole)."""
     from ..formats.weights import nest, write_checkpoint
 
+    from ..paths import new_dir, swap_in
+
     parent = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
+        tmp = new_dir(parent, f".{os.path.basename(os.path.abspath(out))}.new-")
     except OSError as e:
         raise MinibloomError(f"out_dir {out}: cannot be created ({e.strerror or e})") from None
     try:
@@ -335,17 +336,14 @@ def _write(out: str, force: bool, cfg, flat: dict, stored: str, note: dict, toke
                     shutil.copyfile(os.path.join(tokenizer_dir, n), os.path.join(tmp, n))
         with open(os.path.join(tmp, NOTE_FILE), "w") as f:
             json.dump(note, f, indent=2)
-        if os.path.isdir(out):
-            if not force and os.listdir(out):
-                raise MinibloomError(f"out_dir {out}: was filled while the reference was computed")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if os.path.isdir(out) and not force and os.listdir(out):
+            raise MinibloomError(f"out_dir {out}: was filled while the reference was computed")
+        swap_in(tmp, os.path.abspath(out), what="out_dir")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise MinibloomError(f"out_dir {out}: could not be written ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def dequantized_checkpoint(source, out_dir, like, *, force: bool = False, progress: bool = False,
