@@ -189,3 +189,15 @@ def _openblas_function(what: str):
                 fn.restype = None if what.startswith("set") else ctypes.c_int
                 return fn
     return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (``avx2``, ``avx512_vnni`` ...); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

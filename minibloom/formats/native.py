@@ -32,6 +32,8 @@ import threading
 
 import numpy as np
 
+from ..backend import cpu_flags
+
 # System V AMD64 ABI: rdi = src (uint16 *), rsi = dst (float * or double *), rdx = n; the result in eax.
 ASSEMBLY = """
 .intel_syntax noprefix
@@ -146,17 +148,6 @@ _pages: list = []  # every executable page mapped, kept for the life of the proc
 reason = "not tried yet"  # why the kernels are off, for benchmarks and bug reports
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def reference(src: np.ndarray, code: str, dtype) -> np.ndarray:
     """The plain conversion the fast ones must equal (these loops and ``widen``'s NumPy passes): NumPy's cast
     (binary16) or the 16-bit shift (bfloat16)."""
@@ -212,7 +203,7 @@ def _load() -> dict:
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         reason = f"not Linux on x86-64 ({sys.platform}, {platform.machine()})"
         return {}
-    missing = {"avx2", "f16c"} - _cpu_flags()
+    missing = {"avx2", "f16c"} - cpu_flags()
     if missing:
         reason = f"the CPU lacks {sorted(missing)}"
         return {}

@@ -125,15 +125,12 @@ def _write_note(out_dir: str, **note) -> None:
         json.dump(note, f, indent=2)
 
 
-def _read_note(model_dir: str) -> dict:
-    path = os.path.join(model_dir, NOTE_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise MinibloomError(f"{path}: not valid JSON ({e})") from None
+def _read_note(model_dir: str, path: str | None = None) -> dict:
+    """The note a converter wrote (``NOTE_FILE`` in ``model_dir``, or the file ``path``); {} where there is none."""
+    from ..jsonfile import read_json_object
+
+    path = path or os.path.join(model_dir, NOTE_FILE)
+    return read_json_object(path) if os.path.isfile(path) else {}
 
 
 def _checkpoint_dir(path) -> str:

@@ -34,8 +34,10 @@ import warnings
 
 import numpy as np
 
+from ..backend import cpu_flags
 from ..errors import MinibloomError
 from .engines import _checkpoint_dir, _import, _inputs, _meta
+from .engines import _read_note as _read_engine_note
 from .read_openvino import _Graph
 
 OPENVINO_WEIGHTS = ("float32", "int8_sym", "int8_asym", "int4_sym", "int4_asym")
@@ -47,17 +49,7 @@ def _note_path(xml: str) -> str:
 
 
 def _read_note(xml: str) -> dict:
-    path = _note_path(xml)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        try:
-            note = json.load(f)
-        except json.JSONDecodeError as e:
-            raise MinibloomError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(note, dict):
-        raise MinibloomError(f"{path}: expected a JSON object")
-    return note
+    return _read_engine_note("", _note_path(xml))
 
 
 def _torch_model(src: str):
@@ -215,9 +207,7 @@ def _vnni() -> bool | None:
     /proc/cpuinfo; None where that cannot be read (not Linux, not x86-64)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.isfile("/proc/cpuinfo"):
         return None
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    return bool({"avx512_vnni", "avx_vnni"} & set(flags))
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def openvino_trace(xml, input_ids, attention_mask=None, *, dynamic_quantization: bool = False,
