@@ -67,7 +67,7 @@ def reference(ckpt: str, matrices: dict, ids, mask, scheme: str | None):
         if not (k == "lm_head.weight" and np.array_equal(v, matrices.get("word_embeddings.weight"))):
             flat[k] = v
     ops = M.REFERENCE if scheme is None else activation_primitives(scheme)
-    return np.asarray(M.forward(nest(flat), ids, mask, model.config, ops=ops).logits), model.config
+    return np.asarray(M.forward(nest(flat), ids, mask, model.config, primitives=ops)), model.config
 
 
 def figures(cand, ref, mask, cfg) -> dict:

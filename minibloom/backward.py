@@ -8,11 +8,11 @@ References:
 - huggingface/transformers ``modeling_bloom.py`` (v5.23) and ``loss/loss_utils.py`` (``ForCausalLMLoss``): the
   gradients here are those torch autograd computes through ``BloomForCausalLM`` (tests/test_backward.py).
 
-Each backward takes ``dy`` (dL/dy, the shape of the forward's output) and what the forward saw or kept (the
-``saved`` dicts ``minibloom.model.forward`` fills when asked), and returns the gradient of the input first, then the
-gradients of the parameters in a tree shaped like ``params`` (HF names). Shapes use the model's notation
-(B batch, T tokens, S key positions = T here, C hidden, H heads, D = C // H, V vocab). The functions are pure array
-API, so NumPy, CuPy and array_api_strict train alike.
+Each backward takes ``dy`` (dL/dy, the shape of the forward's output) and what the forward saw or kept (a block's
+``minibloom.model.LayerActivations``, recorded by ``forward(..., tape=Tape(backward=True))``), and returns the
+gradient of the input first, then the gradients of the parameters in a tree shaped like ``params`` (HF names).
+Shapes use the model's notation (B batch, T tokens, S key positions = T here, C hidden, H heads, D = C // H, V vocab).
+The functions are pure array API, so NumPy, CuPy and array_api_strict train alike.
 
 The derivations, y the output, dy = dL/dy:
 
@@ -40,6 +40,7 @@ plain linear's.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -115,48 +116,45 @@ def attend_backward(dctx, q, k, v, probs):
     return (ds @ k) * scale, (ds.mT @ q) * scale, dv
 
 
-def self_attention_backward(dy, x, p, saved: dict, n_head: int, ops: M.Primitives = M.REFERENCE):
-    """``model.attention`` (HF's ``self_attention`` module): dy [B, T, C] and its input x [B, T, C] -> dx [B, T, C],
-    grads of {"query_key_value", "dense"}. ``saved`` is what ``attention(..., saved=)`` kept."""
+def self_attention_backward(dy, a: M.LayerActivations, p, n_head: int, ops: M.Primitives):
+    """``model.attention`` (HF's ``self_attention`` module): dy [B, T, C] -> d(ln1) [B, T, C], grads of
+    {"query_key_value", "dense"}."""
     xp = _ns(dy)
     B, T, C = dy.shape
-    dctx, g_dense = linear_backward(dy, saved["ctx"], p["dense"]["weight"])  # [B, T, C]
-    dq, dk, dv = (ops.attend_backward or attend_backward)(xp.reshape(dctx, (B, T, n_head, C // n_head)), saved["q"],
-                                                          saved["k"], saved["v"], saved["probs"])
+    dctx, g_dense = linear_backward(dy, a.ctx, p["dense"]["weight"])  # [B, T, C]
+    dq, dk, dv = ops.attend_backward(xp.reshape(dctx, (B, T, n_head, C // n_head)), a.q, a.k, a.v, a.probs)
     # undo the per-head interleave: q, k, v of head h are rows h*3D .. h*3D+3D of the fused output
     dqkv = xp.stack([xp.permute_dims(d, (0, 2, 1, 3)) for d in (dq, dk, dv)], axis=3)  # [B, T, H, 3, D]
-    dx, g_qkv = linear_backward(xp.reshape(dqkv, (B, T, 3 * C)), x, p["query_key_value"]["weight"])
+    dx, g_qkv = linear_backward(xp.reshape(dqkv, (B, T, 3 * C)), a.ln1, p["query_key_value"]["weight"])
     return dx, {"query_key_value": g_qkv, "dense": g_dense}
 
 
-def mlp_backward(dy, x, p, saved: dict, ops: M.Primitives = M.REFERENCE):
-    """``model.mlp``: dy and x [B, T, C] -> dx [B, T, C], grads of {"dense_h_to_4h", "dense_4h_to_h"}."""
-    dg, g_out = linear_backward(dy, saved["g"], p["dense_4h_to_h"]["weight"])  # [B, T, 4C]
-    dx, g_in = linear_backward((ops.gelu_backward or gelu_backward)(dg, saved["h"]), x, p["dense_h_to_4h"]["weight"])
+def mlp_backward(dy, a: M.LayerActivations, p, ops: M.Primitives):
+    """``model.mlp``: dy [B, T, C] -> d(ln2) [B, T, C], grads of {"dense_h_to_4h", "dense_4h_to_h"}."""
+    dg, g_out = linear_backward(dy, a.g, p["dense_4h_to_h"]["weight"])  # [B, T, 4C]
+    dx, g_in = linear_backward(ops.gelu_backward(dg, a.h), a.ln2, p["dense_h_to_4h"]["weight"])
     return dx, {"dense_h_to_4h": g_in, "dense_4h_to_h": g_out}
 
 
-def layer_backward(dy, p, saved: dict, cfg: BloomConfig, ops: M.Primitives = M.REFERENCE):
+def residual_backward(dy, d_branch, x, weight, cfg: BloomConfig, ops: M.Primitives):
+    """One residual branch ``y = branch(LN(x)) + r``: dy = dL/dy and d_branch = dL/d(LN(x)) through the branch ->
+    dx and the LayerNorm's grads. The residual r is x, or LN(x) with ``apply_residual_connection_post_layernorm``:
+    dy joins the gradient after the LayerNorm's backward, or before it."""
+    post = cfg.apply_residual_connection_post_layernorm
+    dx, grads = ops.layer_norm_backward(d_branch + dy if post else d_branch, x, weight, cfg.layer_norm_epsilon)
+    return (dx if post else dx + dy), grads
+
+
+def layer_backward(dy, a: M.LayerActivations, p, cfg: BloomConfig, ops: M.Primitives):
     """``model.block``, one layer ``h[i]``: dy [B, T, C] -> dx [B, T, C] and the layer's grads (same tree as ``p``).
 
     Forward: ln1 = LN(x); x1 = attention(ln1) + r1; ln2 = LN(x1); y = mlp(ln2) + r2, with the residuals r1, r2 the
     LayerNorm inputs (x, x1) or, with ``apply_residual_connection_post_layernorm``, their outputs (ln1, ln2).
     """
-    eps, post = cfg.layer_norm_epsilon, cfg.apply_residual_connection_post_layernorm
-    dln2, g_mlp = mlp_backward(dy, saved["ln2"], p["mlp"], saved["mlp"], ops)
-    if post:
-        dln2 = dln2 + dy
-    ln_backward = ops.layer_norm_backward or layer_norm_backward
-    dx1, g_ln2 = ln_backward(dln2, saved["x1"], p["post_attention_layernorm"]["weight"], eps)
-    if not post:
-        dx1 = dx1 + dy
-    dln1, g_att = self_attention_backward(dx1, saved["ln1"], p["self_attention"], saved["attention"], cfg.n_head,
-                                          ops)
-    if post:
-        dln1 = dln1 + dx1
-    dx, g_ln1 = ln_backward(dln1, saved["x"], p["input_layernorm"]["weight"], eps)
-    if not post:
-        dx = dx + dx1
+    dln2, g_mlp = mlp_backward(dy, a, p["mlp"], ops)
+    dx1, g_ln2 = residual_backward(dy, dln2, a.x1, p["post_attention_layernorm"]["weight"], cfg, ops)
+    dln1, g_att = self_attention_backward(dx1, a, p["self_attention"], cfg.n_head, ops)
+    dx, g_ln1 = residual_backward(dx1, dln1, a.x, p["input_layernorm"]["weight"], cfg, ops)
     return dx, {"input_layernorm": g_ln1, "self_attention": g_att, "post_attention_layernorm": g_ln2, "mlp": g_mlp}
 
 
@@ -232,29 +230,38 @@ def embedding_backward(dx, ids, n_rows: int):
     return onehot.mT @ dx2
 
 
+def with_backward(ops: M.Primitives) -> M.Primitives:
+    """``ops`` with this module's reference function for every training kernel it does not provide."""
+    fallbacks = {"gelu_backward": gelu_backward, "attend_backward": attend_backward, "cross_entropy": cross_entropy,
+                 "layer_norm_backward": layer_norm_backward}
+    return replace(ops, **{name: getattr(ops, name) or f for name, f in fallbacks.items()})
+
+
 def value_and_grad(params, input_ids, attention_mask, labels, cfg: BloomConfig, *, ops: M.Primitives = M.REFERENCE):
     """The causal-LM loss of ``minibloom.model.forward`` and its gradient for every parameter.
 
     ids, attention_mask, labels [B, T] on the parameters' namespace -> (loss, a 0-d array; grads, a tree shaped
     like ``params``, with ``lm_head`` only when the head is untied). The forward runs with ``ops``; the backward
-    is this module's.
+    is this module's, with the training kernels of ``ops``.
     """
+    ops = with_backward(ops)
     eps = cfg.layer_norm_epsilon
-    saved: dict = {}
-    logits = M.forward(params, input_ids, attention_mask, cfg, ops=ops, saved=saved).logits  # [B, T, V]
-    loss, dlogits = (ops.cross_entropy or cross_entropy)(logits, labels)
+    tape = M.Tape(backward=True)
+    logits = M.forward(params, input_ids, attention_mask, cfg, primitives=ops, tape=tape)  # [B, T, V]
+    loss, dlogits = ops.cross_entropy(logits, labels)
     del logits
     E = params["word_embeddings"]["weight"]  # [V, C]
     tied = "lm_head" not in params
-    dx, g_head = linear_backward(dlogits, saved["ln_f"], params["lm_head"]["weight"] if not tied else E, bias=False)
+    dx, g_head = linear_backward(dlogits, tape.head_input, params["lm_head"]["weight"] if not tied else E, bias=False)
     del dlogits
-    ln_backward = ops.layer_norm_backward or layer_norm_backward
-    dx, g_lnf = ln_backward(dx, saved["final"], params["ln_f"]["weight"], eps)
+    dx, g_lnf = ops.layer_norm_backward(dx, tape.norms[-1][0], params["ln_f"]["weight"], eps)
+    acts, embedded = tape.layers(), tape.norms[0][0]
+    del tape  # the activations live on in ``acts`` only, freed layer by layer below
     layers = [None] * len(params["h"])
     for i in reversed(range(len(params["h"]))):
-        dx, layers[i] = layer_backward(dx, params["h"][i], saved["layers"][i], cfg, ops)
-        saved["layers"][i] = None  # this layer's activations are no longer needed
-    dx, g_eln = ln_backward(dx, saved["embedded"], params["word_embeddings_layernorm"]["weight"], eps)
+        dx, layers[i] = layer_backward(dx, acts[i], params["h"][i], cfg, ops)
+        acts[i] = None  # this layer's activations are no longer needed
+    dx, g_eln = ops.layer_norm_backward(dx, embedded, params["word_embeddings_layernorm"]["weight"], eps)
     dE = embedding_backward(dx, input_ids, E.shape[0])
     grads = {"word_embeddings": {"weight": dE + g_head["weight"] if tied else dE},
              "word_embeddings_layernorm": g_eln, "h": layers, "ln_f": g_lnf}

@@ -160,9 +160,9 @@ class Bloom:
                                  f"got {past} + {ids.shape[1]} for batch {ids.shape[0]}")
         self._check_memory(ids.shape, past, logits, output_hidden_states, output_attentions)
         be = self.backend
-        out = M.forward(self.params, be.asarray(ids), be.asarray(mask), self.config, cache=cache,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions, logits=logits,
-                        ops=primitives or self.primitives)
+        out = M.forward_outputs(self.params, be.asarray(ids), be.asarray(mask), self.config, cache, logits=logits,
+                                primitives=primitives or self.primitives, hidden_states=output_hidden_states,
+                                attentions=output_attentions)
         if to_numpy:
             conv = be.to_numpy
             out = M.BloomOutput(None if out.logits is None else conv(out.logits),

@@ -7,8 +7,16 @@ References:
   the part of that file it mirrors, and parameters keep its names (``query_key_value``, ``dense_h_to_4h`` ...), so
   the two can be read side by side.
 
-The functions are pure and take arrays of any array-API namespace (NumPy, CuPy, array_api_strict); the namespace is
-read off the input (``x.__array_namespace__()``) and the dtype of the weights is the compute dtype.
+The first part of this file is the model, from the embedding to the logits: the few kernels it is written in (the
+*primitives*: LayerNorm, the linear map, attention ...), ALiBi and the mask, then ``attention``, ``mlp``, ``block``
+and ``forward``. The model calls its kernels as ``ops.layer_norm(...)``, ``ops.linear(...)``: ``ops`` is the
+primitives table in use, this file's reference definitions unless ``forward`` was given another table (NumPy
+kernels that make fewer passes over memory, ``minibloom.fast``; an emulated engine, ``minibloom.oracle``). The
+second part is what engines attach without touching the model: that table, the KV cache, and a ``Tape`` that records
+the activations the backward pass (``minibloom.backward``) and the hidden-state outputs need.
+
+The functions take arrays of any array-API namespace (NumPy, CuPy, array_api_strict); the namespace is read off the
+input (``x.__array_namespace__()``) and the dtype of the weights is the compute dtype.
 
 Shapes, in one notation everywhere:
     B batch, T new tokens, S all key positions (past + new), C hidden size, H heads, D = C // H head dim,
@@ -18,7 +26,9 @@ Shapes, in one notation everywhere:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -32,8 +42,10 @@ def _ns(x):
     return x.__array_namespace__()
 
 
+# ===============================================================================================================
+# The model: embedding to logits
 # ---------------------------------------------------------------------------------------------------------------
-# Elementwise pieces
+# The primitives, as the reference defines them
 
 
 def layer_norm(x, weight, bias, eps: float):
@@ -64,23 +76,52 @@ def linear(x, weight, bias, tp: int = 1):
     ``tp > 1`` is HF's ``pretraining_tp`` + ``slow_but_exact`` path: the same product summed over ``tp`` slices of the
     input dimension in order. Only the rounding changes. (HF's slow path also forgets the bias; we do not.)
     """
-    lead, n_in = x.shape[:-1], x.shape[-1]
     xp = _ns(x)
-    x2 = xp.reshape(x, (-1, n_in))  # one GEMM over all tokens, not one per batch row
+    x2 = xp.reshape(x, (-1, x.shape[-1]))  # one GEMM over all tokens, not one per batch row
     if tp == 1:
         y = x2 @ weight.mT
-    else:
-        s = n_in / tp
-        y = None
-        for i in range(tp):
-            lo, hi = int(i * s), int((i + 1) * s)
-            part = x2[:, lo:hi] @ weight[:, lo:hi].mT
-            y = part if y is None else y + part
-    return xp.reshape(y + bias, (*lead, weight.shape[0]))
+    else:  # the same sum, one slice of the input dimension at a time, in order
+        s = x.shape[-1] / tp
+        y = x2[:, :int(s)] @ weight[:, :int(s)].mT
+        for i in range(1, tp):
+            y = y + x2[:, int(i * s):int((i + 1) * s)] @ weight[:, int(i * s):int((i + 1) * s)].mT
+    return xp.reshape(y + bias, (*x.shape[:-1], weight.shape[0]))
+
+
+def linear_gelu(x, weight, bias):
+    """gelu(x @ weight.T + bias): the MLP's first half."""  # [..., C] -> [..., 4C]
+    return gelu(linear(x, weight, bias))
+
+
+def attend(q, k, v, alibi, mask, probs: bool = False, *, softmax_fn=softmax):
+    """ALiBi-biased causal softmax attention (the core of ``BloomAttention.forward``).
+
+    q [B, H, T, D], k and v [B, H, S, D], alibi [B, H, 1, S], mask [B, 1, T, S] (True: may attend) -> context
+    [B, T, H, D] (heads side by side, ready to merge) and the probabilities [B, H, T, S] when ``probs`` (else None).
+    ``softmax_fn`` lets a tool emulate another engine's softmax (``minibloom.oracle.emulate``).
+    """
+    xp = _ns(q)
+    scores = alibi + (q @ k.mT) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, S]  (HF: alibi.baddbmm(q, k, 1/sqrt D))
+    scores = xp.where(mask, scores, xp.finfo(scores.dtype).min)  # HF adds finfo.min to masked cells
+    weights = softmax_fn(scores)  # [B, H, T, S]
+    ctx = xp.permute_dims(weights @ v, (0, 2, 1, 3))  # [B, H, T, D] -> [B, T, H, D]  (_merge_heads)
+    return ctx, (weights if probs else None)
+
+
+def residual_add(a, x):
+    """a + x: a branch's output ``a`` added to the residual stream ``x`` (``dropout_add`` at inference)."""
+    return a + x
+
+
+def head(x, weight):
+    """The LM head: x @ weight.T (the embedding when tied)."""  # [B, T, C] -> [B, T, V]
+    xp = _ns(x)
+    B, T, C = x.shape
+    return xp.reshape(xp.reshape(x, (-1, C)) @ weight.mT, (B, T, weight.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALiBi and masks (``_get_alibi_slopes``, ``build_alibi_tensor``, ``masking_utils.create_causal_mask``)
+# ALiBi and the mask (``_get_alibi_slopes``, ``build_alibi_tensor``, ``masking_utils.create_causal_mask``)
 
 
 def alibi_slopes(n_head: int, dtype=np.float32) -> np.ndarray:
@@ -98,12 +139,6 @@ def alibi_slopes(n_head: int, dtype=np.float32) -> np.ndarray:
     base = np.float64(np.float32(2 ** (-(2 ** -(math.log2(p) - 3)))))
     extra_base = np.float64(np.float32(2 ** (-(2 ** -(math.log2(2 * p) - 3)))))
     return np.concatenate([base**k, extra_base**extra]).astype(np.float32)
-
-
-@lru_cache(maxsize=64)
-def _slopes_on(xp, n_head: int, dtype_name: str):
-    # computed once per namespace/dtype: no host->device copy in the hot path
-    return xp.asarray(alibi_slopes(n_head, np.float64 if dtype_name == "float64" else np.float32))
 
 
 def alibi_bias(attention_mask, slopes):
@@ -128,66 +163,93 @@ def causal_mask(attention_mask, n_new: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The transformer
+# The transformer (``BloomAttention``, ``BloomMLP``, ``BloomBlock``, ``BloomModel``, ``BloomForCausalLM``)
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for ``max_len`` positions (no re-concatenation per step).
+def attention(x, p, alibi, mask, cfg: BloomConfig, cache: LayerCache | None = None):
+    """BloomAttention: fused QKV, ALiBi-biased causal softmax attention, output projection (without residual).
 
-    ``k[i]``/``v[i]``: [B, H, max_len, D]; positions ``0 .. length-1`` are filled.
+    x [B, T, C] -> [B, T, C]. ``p``: the layer's ``self_attention`` parameters; ``cache``: this layer's keys and
+    values of earlier positions, which the new ones join.
     """
-
-    def __init__(self, xp, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int, dtype):
-        shape = (batch, n_head, max_len, head_dim)
-        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
-        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
-        self.length = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k, v):
-        """Store the new keys/values at ``length ..``; return all keys/values so far."""  # [B,H,T,D] -> [B,H,S,D]
-        start, stop = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:stop, :] = k
-        self.v[layer][:, :, start:stop, :] = v
-        return self.k[layer][:, :, :stop, :], self.v[layer][:, :, :stop, :]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The primitives: the few kernels the model is written in. ``REFERENCE`` below is the definition (pure array API);
-# ``minibloom.fast.PRIMITIVES`` computes the same functions faster on NumPy, and a test holds each one to its
-# reference (tests/test_primitives.py).
-
-
-def attend(q, k, v, alibi, allowed, probs: bool = False, *, softmax_fn=softmax):
-    """ALiBi-biased causal softmax attention (the core of ``BloomAttention.forward``).
-
-    q [B, H, T, D], k and v [B, H, S, D], alibi [B, H, 1, S], allowed [B, 1, T, S] -> context [B, T, H, D] (heads side
-    by side, ready to merge) and the probabilities [B, H, T, S] when ``probs`` (else None). ``softmax_fn`` lets a
-    tool emulate another engine's softmax (``minibloom.oracle.calibrate``).
-    """
-    xp = _ns(q)
-    scores = alibi + (q @ k.mT) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, S]  (HF: alibi.baddbmm(q, k, 1/sqrt D))
-    scores = xp.where(allowed, scores, xp.finfo(scores.dtype).min)  # HF adds finfo.min to masked cells
-    weights = softmax_fn(scores)  # [B, H, T, S]
-    ctx = xp.permute_dims(weights @ v, (0, 2, 1, 3))  # [B, H, T, D] -> [B, T, H, D]  (_merge_heads)
-    return ctx, (weights if probs else None)
-
-
-def linear_gelu(x, weight, bias):
-    """gelu(x @ weight.T + bias): the MLP's first half."""  # [..., C] -> [..., 4C]
-    return gelu(linear(x, weight, bias))
-
-
-def residual_add(a, x):
-    """a + x: a branch's output added to the residual stream (the fast primitive may overwrite ``a``)."""
-    return a + x
-
-
-def head(x, weight):
-    """The LM head: x @ weight.T (the embedding when tied)."""  # [B, T, C] -> [B, T, V]
     xp = _ns(x)
     B, T, C = x.shape
-    return xp.reshape(xp.reshape(x, (-1, C)) @ weight.mT, (B, T, weight.shape[0]))
+    H, D = cfg.n_head, C // cfg.n_head
+    qkv = ops.linear(x, p["query_key_value"]["weight"], p["query_key_value"]["bias"])  # [B, T, 3C]
+    qkv = xp.reshape(qkv, (B, T, H, 3, D))  # per-head interleave: q, k, v of head h are rows h*3D .. h*3D+3D (_reshape)
+    q = xp.permute_dims(qkv[:, :, :, 0, :], (0, 2, 1, 3))  # [B, H, T, D]
+    k = xp.permute_dims(qkv[:, :, :, 1, :], (0, 2, 1, 3))  # [B, H, T, D]
+    v = xp.permute_dims(qkv[:, :, :, 2, :], (0, 2, 1, 3))  # [B, H, T, D]
+    if cache is not None:
+        k, v = cache.update(k, v)  # [B, H, S, D]: the past positions' keys and values, then these
+    ctx, _ = ops.attend(q, k, v, alibi, mask)  # [B, T, H, D]
+    ctx = xp.reshape(ctx, (B, T, C))  # heads back side by side (_merge_heads)
+    return ops.linear(ctx, p["dense"]["weight"], p["dense"]["bias"], _tp(cfg))
+
+
+def mlp(x, p, cfg: BloomConfig):
+    """BloomMLP: C -> 4C, GeLU, 4C -> C (without residual).  # [B, T, C] -> [B, T, C]"""
+    h = ops.linear_gelu(x, p["dense_h_to_4h"]["weight"], p["dense_h_to_4h"]["bias"])  # [B, T, 4C]
+    return ops.linear(h, p["dense_4h_to_h"]["weight"], p["dense_4h_to_h"]["bias"], _tp(cfg))
+
+
+def block(x, p, alibi, mask, cfg: BloomConfig, cache: LayerCache | None = None):
+    """BloomBlock: two residual branches, each behind a LayerNorm.  # [B, T, C] -> [B, T, C]
+
+    With ``apply_residual_connection_post_layernorm`` the residual is the LayerNorm's output instead of its input.
+    """
+    eps, post = cfg.layer_norm_epsilon, cfg.apply_residual_connection_post_layernorm
+    ln = p["input_layernorm"]
+    h = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
+    x = ops.residual_add(attention(h, p["self_attention"], alibi, mask, cfg, cache), h if post else x)
+    ln = p["post_attention_layernorm"]
+    h = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
+    return ops.residual_add(mlp(h, p["mlp"], cfg), h if post else x)
+
+
+def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache: KVCache | None = None, *,
+            logits: str = "all", primitives: Primitives | None = None, tape: Tape | None = None):
+    """BloomForCausalLM.forward.  # ids [B, T], mask [B, S] -> logits [B, T, V] ([B, 1, V] for "last")
+
+    ``params`` is the nested dict of HF names (``params["h"][i]["self_attention"]["dense"]["weight"]``).
+    ``attention_mask`` covers past and new tokens (S = cache.length + T). ``logits``: "all", "last" or "none" (then
+    None is returned). ``primitives``: the kernels to compute with (default ``REFERENCE``); ``tape``: a ``Tape`` that
+    records the hidden states, attention probabilities or the backward pass's activations.
+    """
+    with using(primitives, tape):
+        E = params["word_embeddings"]["weight"]  # [V, C]
+        eln = params["word_embeddings_layernorm"]
+        xp = _ns(eln["weight"])
+        B, T = input_ids.shape
+        x = xp.reshape(xp.take(E, xp.reshape(input_ids, (-1,)), axis=0), (B, T, E.shape[1]))  # [B, T, C]
+        x = ops.layer_norm(x, eln["weight"], eln["bias"], cfg.layer_norm_epsilon)
+        slopes = _slopes_on(xp, cfg.n_head, "float64" if x.dtype == xp.float64 else "float32")
+        alibi = xp.astype(alibi_bias(attention_mask, slopes), x.dtype)  # [B, H, 1, S]
+        mask = causal_mask(attention_mask, T)  # [B, 1, T, S]
+        for i, p in enumerate(params["h"]):
+            x = block(x, p, alibi, mask, cfg, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += T
+        x = ops.layer_norm(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.layer_norm_epsilon)
+        if logits == "last":
+            x = x[:, T - 1:, :]  # only the next token's logits are wanted (nanoGPT's x[:, [-1], :])
+        weight = params["lm_head"]["weight"] if "lm_head" in params else E  # tied to the embedding unless stored
+        return None if logits == "none" else ops.head(x, weight)  # [B, T, C] -> [B, T, V]
+
+
+# ===============================================================================================================
+# What engines attach: the primitives table, the KV cache, the tape
+
+
+def _tp(cfg: BloomConfig) -> int:
+    """The slices of HF's ``slow_but_exact`` products (1: one product)."""
+    return cfg.pretraining_tp if cfg.slow_but_exact else 1
+
+
+@lru_cache(maxsize=64)
+def _slopes_on(xp, n_head: int, dtype_name: str):
+    # computed once per namespace/dtype: no host->device copy in the hot path
+    return xp.asarray(alibi_slopes(n_head, np.float64 if dtype_name == "float64" else np.float32))
 
 
 @dataclass(frozen=True)
@@ -201,7 +263,7 @@ class Primitives:
     layer_norm: Callable  # (x [..., C], weight, bias, eps) -> [..., C]
     linear: Callable  # (x [..., in], weight [out, in], bias, tp=1) -> [..., out]
     linear_gelu: Callable  # (x [..., in], weight, bias) -> gelu(linear) [..., out]
-    attend: Callable  # (q, k, v, alibi, allowed, probs) -> (context [B, T, H, D], probabilities or None)
+    attend: Callable  # (q, k, v, alibi, mask, probs) -> (context [B, T, H, D], probabilities or None)
     residual_add: Callable  # (a, x) -> a + x (may write into a, a fresh branch output)
     head: Callable  # (x [B, T, C], weight [V, C]) -> logits [B, T, V]
     gelu: Callable = gelu  # (x) -> gelu(x), a new array (training keeps x: the MLP's pre-activation)
@@ -214,80 +276,153 @@ class Primitives:
 
 REFERENCE = Primitives("reference", layer_norm, linear, linear_gelu, attend, residual_add, head)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The transformer
+_ACTIVE: ContextVar[Primitives | None] = ContextVar("minibloom_primitives", default=None)
 
 
-def _last(x, keep: int | None):
-    """The last ``keep`` positions of x [B, T, ...] (all of them when ``keep`` is None)."""
-    return x if keep is None else x[:, x.shape[1] - keep:, :]
+class _Ops:
+    """``ops.layer_norm`` ...: the entry of the primitives table in use in this thread (``using``; ``REFERENCE``
+    when none is)."""
+
+    def __getattr__(self, name: str):
+        return getattr(_ACTIVE.get() or REFERENCE, name)
 
 
-def attention(x, p, alibi, allowed, n_head: int, tp: int = 1, cache: KVCache | None = None, layer: int = 0, *,
-              keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True, saved: dict | None = None):
-    """BloomAttention: fused QKV, ALiBi-biased causal softmax attention, output projection (without residual).
+ops = _Ops()
 
-    x [B, T, C] -> ([B, T, C], probabilities [B, H, T, S] or None). Keys and values are made (and cached) for all
-    T positions; queries only for the last ``keep`` (default all), and the output has those rows only.
-    ``saved``: a dict that receives what ``minibloom.backward.self_attention_backward`` needs (q, k, v, probs, ctx).
+
+@contextmanager
+def using(primitives: Primitives | None = None, tape: Tape | None = None):
+    """Run the model's functions with ``primitives`` (default: the table already in use), recorded on ``tape``
+    when one is given: ``with using(fast.PRIMITIVES): block(...)``."""
+    table = primitives or _ACTIVE.get() or REFERENCE
+    token = _ACTIVE.set(table if tape is None else tape.recording(table))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions (no re-concatenation per step).
+
+    ``k[i]``/``v[i]``: [B, H, max_len, D]; positions ``0 .. length-1`` are filled. ``layers[i]``: layer i's view,
+    which ``attention`` takes.
     """
-    xp = _ns(x)
-    B, T, C = x.shape
-    H, D = n_head, C // n_head
-    qkv = ops.linear(x, p["query_key_value"]["weight"], p["query_key_value"]["bias"])  # [B, T, C] -> [B, T, 3C]
-    qkv = xp.reshape(qkv, (B, T, H, 3, D))  # per-head interleave: q, k, v of head h are rows h*3D .. h*3D+3D (_reshape)
-    q = xp.permute_dims(qkv[:, :, :, 0, :], (0, 2, 1, 3))  # [B, H, T, D]
-    k = xp.permute_dims(qkv[:, :, :, 1, :], (0, 2, 1, 3))  # [B, H, T, D]
-    v = xp.permute_dims(qkv[:, :, :, 2, :], (0, 2, 1, 3))  # [B, H, T, D]
-    if cache is not None:
-        k, v = cache.update(layer, k, v)  # [B, H, S, D]
-    if keep is not None:
-        q, allowed = q[:, :, T - keep:, :], allowed[:, :, T - keep:, :]
-    ctx, weights = ops.attend(q, k, v, alibi, allowed, probs or saved is not None)  # [B, Tq, H, D]
-    ctx = xp.reshape(ctx, (B, q.shape[2], C))  # heads back side by side (_merge_heads)
-    if saved is not None:
-        saved.update(q=q, k=k, v=v, probs=weights, ctx=ctx)
-    return ops.linear(ctx, p["dense"]["weight"], p["dense"]["bias"], tp), weights
+
+    def __init__(self, xp, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int, dtype):
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
+        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0
+        self.max_len = max_len
+        self.layers = [LayerCache(self, i) for i in range(n_layer)]
+
+    def update(self, layer: int, k, v):
+        """Store the new keys/values at ``length ..``; return all keys/values so far."""  # [B,H,T,D] -> [B,H,S,D]
+        start, stop = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:stop, :] = k
+        self.v[layer][:, :, start:stop, :] = v
+        return self.k[layer][:, :, :stop, :], self.v[layer][:, :, :stop, :]
 
 
-def mlp(x, p, tp: int = 1, *, ops: Primitives = REFERENCE, saved: dict | None = None):
-    """BloomMLP: C -> 4C, GeLU, 4C -> C (without residual).  # [B, T, C] -> [B, T, C]
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer of a ``KVCache``: ``update(k, v)`` appends this step's keys and values and returns all so far."""
 
-    ``saved`` receives the pre-activation ``h`` and ``g = gelu(h)`` for ``minibloom.backward.mlp_backward``.
+    cache: KVCache
+    layer: int
+
+    def update(self, k, v):
+        return self.cache.update(self.layer, k, v)
+
+
+@dataclass
+class LayerActivations:
+    """What ``minibloom.backward.layer_backward`` needs of one block (llm.c's ``ActivationTensors``, per layer)."""
+
+    x: object  # [B, T, C] the block's input
+    ln1: object  # [B, T, C] input_layernorm(x)
+    q: object  # [B, H, T, D]
+    k: object  # [B, H, S, D]
+    v: object  # [B, H, S, D]
+    probs: object  # [B, H, T, S] the attention probabilities
+    ctx: object  # [B, T, C] the heads' merged context, the input of ``dense``
+    x1: object  # [B, T, C] the residual stream after the attention branch
+    ln2: object  # [B, T, C] post_attention_layernorm(x1)
+    h: object  # [B, T, 4C] dense_h_to_4h(ln2), before the GeLU
+    g: object  # [B, T, 4C] gelu(h)
+
+
+@dataclass
+class Tape:
+    """A record of one forward pass, taken from its primitives' calls (micrograd's and tinygrad's tape): the model's
+    code stays as it is, and ``forward(..., tape=Tape())`` keeps what its hidden-state outputs need; with
+    ``attentions`` the attention probabilities too; with ``backward`` every activation ``minibloom.backward`` uses.
+
+    The calls come in the model's order: the embedding's LayerNorm; per block its two LayerNorms, three linear maps,
+    one attention and one MLP; ``ln_f``; the head.
     """
-    h4h, h4 = p["dense_h_to_4h"], p["dense_4h_to_h"]
-    if saved is None:
-        g = ops.linear_gelu(x, h4h["weight"], h4h["bias"])  # [B, T, 4C]
-    else:  # the backward pass needs the pre-activation too
-        h = ops.linear(x, h4h["weight"], h4h["bias"])  # [B, T, 4C]
-        g = ops.gelu(h)
-        saved.update(h=h, g=g)
-    return ops.linear(g, h4["weight"], h4["bias"], tp)
 
+    attentions: bool = False
+    backward: bool = False
+    norms: list = field(default_factory=list)  # (input, output) of every LayerNorm: embedding, ln1, ln2 ..., ln_f
+    attends: list = field(default_factory=list)  # (q, k, v, alibi, mask, probs) per block
+    linears: list = field(default_factory=list)  # the input of every linear map (qkv, dense, dense_4h_to_h) per block
+    mlps: list = field(default_factory=list)  # (h, gelu(h)) per block
+    head_input: object = None  # [B, T, C] (ln_f's output, its last position only for logits="last")
 
-def block(x, p, alibi, allowed, cfg: BloomConfig, cache: KVCache | None = None, layer: int = 0, *,
-          keep: int | None = None, ops: Primitives = REFERENCE, probs: bool = True, saved: dict | None = None):
-    """BloomBlock: two residual branches, each behind a LayerNorm.  # [B, T, C] -> [B, T, C] (or [B, keep, C])
+    def recording(self, ops: Primitives) -> Primitives:
+        """``ops`` with every call recorded on this tape (the MLP's GeLU as its own call when ``backward``, to keep
+        the pre-activation)."""
+        def layer_norm(x, weight, bias, eps):
+            y = ops.layer_norm(x, weight, bias, eps)
+            self.norms.append((x, y))
+            return y
 
-    With ``apply_residual_connection_post_layernorm`` the residual is the LayerNorm output instead of its input.
-    Each sub-module of ``p`` is read once (a lazily widened layer builds it on every read). ``saved`` receives the
-    activations ``minibloom.backward.layer_backward`` needs.
-    """
-    tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
-    eps, post = cfg.layer_norm_epsilon, cfg.apply_residual_connection_post_layernorm
-    ln = p["input_layernorm"]
-    ln1 = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
-    sub = None if saved is None else {"x": x, "ln1": ln1, "attention": {}, "mlp": {}}
-    a, weights = attention(ln1, p["self_attention"], alibi, allowed, cfg.n_head, tp, cache, layer, keep=keep,
-                           ops=ops, probs=probs, saved=None if sub is None else sub["attention"])
-    x = ops.residual_add(a, _last(ln1 if post else x, keep))
-    ln = p["post_attention_layernorm"]
-    ln2 = ops.layer_norm(x, ln["weight"], ln["bias"], eps)
-    if sub is not None:
-        saved.update(sub, x1=x, ln2=ln2)
-    m = mlp(ln2, p["mlp"], tp, ops=ops, saved=None if sub is None else sub["mlp"])
-    return ops.residual_add(m, ln2 if post else x), weights
+        def attend(q, k, v, alibi, mask, probs=False):
+            ctx, p = ops.attend(q, k, v, alibi, mask, probs or self.attentions or self.backward)
+            self.attends.append((q, k, v, alibi, mask, p) if self.backward else (None,) * 5 + (p,))
+            return ctx, p
+
+        def linear(x, weight, bias, tp=1):
+            if self.backward:
+                self.linears.append(x)
+            return ops.linear(x, weight, bias, tp)
+
+        def linear_gelu(x, weight, bias):
+            if not self.backward:
+                return ops.linear_gelu(x, weight, bias)
+            h = ops.linear(x, weight, bias)
+            g = ops.gelu(h)
+            self.mlps.append((h, g))
+            return g
+
+        def head(x, weight):
+            self.head_input = x
+            return ops.head(x, weight)
+
+        return replace(ops, name=f"{ops.name} (recorded)", layer_norm=layer_norm, attend=attend, linear=linear,
+                       linear_gelu=linear_gelu, head=head)
+
+    @property
+    def hidden_states(self) -> list:
+        """n_layer + 1 arrays [B, T, C], transformers' convention: the embedding LayerNorm's output, each block's
+        output (the next LayerNorm's input), the last one after ``ln_f``."""
+        n_layer = (len(self.norms) - 2) // 2
+        return [self.norms[0][1]] + [self.norms[1 + 2 * i][0] for i in range(1, n_layer)] + [self.norms[-1][1]]
+
+    @property
+    def probs(self) -> list:
+        """n_layer arrays [B, H, T, S] (recorded with ``attentions`` or ``backward``)."""
+        return [a[-1] for a in self.attends]
+
+    def layers(self) -> list[LayerActivations]:
+        """Each block's activations (a tape recorded with ``backward``)."""
+        out = []
+        for i, (q, k, v, _, _, probs) in enumerate(self.attends):
+            (x, ln1), (x1, ln2) = self.norms[1 + 2 * i], self.norms[2 + 2 * i]
+            out.append(LayerActivations(x, ln1, q, k, v, probs, self.linears[3 * i + 1], x1, ln2, *self.mlps[i]))
+        return out
 
 
 @dataclass
@@ -301,50 +436,12 @@ class BloomOutput:
     attentions: list | None = None
 
 
-def forward(params, input_ids, attention_mask, cfg: BloomConfig, cache: KVCache | None = None,
-            output_hidden_states: bool = False, output_attentions: bool = False, logits: str = "all", *,
-            ops: Primitives = REFERENCE, saved: dict | None = None) -> BloomOutput:
-    """BloomForCausalLM.forward.  # ids [B, T], mask [B, S] -> logits [B, T, V]
-
-    ``params`` is the nested dict of HF names (``params["h"][i]["self_attention"]["dense"]["weight"]``).
-    ``attention_mask`` covers past and new tokens (S = cache.length + T). ``logits``: "all", "last" or "none".
-    ``ops``: the primitives to compute with (``REFERENCE``, or ``minibloom.fast.PRIMITIVES`` on NumPy).
-    ``saved``: a dict that receives the activations of every layer for ``minibloom.backward`` (training).
-    """
-    E = params["word_embeddings"]["weight"]  # [V, C]
-    eln = params["word_embeddings_layernorm"]
-    xp = _ns(eln["weight"])
-    B, T = input_ids.shape
-    x = xp.reshape(xp.take(E, xp.reshape(input_ids, (-1,)), axis=0), (B, T, E.shape[1]))  # [B, T, C]
-    if saved is not None:
-        saved.update(embedded=x, layers=[{} for _ in range(len(params["h"]))])
-    x = ops.layer_norm(x, eln["weight"], eln["bias"], cfg.layer_norm_epsilon)
-    dtype = x.dtype
-    slopes = _slopes_on(xp, cfg.n_head, "float64" if dtype == xp.float64 else "float32")
-    alibi = xp.astype(alibi_bias(attention_mask, slopes), dtype)  # [B, H, 1, S]
-    allowed = causal_mask(attention_mask, T)  # [B, 1, T, S]
-    # with neither all logits, nor hidden states, nor attention probabilities wanted, the last layer only needs its
-    # last position's output (keys and values of every position are still made, for the cache)
-    keep = 1 if logits != "all" and not (output_hidden_states or output_attentions or saved is not None) else None
-    hidden, attns = [x], []
-    n = len(params["h"])
-    for i, p in enumerate(params["h"]):
-        x, probs = block(x, p, alibi, allowed, cfg, cache, i, keep=keep if i == n - 1 else None, ops=ops,
-                         probs=output_attentions, saved=None if saved is None else saved["layers"][i])
-        if output_hidden_states:
-            hidden.append(x)
-        if output_attentions:
-            attns.append(probs)
-    if cache is not None:
-        cache.length += T
-    if saved is not None:
-        saved.update(alibi=alibi, allowed=allowed, final=x)
-    x = ops.layer_norm(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.layer_norm_epsilon)
-    hidden[-1] = x
-    if logits == "last":
-        x = x[:, x.shape[1] - 1:, :]
-    weight = params["lm_head"]["weight"] if "lm_head" in params else E  # tied to the embedding unless stored
-    if saved is not None:
-        saved["ln_f"] = x
-    out = None if logits == "none" else ops.head(x, weight)  # [B, T, C] -> [B, T, V]
-    return BloomOutput(out, hidden if output_hidden_states else None, attns if output_attentions else None)
+def forward_outputs(params, input_ids, attention_mask, cfg: BloomConfig, cache: KVCache | None = None, *,
+                    logits: str = "all", primitives: Primitives | None = None, hidden_states: bool = False,
+                    attentions: bool = False) -> BloomOutput:
+    """``forward`` with transformers' optional outputs (``output_hidden_states``, ``output_attentions``), read off a
+    ``Tape``."""
+    tape = Tape(attentions=attentions) if hidden_states or attentions else None
+    out = forward(params, input_ids, attention_mask, cfg, cache, logits=logits, primitives=primitives, tape=tape)
+    return BloomOutput(out, tape.hidden_states if hidden_states else None,
+                       tape.probs if attentions else None)

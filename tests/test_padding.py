@@ -91,7 +91,7 @@ def default_model():
 
 
 def fast_path(m, ids, mask):
-    return M.forward(m.params, ids, mask, m.config, output_hidden_states=True, ops=fast.PRIMITIVES)
+    return M.forward_outputs(m.params, ids, mask, m.config, hidden_states=True, primitives=fast.PRIMITIVES)
 
 
 def public_api(m, ids, mask):
@@ -99,7 +99,7 @@ def public_api(m, ids, mask):
 
 
 def teaching_path(m, ids, mask):
-    return M.forward(m.params, ids, mask, m.config, output_hidden_states=True)
+    return M.forward_outputs(m.params, ids, mask, m.config, hidden_states=True)
 
 
 def padded_rows(vocab: int) -> list[list[int]]:

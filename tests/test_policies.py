@@ -144,7 +144,7 @@ def evidence():
     for case in held_out_cases():
         for kind in E.KINDS:
             params = E.file_weights(kind, case.params)
-            ref = M.forward(params, case.ids, case.mask, case.cfg, output_hidden_states=True)
+            ref = M.forward_outputs(params, case.ids, case.mask, case.cfg, hidden_states=True)
             ref = (ref.logits, ref.hidden_states)
             correct = []
             for port in E.ports_for(kind):

@@ -564,9 +564,10 @@ def prompts(vocab: int, length: int):
     return left_pad([random_ids(vocab, length, seed=1).tolist(), random_ids(vocab, length - 5, seed=2).tolist()])
 
 
-def run(m, ids, mask, ops, **kw):
-    """``model.forward`` itself (function level) with the table ``ops``."""
-    return M.forward(m.params, ids, mask, m.config, ops=ops, **kw)
+def run(m, ids, mask, ops, output_hidden_states=False, output_attentions=False, **kw):
+    """``model.forward`` itself (function level) with the table ``ops``, and transformers' optional outputs."""
+    return M.forward_outputs(m.params, ids, mask, m.config, primitives=ops, hidden_states=output_hidden_states,
+                             attentions=output_attentions, **kw)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -595,7 +596,7 @@ def test_forward_through_both_tables(path, loaded, dtype, length, record):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_last_and_no_logits(path, loaded, dtype, primitives):
-    """logits="last" runs the last layer's queries, attention output and MLP on the last position only."""
+    """logits="last" gives the last position's logits only, and still caches every position's keys and values."""
     m = loaded(path, dtype)
     ids, mask = prompts(m.vocab_size, 12)
     full = run(m, ids, mask, REF).logits
@@ -687,7 +688,7 @@ def test_a_changed_weight_is_seen(path, loaded):
     ln = m.params["h"][0]["input_layernorm"]
     p2["h"][0]["input_layernorm"] = {"weight": ln["weight"] * (1 + 1e-9), "bias": ln["bias"]}
     with pytest.raises(AssertionError):
-        assert_rel_close(M.forward(p2, ids, mask, m.config, ops=NP).logits, good, FP64_SELF, "perturbed weights")
+        assert_rel_close(M.forward(p2, ids, mask, m.config, primitives=NP), good, FP64_SELF, "perturbed weights")
 
 
 def test_bloom_picks_its_table_by_backend(path):

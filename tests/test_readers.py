@@ -96,10 +96,10 @@ def test_ct2_float_compute_on_int8_weights_passes_float32(source, ct2_models):
     _, model, _, ids, mask = source
     cand = ctranslate2_trace(ct2_models["int8"], ids, mask, compute_type="float32")
     params = _same_weights(model, read(ct2_models["int8"]).matrices)
-    ref = M.forward(params, ids, mask, model.config).logits
+    ref = M.forward(params, ids, mask, model.config)
     verdict = check_logits(cand["logits"], ref, mask, policy="float32", size=(CFG.n_layer, CFG.hidden_size))
     assert verdict.passed, verdict
-    unquantized = M.forward(model.params, ids, mask, model.config).logits  # the weights matter: not the original
+    unquantized = M.forward(model.params, ids, mask, model.config)  # the weights matter: not the original
     assert not check_logits(cand["logits"], unquantized, mask, policy="float32", size=(2, 64)).passed
 
 
@@ -120,9 +120,9 @@ def test_ct2_int8_compute_is_the_emulated_arithmetic(source, ct2_models):
     _, model, _, ids, mask = source
     cand = ctranslate2_trace(ct2_models["int8"], ids, mask, compute_type="int8_float32")["logits"]
     params = _same_weights(model, read(ct2_models["int8"]).matrices)
-    plain = _exact_share(cand, M.forward(params, ids, mask, model.config).logits, mask)
+    plain = _exact_share(cand, M.forward(params, ids, mask, model.config), mask)
     emulated = max(_exact_share(cand, M.forward(params, ids, mask, model.config,
-                                                ops=activation_primitives(s)).logits, mask)
+                                                primitives=activation_primitives(s)), mask)
                    for s in ("int8-per-row", "int8-per-row-sat16"))
     assert plain == 0.0 and emulated >= 0.5, (emulated, plain)
 
@@ -332,8 +332,8 @@ def test_onnx_dynamic_int8_matches_the_emulation(source, onnx_models):
     ew = read(onnx_models["dyn"])
     cand = onnx_trace(onnx_models["dyn"], ids, mask)["logits"]
     params = _same_weights(model, ew.matrices)
-    emulated = M.forward(params, ids, mask, model.config, ops=activation_primitives(ew.activations)).logits
-    plain = M.forward(params, ids, mask, model.config).logits
+    emulated = M.forward(params, ids, mask, model.config, primitives=activation_primitives(ew.activations))
+    plain = M.forward(params, ids, mask, model.config)
     assert _exact_share(cand, plain, mask) == 0.0
     assert _exact_share(cand, emulated, mask) >= 0.9
 

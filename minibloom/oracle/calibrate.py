@@ -335,8 +335,8 @@ def _measure_activations(case: Case, bugs) -> tuple[dict, dict]:
     from .activations import activation_primitives
 
     params = map_matrices(case.params, quant_rows_int8, head=True)
-    out = M.forward(params, case.ids, case.mask, case.cfg, output_hidden_states=True,
-                    ops=activation_primitives("int8-per-row"))
+    out = M.forward_outputs(params, case.ids, case.mask, case.cfg, primitives=activation_primitives("int8-per-row"),
+                            hidden_states=True)
     ref = (out.logits, out.hidden_states)
     port = Port("CTranslate2 int8 compute", np.float32, act_in=quant_rows_int8)
     prepared = prepare(port, params)
@@ -349,7 +349,7 @@ def _measure_activations(case: Case, bugs) -> tuple[dict, dict]:
 def _measure(kind: str, params: dict, case: Case, bugs, use_hf: bool, bar) -> tuple[dict, dict, dict]:
     """(worst correct-port metrics, bug -> metrics, worst over the emulated ports alone: what
     ``minibloom.testing.probe_figures`` measures) of ``kind`` on ``params`` against float64 on ``params``."""
-    out = M.forward(params, case.ids, case.mask, case.cfg, output_hidden_states=True)
+    out = M.forward_outputs(params, case.ids, case.mask, case.cfg, hidden_states=True)
     ref = (out.logits, out.hidden_states)
     worst, first = None, None
     for port in ports_for(kind):

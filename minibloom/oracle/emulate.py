@@ -407,7 +407,7 @@ def run_port(port: Port, bug: str | None, prepared: dict, cfg: BloomConfig, ids:
         from ..fast import PRIMITIVES as ops
     else:
         ops = primitives_for(port, bug, c.n_head, len(p["h"]))
-    out = M.forward(p, ids, run_mask, c, output_hidden_states=True, ops=ops)
+    out = M.forward_outputs(p, ids, run_mask, c, primitives=ops, hidden_states=True)
     return np.asarray(out.logits, np.float64), [np.asarray(h, np.float64) for h in out.hidden_states]
 
 
