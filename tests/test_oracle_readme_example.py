@@ -1,9 +1,9 @@
 """The README section "Use minibloom as an oracle in your CI" runs as written, and the sample diff table in
 docs/oracle.md is what ``minibloom diff`` prints.
 
-The section's ```python blocks starting with ``# file: NAME`` are saved under that name, its ```bash blocks are run with bash,
-in order, in a scratch directory that sees the repository's ``tests/`` (the examples use tests/golden/tiny), so the
-documentation and this test cannot drift apart. NumPy only: no torch needed.
+The section's ```python blocks starting with ``# file: NAME`` are saved under that name, its ```bash blocks are run
+with bash, in order, in a scratch directory that sees the repository's ``tests/`` (the examples use tests/golden/tiny),
+so the documentation and this test cannot drift apart. NumPy only: no torch needed.
 """
 
 from __future__ import annotations

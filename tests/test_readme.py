@@ -226,9 +226,9 @@ def test_every_repository_path_the_docs_name_exists():
     """Files and folders of the repository named in the README, docs/ and notebooks/README.md exist (weights/ names
     are examples of download destinations, so they are left out)."""
     missing = []
+    named = re.compile(r"(?<![\w./-])((?:minibloom|tests|scripts|benchmarks|notebooks|data|docs|\.ci)/[\w./-]*\w)")
     for doc in PAGES + [os.path.join("notebooks", "README.md")]:
-        for m in re.finditer(r"(?<![\w./-])((?:minibloom|tests|scripts|benchmarks|notebooks|data|docs|\.ci)/[\w./-]*\w)",
-                             read(doc)):
+        for m in named.finditer(read(doc)):
             path = m.group(1)
             here = os.path.join(ROOT, os.path.dirname(doc), path)
             if not (os.path.exists(os.path.join(ROOT, path)) or os.path.exists(here)):
