@@ -485,8 +485,8 @@ def _matrix_lines(matrix: dict) -> list[str]:
 
 
 def markdown(policies: dict, matrix: dict, cases: list[str], same: dict | None = None) -> str:
-    """The correct-port table and the bug matrices as Markdown (README and closing notes paste it): the statistical
-    path (each kind against its reference) and, when given, the same-weights path (``same``)."""
+    """The correct-port table and the bug matrices as Markdown (docs/oracle.md and closing notes paste it): the
+    statistical path (each kind against its reference) and, when given, the same-weights path (``same``)."""
     lines = ["Correct ports: the worst figure over every case, and the limits it gives at two model sizes "
              "(limits scale with sqrt(n_layer x hidden); KL with its square)", "",
              "| kind | reference | worst rel (case) | worst KL mean | limit rel: 4 x 256 / 24 x 1024 | limit KL mean "

@@ -12,8 +12,8 @@ trained checkpoints. One number is not enough for low precision: a policy (``Pol
 The limits per implementation kind (float32, float16, int8-dynamic, q8_0, nf4, ...) are *measured*: ``minibloom
 calibrate`` (``minibloom/oracle/calibrate.py``) runs correct ports of every kind and a matrix of planted port bugs on
 random and trained checkpoints and writes ``minibloom/oracle/policies.json``, which is read here; each limit sits
-between the worst correct port and the bugs (README, "Choosing a policy"). ``FP64_VS_HF`` and ``FP64_SELF`` are
-exact-arithmetic bounds, not calibrated: float64 against transformers in float64 with its float32 softmax and slopes
+between the worst correct port and the bugs (docs/oracle.md, "Choosing a policy"). ``FP64_VS_HF`` and ``FP64_SELF``
+are exact-arithmetic bounds, not calibrated: float64 against transformers in float64 with its float32 softmax and slopes
 patched (~1e-15 observed), and float64 paths of minibloom against each other.
 """
 
@@ -56,8 +56,8 @@ def check_dimension(value, key: str, most: int, what: str = "") -> int:
 
 
 def scale(n_layer: int, hidden_size: int) -> float:
-    """How rounding noise in the logits grows with the model: sqrt(n_layer * hidden_size) (README, "Choosing a
-    policy": noise / scale is near constant from 2 x 64 to the bloom-560m shape for every kind)."""
+    """How rounding noise in the logits grows with the model: sqrt(n_layer * hidden_size) (docs/oracle.md,
+    "Choosing a policy": noise / scale is near constant from 2 x 64 to the bloom-560m shape for every kind)."""
     n_layer, hidden_size = check_size((n_layer, hidden_size))
     return math.sqrt(n_layer * hidden_size)
 
@@ -675,7 +675,7 @@ def assert_grads_close(actual: dict, model, input_ids, attention_mask=None, labe
 # (tests/test_gguf.py shape, 8 random seeds, max|a-b|/max|ref| vs transformers float32 on the source):
 # F32 3.6e-7, F16 2.4e-4, BF16 2.2e-3, Q8_0 6.7e-3, Q5_0 4.7e-2, Q5_1 4.4e-2, Q4_0 1.1e-1, Q4_1 9.1e-2;
 # bloom-560m shape (scripts/quant_report.py, vs transformers on the source): F16 2.4e-4, BF16 1.9e-3, Q8_0 6.0e-3,
-# Q5_0 5.0e-2, Q5_1 4.6e-2, Q4_0 1.06e-1, Q4_1 8.8e-2 (README, "Quantized BLOOM"). Limits keep a ~3x margin over
+# Q5_0 5.0e-2, Q5_1 4.6e-2, Q4_0 1.06e-1, Q4_1 8.8e-2 (docs/formats.md, "compare"). Limits keep a ~3x margin over
 # the worst seen.
 GGUF_VS_SOURCE = {
     "f32": FP32,
