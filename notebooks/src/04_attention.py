@@ -109,7 +109,10 @@ ctx = np.concatenate(heads, axis=-1)  # [T, C]
 attn_mine = ctx @ p0["dense"]["weight"].T + p0["dense"]["bias"]
 
 mask = np.ones_like(ids)
-attn_pkg, probs_pkg = M.attention(a[None], p0, M.alibi_bias(mask, slopes), M.causal_mask(mask, T), H)
+tape = M.Tape(attentions=True)  # records what the primitives compute, here the attention probabilities
+with M.using(tape=tape):
+    attn_pkg = M.attention(a[None], p0, M.alibi_bias(mask, slopes), M.causal_mask(mask, T), cfg)
+probs_pkg = tape.probs[0]
 assert_rel_close(attn_mine, attn_pkg[0], FP64_SELF, "attention output")
 assert_rel_close(np.stack(probs), probs_pkg[0], FP64_SELF, "attention probabilities")
 assert_rel_close(np.stack(probs), out.attentions[0][0], FP64_SELF, "probabilities reported by forward")
