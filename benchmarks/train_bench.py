@@ -40,7 +40,7 @@ def measure(engine: str, steps: int, threads: int, batch: int, ctx: int) -> floa
     x = np.random.default_rng(1).integers(0, 2000, (batch, ctx))
     if engine == "minibloom float32":
         from minibloom.backend import reuse_freed_memory
-        from minibloom.optim import AdamW
+        from minibloom.training.optim import AdamW
 
         reuse_freed_memory()  # what minibloom.train does
         model = Bloom(cfg, params, "float32")

@@ -201,19 +201,6 @@ def cross_entropy(logits, labels):
     return loss, xp.concat([dz, xp.zeros((B, 1, V), dtype=logits.dtype)], axis=1)
 
 
-def log_softmax64(logits: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis, in float64 (NumPy; for scoring, not training)."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, in float64: logits [n, V], targets [n] -> [n] (the cross entropy of
-    each scored token, without the mean or the gradient)."""
-    return -np.take_along_axis(log_softmax64(logits), targets[:, None], axis=-1)[:, 0]
-
-
 def embedding_backward(dx, ids, n_rows: int):
     """``take(E, ids)``: dx [B, T, C], ids [B, T] -> dE [n_rows, C], each position's gradient added to its row."""
     xp = _ns(dx)

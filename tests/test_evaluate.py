@@ -306,7 +306,7 @@ def test_too_short_text_and_bad_ids_are_errors(m32):
 
 
 def test_a_window_too_big_for_memory_is_refused(m32, monkeypatch):
-    monkeypatch.setattr(E, "memory_bytes", lambda: 1 << 20)
+    monkeypatch.setattr("minibloom.evaluate.corpus.memory_bytes", lambda: 1 << 20)
     with pytest.raises(minibloom.MinibloomError, match="smaller context"):
         E.perplexity(m32, list(range(300)), context=256)
 
@@ -381,7 +381,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path, text_file, argv, match):
 
 
 def test_import_minibloom_does_not_import_dask():
-    code = ("import sys, minibloom, minibloom.evaluate, minibloom.distributed, minibloom.cli.kl; "
+    code = ("import sys, minibloom, minibloom.evaluate, minibloom.evaluate.distributed, minibloom.cli.kl; "
             "assert not {'dask', 'distributed'} & set(sys.modules), sorted(m for m in sys.modules if 'dask' in m)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT})
@@ -409,7 +409,7 @@ def test_the_workers_run_this_checkout(dask_client):
 @dask
 @pytest.mark.parametrize("dtype, context, stride", [("float32", 64, 24), ("float64", 48, 48)])
 def test_dask_perplexity_is_bitwise_the_single_process_one(dask_client, text, dtype, context, stride):
-    from minibloom.distributed import cached_models
+    from minibloom.evaluate.distributed import cached_models
 
     local = E.perplexity(None, text, context=context, stride=stride, dtype=dtype)
     spread = E.perplexity(None, text, context=context, stride=stride, dtype=dtype, client=dask_client)

@@ -62,7 +62,7 @@ def no_loading(monkeypatch):
     """Fail the test if evaluate loads a model: the arguments must be refused before any work."""
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
-    monkeypatch.setattr(E, "load", refuse)
+    monkeypatch.setattr("minibloom.evaluate.corpus.load", refuse)
 
 
 # ---- 1. Dask addresses ---------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_bad_scheduler_addresses_are_refused_naming_scheduler(no_loading, addres
 
 
 def test_good_scheduler_addresses_are_normalised():
-    from minibloom.distributed import check_scheduler
+    from minibloom.evaluate.distributed import check_scheduler
 
     assert check_scheduler("localhost:8786") == "tcp://localhost:8786"
     assert check_scheduler("tcp://10.0.0.1") == "tcp://10.0.0.1:8786"

@@ -34,8 +34,8 @@ from minibloom.formats.lowmem import parse_memory
 from minibloom.formats.safetensors import SafetensorsFile, save_file
 from minibloom.formats.weights import write_checkpoint
 from minibloom.formats.widen import widen
-from minibloom.optim import AdamW
 from minibloom.textfile import read_text
+from minibloom.training.optim import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(batch=4, ctx=32, hidden=32, layers=1, heads=4, vocab=300, vocab_rows=384, warmup=1, progress=False)
@@ -164,8 +164,8 @@ def no_training(monkeypatch):
     def trained(*a, **k):
         raise AssertionError("the run started before the bad argument was refused")
 
-    monkeypatch.setattr(T, "train_step", trained)
-    monkeypatch.setattr(T, "train_bpe", trained)
+    monkeypatch.setattr("minibloom.training.loop.train_step", trained)  # where train() looks them up
+    monkeypatch.setattr("minibloom.training.loop.train_bpe", trained)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -195,7 +195,7 @@ def test_running_out_of_memory_mid_run_is_a_minibloom_error(corpus, monkeypatch)
     def no_memory(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(T, "train_step", no_memory)
+    monkeypatch.setattr("minibloom.training.loop.train_step", no_memory)
     with pytest.raises(MinibloomError, match="out of memory: lower batch or ctx"):
         T.train(corpus, **TINY, steps=1)
 

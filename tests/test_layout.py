@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -19,30 +20,61 @@ def test_import_contracts_hold():
     r = subprocess.run([exe, "--config", os.path.join(PACKAGE, "..", "setup.cfg")], cwd=os.path.dirname(PACKAGE),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "0 broken" in r.stdout, r.stdout + r.stderr
-    for contract in ("Layers: the CLI on top", "Inside the oracle", "Inside the formats", "GGUF split by role",
-                     "Checkpoint formats never import the model object", "No import cycles"):
+    for contract in ("Layers: the CLI on top", "Inside the oracle", "Inside training", "Inside corpus evaluation",
+                     "Inside the formats", "GGUF split by role", "Checkpoint formats never import the model object",
+                     "No import cycles"):
         assert contract in r.stdout, contract
-    assert "6 kept" in r.stdout
+    assert "8 kept" in r.stdout
 
 
-def test_documented_module_names_are_the_subpackage_modules():
-    """The names the README documents keep working and are the very modules of the subpackages (not copies), so a
-    monkeypatch or an isinstance check through either name sees the same objects."""
+def _public_names(path: str) -> set[str]:
+    """The names a module defines at its top level (functions, classes, constants), the private ones left out."""
+    names = set()
+    for node in ast.parse(open(path, encoding="utf-8").read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {t.id for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+                          if isinstance(t, ast.Name)}
+    return {n for n in names if not n.startswith("_")}
+
+
+def test_documented_module_paths_are_real_modules():
+    """The paths the README documents (minibloom.testing, .trace, .engines, .gguf) are modules of their own, named
+    as imported and listing their names in __all__ (what an IDE or a type checker reads): every public name of the
+    subpackage module they stand for, the very same objects, so an isinstance check through either path agrees."""
+    import importlib
+
     import minibloom
-    import minibloom.engines
-    import minibloom.formats.gguf
-    import minibloom.gguf
     import minibloom.oracle.engines
-    import minibloom.oracle.testing
-    import minibloom.oracle.trace
-    import minibloom.testing
-    import minibloom.trace
 
-    assert minibloom.testing is minibloom.oracle.testing
-    assert minibloom.trace is minibloom.oracle.trace
-    assert minibloom.engines is minibloom.oracle.engines
-    assert minibloom.gguf is minibloom.formats.gguf
-    assert callable(minibloom.gguf.convert_hf_to_gguf) and callable(minibloom.oracle.hf_float64_exact)
+    sources = {"minibloom.testing": {"minibloom.oracle.testing": None},
+               "minibloom.trace": {"minibloom.oracle.trace": None},
+               "minibloom.engines": {"minibloom.oracle.engines": None,
+                                     "minibloom.oracle.engines_openvino": minibloom.oracle.engines._OPENVINO_NAMES},
+               "minibloom.gguf": {"minibloom.formats.gguf": None}}
+    for path, modules in sources.items():
+        facade = importlib.import_module(path)
+        assert facade.__name__ == path and facade is getattr(minibloom, path.split(".")[1]), path
+        assert os.path.basename(facade.__file__) == path.split(".")[1] + ".py", facade.__file__
+        assert not {"sys", "_module"} & set(vars(facade)), path
+        expected = set()
+        for name, only in modules.items():
+            source = importlib.import_module(name)
+            names = set(only or getattr(source, "__all__", None) or _public_names(source.__file__))
+            assert names, name
+            for n in names:
+                assert getattr(facade, n) is getattr(source, n), f"{path}.{n} is not {name}.{n}"
+            expected |= names
+        assert set(facade.__all__) == expected, (path, sorted(expected ^ set(facade.__all__)))
+    assert callable(minibloom.oracle.hf_float64_exact)
+    code = ("import sys, minibloom.engines, minibloom.testing, minibloom.trace, minibloom.gguf; "
+            "engines = {m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'onnxruntime', 'openvino', 'nncf', "
+            "'ctranslate2', 'transformers'}; assert not engines, engines")  # the engines load when an adapter runs
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(PACKAGE))
+    assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "minibloom.gguf", "--help"], capture_output=True, text=True, timeout=60,
                        cwd=os.path.dirname(PACKAGE))
     assert r.returncode == 0 and "usage: python -m minibloom.gguf" in r.stdout, r.stdout + r.stderr

@@ -16,8 +16,8 @@ from minibloom import training as T
 from minibloom.bloom import hf_names
 from minibloom.cli import main
 from minibloom.paths import default_model_path
-from minibloom.optim import AdamW, clip_grad_norm, global_norm, lr_at
 from minibloom.oracle.testing import rel_error
+from minibloom.training.optim import AdamW, clip_grad_norm, global_norm, lr_at
 
 TINY = dict(batch=4, ctx=32, hidden=32, layers=2, heads=4, vocab=300, vocab_rows=384, warmup=3, progress=False)
 

@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
 
 def check_eval_args(args) -> None:
     """The cluster options checked before the text is read or a model loaded."""
-    from ..distributed import check_cluster_args, check_timeout
+    from ..evaluate.distributed import check_cluster_args, check_timeout
     from ..evaluate import check_window_args
 
     check_cluster_args(args.scheduler, args.workers)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..backward import log_softmax64
+from ..scoring import log_softmax64
 from ..errors import MinibloomError
 
 

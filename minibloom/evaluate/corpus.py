@@ -1,5 +1,5 @@
 """Corpus evaluation: the perplexity of a long text and the per-token KL divergence between two models over it, in
-sliding windows, on this process or spread over a Dask cluster (``minibloom.distributed``).
+sliding windows, on this process or spread over a Dask cluster (``minibloom.evaluate.distributed``).
 
 Windows follow transformers' guide "Perplexity of fixed-length models"
 (https://huggingface.co/docs/transformers/perplexity): the text is tokenized whole; windows of up to ``context``
@@ -18,17 +18,9 @@ differently and change float32's last bits), the same on any process: this proce
 instead, one per BLAS thread it would have used.
 
 The candidate of ``kl`` can also be logits an external engine computed (llama.cpp, ONNX Runtime, ...) for the same
-windows, as a **logits file**: a ``.npy`` array, or a ``.npz`` with ``logits`` (and optionally ``input_ids`` and
-``windows`` to check against):
-
-    logits     float16/32/64 [tokens, V]  row i: the logits that predict the i-th scored token, in window order
-    input_ids  int [N]                    the tokenized text
-    windows    int [W, 3]                 (begin, end, first) of each window: it runs on input_ids[begin:end] and
-                                          scores input_ids[first:end] with its logits at rows first-begin-1 ...
-                                          end-begin-2 (0-based within the window)
-
-``kl(..., save_logits=PATH)`` writes the reference's logits in this format; ``windows(n, context, stride)`` lists
-the windows for an engine that makes its own.
+windows, as a **logits file** (``minibloom.evaluate.logits`` documents the format); ``kl(..., save_logits_to=PATH)``
+writes the reference's logits in it, and ``windows(n, context, stride)`` (``minibloom.evaluate.windowing``) lists the
+windows for an engine that makes its own.
 """
 
 from __future__ import annotations
@@ -42,79 +34,18 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backward import token_nll
-from .backend import one_blas_thread, openblas_threads
-from .bloom import Bloom, load
+from ..backend import one_blas_thread, openblas_threads
+from ..bloom import Bloom, load
+from ..errors import MinibloomError, shown
+from ..generate import memory_bytes
+from ..oracle.compare import kl_divergence
+from ..scoring import token_nll
 from .distributed import (CONNECT_TIMEOUT, ModelSpec, check_cluster_args, check_timeout, connect, map_ordered,
                           worker_count, worker_model)
-from .errors import MinibloomError, shown
-from .generate import memory_bytes
-from .oracle.compare import kl_divergence
-from .oracle.trace import read_npz
+from .logits import check_logits_file, check_save_path, is_logits_file, read_logits, save_logits
+from .windowing import MAX_CONTEXT, Window, check_window_args, windows
 
-MAX_TOKENS = 1 << 40  # ids in one text (far beyond any corpus a process tokenizes whole)
-MAX_WINDOWS = 1 << 24  # windows of one run: each is a task (and a Dask future) of its own
-MAX_CONTEXT = 1 << 16  # tokens in one window: attention alone holds H x context^2 scores
 KL_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)  # llama.cpp's list, with 95 and 90
-LOGITS_SUFFIXES = (".npy", ".npz")
-
-
-# ---- windows -------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Window:
-    """One window over the token ids: it runs on ``ids[begin:end]`` and scores ``ids[first:end]``."""
-
-    begin: int
-    end: int
-    first: int
-
-    @property
-    def scored(self) -> int:
-        return self.end - self.first
-
-    @property
-    def skip(self) -> int:
-        """Leading tokens of the window that are context only (at least 1: position 0 has nothing before it)."""
-        return self.first - self.begin
-
-
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise MinibloomError(f"{name}: must be an integer, got {shown(v)}")
-    return int(v)
-
-
-def check_window_args(context, stride=None) -> tuple[int, int]:
-    """(context, stride) checked: 2 <= context <= MAX_CONTEXT, 1 <= stride <= context (default: context // 2)."""
-    context = _positive_int(context, "context")
-    if not 2 <= context <= MAX_CONTEXT:
-        raise MinibloomError(f"context: must be from 2 to {MAX_CONTEXT} tokens (a window needs one token of context "
-                             f"and one to score), got {context}")
-    stride = context // 2 if stride is None else _positive_int(stride, "stride")
-    if not 1 <= stride <= context:
-        raise MinibloomError(f"stride: must be from 1 to the context ({context}), got {stride} (a stride above the "
-                             "context would skip tokens)")
-    return context, stride
-
-
-def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
-    """The guide's windows over ``n_tokens`` ids: begins 0, stride, ..., until one reaches the end."""
-    context, stride = check_window_args(context, stride)
-    n_tokens = _positive_int(n_tokens, "n_tokens")
-    if not 0 <= n_tokens <= MAX_TOKENS:
-        raise MinibloomError(f"n_tokens: must be from 0 to {MAX_TOKENS}, got {n_tokens}")
-    if n_tokens // stride > MAX_WINDOWS:
-        raise MinibloomError(f"stride: {n_tokens} tokens in steps of {stride} make more than {MAX_WINDOWS} windows; "
-                             "use a larger stride")
-    out, prev_end = [], 0
-    for begin in range(0, n_tokens, stride):
-        end = min(begin + context, n_tokens)
-        out.append(Window(begin, end, max(prev_end, begin + 1)))  # targets: the last end - prev_end labels
-        prev_end = end
-        if end == n_tokens:
-            break
-    return out
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
@@ -237,7 +168,7 @@ def _load_keywords() -> tuple[str, ...]:
     here; the path is the model argument)."""
     import inspect
 
-    from . import bloom
+    from .. import bloom
 
     return tuple(name for name, p in inspect.signature(bloom.load).parameters.items()
                  if name not in ("path_or_repo_id", "dtype", "progress")
@@ -469,75 +400,6 @@ def perplexity(model: Bloom | str | os.PathLike | None, text_or_ids: str | Seque
     return out
 
 
-def is_logits_file(candidate) -> bool:
-    return isinstance(candidate, (str, os.PathLike)) and os.fspath(candidate).lower().endswith(LOGITS_SUFFIXES)
-
-
-def read_logits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(logits [tokens, V], input_ids or None, windows [W, 3] or None) from a ``.npy`` / ``.npz`` logits file (never
-    pickles; a ``.npy`` is memory-mapped)."""
-    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
-        raise MinibloomError(f"logits file: expected a path to a .npy or .npz file, got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MinibloomError(f"{path}: no such logits file (or not a regular file)")
-    if path.lower().endswith(".npy"):
-        try:
-            logits, ids, ws = np.load(path, mmap_mode="r", allow_pickle=False), None, None
-        except (OSError, ValueError, EOFError) as e:
-            raise MinibloomError(f"{path}: not a readable .npy/.npz logits file ({e})") from None
-    else:  # one reader for untrusted .npz files: sizes bounded before allocating (minibloom.oracle.trace.read_npz)
-        z = read_npz(path, "logits file", ("logits", "input_ids", "windows"))
-        if "logits" not in z:
-            raise MinibloomError(f"{path}: no 'logits' array in it")
-        logits, ids, ws = z["logits"], z.get("input_ids"), z.get("windows")
-        for name, a in (("input_ids", ids), ("windows", ws)):
-            if a is not None and a.dtype.kind not in "iu":
-                raise MinibloomError(f"{path}: {name} must be integers, got {a.dtype}")
-    if logits.ndim != 2 or logits.dtype.kind != "f":
-        raise MinibloomError(f"{path}: logits must be a float array [tokens, V], got shape {logits.shape} and dtype "
-                             f"{logits.dtype}")
-    return logits, ids, ws
-
-
-def save_logits(path: str | os.PathLike, logits: np.ndarray, input_ids: np.ndarray, ws: Sequence[Window]) -> None:
-    """Write a ``.npz`` logits file (the format ``kl`` reads as a candidate)."""
-    _check_save_path(path)
-    path = os.fspath(path)
-    table = np.array([(w.begin, w.end, w.first) for w in ws], np.int64).reshape(-1, 3)
-    np.savez(path, logits=logits, input_ids=np.asarray(input_ids, np.int64), windows=table)
-
-
-def _check_logits_file(path: str, logits, file_ids, file_ws, ids: np.ndarray, ws: list[Window], vocab: int) -> None:
-    scored = sum(w.scored for w in ws)
-    if file_ids is not None and not np.array_equal(np.asarray(file_ids), ids):
-        raise MinibloomError(f"{path}: its input_ids are not the text's tokens ({len(file_ids)} ids there, {len(ids)} "
-                             "here): tokenize the same text with the same tokenizer")
-    table = np.array([(w.begin, w.end, w.first) for w in ws], np.int64).reshape(-1, 3)
-    if file_ws is not None and not np.array_equal(np.asarray(file_ws), table):
-        raise MinibloomError(f"{path}: its windows are not these ({len(file_ws)} there, {len(ws)} here): use the "
-                             "context and stride it was made with")
-    if logits.shape[0] != scored:
-        raise MinibloomError(f"{path}: {logits.shape[0]} rows of logits, but these windows score {scored} tokens "
-                             "(one row per scored token, in window order)")
-    if logits.shape[1] != vocab:
-        raise MinibloomError(f"{path}: logits over {logits.shape[1]} ids, but the reference's vocab has {vocab}")
-
-
-def _check_save_path(path) -> None:
-    """Where ``save_logits_to`` writes: a ``.npz`` name in an existing directory, checked before any work."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise MinibloomError(f"save_logits: expected a path ending in .npz, got {type(path).__name__}")
-    path = os.fspath(path)
-    if not isinstance(path, str) or not path.lower().endswith(".npz"):
-        raise MinibloomError(f"save_logits: {path}: the file name must end in .npz")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise MinibloomError(f"save_logits: {path}: is a directory")
-    if not os.path.isdir(parent):
-        raise MinibloomError(f"save_logits: {path}: the directory {parent} does not exist")
-
-
 def _stats(values: np.ndarray) -> dict:
     return {"mean": float(np.mean(values)), "max": float(values.max()), "min": float(values.min()),
             "median": float(np.median(values))}
@@ -576,7 +438,7 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
     context, stride = check_window_args(context, stride)
     options = _load_options(low_memory, load_options)
     if save_logits_to is not None:
-        _check_save_path(save_logits_to)
+        check_save_path(save_logits_to)
     external = None
     if candidate is None:
         if save_logits_to is None:
@@ -604,7 +466,7 @@ def kl(reference: Bloom | str | os.PathLike | None, candidate: Bloom | str | os.
             check_same_vocabulary(vocabs[0], vocabs[1], _name(reference), _name(candidate))
         rows = [None] * len(scored)
         if external is not None:
-            _check_logits_file(external[0], external[1], external[2], external[3], ids, ws, vocab)
+            check_logits_file(external[0], external[1], external[2], external[3], ids, ws, vocab)
             offsets = np.cumsum([0] + [w.scored for w in scored])
             rows = [np.asarray(external[1][a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
         keep = save_logits_to is not None

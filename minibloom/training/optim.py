@@ -14,7 +14,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from .errors import MinibloomError, shown
+from ..errors import MinibloomError, shown
 
 
 def _ns(x):

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .bloom import Bloom, load
-from .errors import MinibloomError, shown
+from ..bloom import Bloom, load
+from ..errors import MinibloomError, shown
 
 DASK_MISSING = "Dask is not installed: pip install minibloom[dask] (or pip install \"dask[distributed]\")"
 
