@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -9,14 +11,26 @@ import minibloom
 from minibloom import fast
 from minibloom import model as M
 
+try:
+    from hypothesis import settings
+except ImportError:  # the test extra installs it; modules that use it import it themselves
+    settings = None
+
+if settings is not None:
+    # "ci" (the default): the same examples on every run and machine (derandomize, no example database), no
+    # per-example deadline (CI machines stall), and a bounded number of generated examples per test (a test asks
+    # for more or fewer with @settings(max_examples=...)); the corner cases a test must always reach are pinned
+    # with @example. "explore" (HYPOTHESIS_PROFILE=explore): random and longer, to look for new failures locally.
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=20)
+    settings.register_profile("explore", deadline=None, max_examples=500)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 MEASURED: list[tuple[str, str, float]] = []  # (test, quantity, value): printed at the end of the run
 
 
 def pytest_configure(config):
     """Under pytest-xdist each worker is one process per core: its BLAS gets one thread, so the workers do not fight
     over the cores (OpenBLAS threads busy-wait between products)."""
-    import os
-
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and int(workers) > 1:
         threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
