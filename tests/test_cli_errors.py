@@ -69,7 +69,6 @@ def test_an_unexpected_error_is_one_line_with_a_bug_hint_and_debug_shows_the_tra
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(info, "run", boom)
-    from minibloom.cli import build_parser  # noqa: F401 - the parser binds run at build time
 
     def patched_build():
         p = build_parser_orig()
