@@ -114,7 +114,7 @@ BLOOM_560M = dict(vocab=250880, hidden=1024, n_layer=24, n_head=16)
 
 def _write_random(directory, vocab, hidden, n_layer, n_head, seed) -> str:
     """A random checkpoint (every tensor drawn, fp16 on disk) written tensor by tensor by minibloom's streamed writer:
-    a 560m-shaped file never exists whole in memory (building it through transformers held ~4.6 GB)."""
+    a 560m-shaped file never exists whole in memory (building it through transformers would hold the whole model)."""
     from minibloom.formats.weights import write_random_checkpoint
 
     cfg = minibloom.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head)
@@ -130,8 +130,8 @@ def bloom560m_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bloom560m_layers_dir(tmp_path_factory):
     """bloom-560m's 24 layers (hidden 1024, 16 heads) under a 4096-token vocabulary: the float64 checks' model. With
-    the full vocabulary, transformers alone holds 4.5 GB in float64; the layers, where float64 exactness is at
-    stake, are the same."""
+    the full vocabulary, transformers alone holds 560M parameters x 8 bytes in float64; the layers, where float64
+    exactness is at stake, are the same."""
     shape = {**BLOOM_560M, "vocab": 4096}
     return _write_random(tmp_path_factory.mktemp("bloom560m-layers") / "bloom-560m-layers", seed=561, **shape)
 
