@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -9,14 +11,26 @@ import minibloom
 from minibloom import fast
 from minibloom import model as M
 
+try:
+    from hypothesis import settings
+except ImportError:  # the test extra installs it; modules that use it import it themselves
+    settings = None
+
+if settings is not None:
+    # "ci" (the default): the same examples on every run and machine (derandomize, no example database), no
+    # per-example deadline (CI machines stall), and a bounded number of generated examples per test (a test asks
+    # for more or fewer with @settings(max_examples=...)); the corner cases a test must always reach are pinned
+    # with @example. "explore" (HYPOTHESIS_PROFILE=explore): random and longer, to look for new failures locally.
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=20)
+    settings.register_profile("explore", deadline=None, max_examples=500)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 MEASURED: list[tuple[str, str, float]] = []  # (test, quantity, value): printed at the end of the run
 
 
 def pytest_configure(config):
     """Under pytest-xdist each worker is one process per core: its BLAS gets one thread, so the workers do not fight
     over the cores (OpenBLAS threads busy-wait between products)."""
-    import os
-
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and int(workers) > 1:
         threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
@@ -100,7 +114,7 @@ BLOOM_560M = dict(vocab=250880, hidden=1024, n_layer=24, n_head=16)
 
 def _write_random(directory, vocab, hidden, n_layer, n_head, seed) -> str:
     """A random checkpoint (every tensor drawn, fp16 on disk) written tensor by tensor by minibloom's streamed writer:
-    a 560m-shaped file never exists whole in memory (building it through transformers held ~4.6 GB)."""
+    a 560m-shaped file never exists whole in memory (building it through transformers would hold the whole model)."""
     from minibloom.formats.weights import write_random_checkpoint
 
     cfg = minibloom.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head)
@@ -116,8 +130,8 @@ def bloom560m_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bloom560m_layers_dir(tmp_path_factory):
     """bloom-560m's 24 layers (hidden 1024, 16 heads) under a 4096-token vocabulary: the float64 checks' model. With
-    the full vocabulary, transformers alone holds 4.5 GB in float64; the layers, where float64 exactness is at
-    stake, are the same."""
+    the full vocabulary, transformers alone holds 560M parameters x 8 bytes in float64; the layers, where float64
+    exactness is at stake, are the same."""
     shape = {**BLOOM_560M, "vocab": 4096}
     return _write_random(tmp_path_factory.mktemp("bloom560m-layers") / "bloom-560m-layers", seed=561, **shape)
 

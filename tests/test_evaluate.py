@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import minibloom
 from minibloom import evaluate as E
@@ -122,9 +124,23 @@ def test_windows_are_the_guides():
     assert E.windows(7, 4, 3) == [W(0, 4, 1), W(3, 7, 4)]
 
 
-@pytest.mark.parametrize("n", [2, 3, 17, 64, 65])
-@pytest.mark.parametrize("context, stride", [(2, 1), (4, 1), (8, 3), (8, 7), (8, 8), (16, 16), (5, 2)])
-def test_each_token_is_scored_at_most_once_with_context_before_it(n, context, stride):
+@st.composite
+def window_args(draw) -> tuple[int, int]:
+    """(context, stride) as check_window_args accepts them: 2 <= context, 1 <= stride <= context."""
+    context = draw(st.integers(2, 80))
+    return context, draw(st.one_of(st.just(context), st.just(1), st.integers(1, context)))
+
+
+@given(n=st.integers(2, 200), window=window_args())
+@example(n=2, window=(2, 1))  # the smallest text and window
+@example(n=3, window=(4, 1))  # a text shorter than the context
+@example(n=17, window=(8, 3))
+@example(n=64, window=(8, 8))  # no overlap, the last window ending at the text's end
+@example(n=65, window=(8, 7))  # one token past a whole number of strides
+@example(n=65, window=(16, 16))
+@example(n=17, window=(5, 2))
+def test_each_token_is_scored_at_most_once_with_context_before_it(n, window):
+    context, stride = window
     ws = E.windows(n, context, stride)
     scored = np.zeros(n, int)
     for w in ws:

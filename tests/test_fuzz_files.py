@@ -57,15 +57,18 @@ def outcome(load, names: tuple[str, ...]) -> str:
 
 
 def info_outcome(path: str, names: tuple[str, ...]) -> None:
-    """``minibloom info`` reads configs, headers and GGUF metadata by its own route: a dict of facts or a
-    MinibloomError naming the file, under the same bounds."""
+    """``minibloom info`` reads configs, headers and GGUF metadata by its own route: facts about this file (what
+    ``info --json`` prints) or a MinibloomError naming the file, under the same bounds."""
     from minibloom.cli.info import describe
 
     with bounded(seconds=SECONDS, megabytes=MEGABYTES):
         try:
-            assert isinstance(describe(path), dict)
+            facts = describe(path)
         except MinibloomError as e:
             assert any(n in str(e) for n in names), f"the message does not name the file {names}: {e}"
+            return
+        assert os.path.samefile(facts["path"], path) and facts["n_params"] > 0, facts
+        json.dumps(facts, default=str)  # as info --json prints them
 
 
 # ---- values ------------------------------------------------------------------------------------------------------

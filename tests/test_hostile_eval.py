@@ -255,7 +255,8 @@ def test_check_logits_still_passes_real_input():
     from minibloom.oracle.testing import check_logits
 
     v = check_logits(LOGITS.astype(np.float32), LOGITS, input_ids=IDS[0], attention_mask=[1, 1, 1, 0], size=(2, 8))
-    assert v.passed and v.positions == 3 and v.input_id is not None
+    row, pos, _ = v.worst  # the worst logit is at a real position, and the verdict names the input token there
+    assert v.passed and v.positions == 3 and pos < 3 and v.input_id == IDS[row, pos]
 
 
 @pytest.mark.parametrize("trace, match", [

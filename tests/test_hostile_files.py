@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from bounds import bounded
 
 import minibloom
@@ -48,12 +51,25 @@ def test_sizes_larger_than_any_bloom_are_refused(tiny, tmp_path, field, value):
         minibloom.load(path)
 
 
-@pytest.mark.parametrize("field", ["eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"])
-@pytest.mark.parametrize("value", [10**30, -1, "x", 1.5])
-def test_token_ids_in_the_config_must_be_token_ids(tiny, tmp_path, field, value):
-    path = with_config(tiny, tmp_path / "m", **{field: value})
-    with pytest.raises(MinibloomError, match=f"config.json: {field} must be a token id"):
-        minibloom.load(path)
+# what a config's token id may not be, for the tiny checkpoint's 64 tokens: below 0, past the vocabulary (up to
+# integers no float holds), or not an integer at all (JSON true, a number with a fraction, a string, a list)
+NOT_TOKEN_IDS = st.one_of(st.integers(max_value=-1), st.integers(min_value=64), st.booleans(),
+                          st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
+                          st.floats(0, 63).map(float), st.text(max_size=3), st.lists(st.integers(0, 63), max_size=2))
+
+
+@given(field=st.sampled_from(["eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"]), value=NOT_TOKEN_IDS)
+@example(field="eos_token_id", value=10**30)
+@example(field="pad_token_id", value=-1)
+@example(field="bos_token_id", value="x")
+@example(field="unk_token_id", value=1.5)
+@example(field="eos_token_id", value=64)  # one past the last token
+@example(field="pad_token_id", value=True)
+def test_token_ids_in_the_config_must_be_token_ids(tiny, field, value):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = with_config(tiny, os.path.join(tmp, "m"), **{field: value})
+        with pytest.raises(MinibloomError, match=f"config.json: {field} must be a token id"):
+            minibloom.load(path)
 
 
 def test_pretraining_tp_with_more_slices_than_columns_is_refused(tiny, tmp_path):
@@ -125,18 +141,38 @@ def with_tensor(src: str, dst, name: str, edit) -> str:
     return str(dst)
 
 
-@pytest.mark.parametrize("name", ["transformer.h.1.mlp.dense_h_to_4h.weight", "transformer.word_embeddings.weight",
-                                  "transformer.ln_f.bias"])
-@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_nan_or_inf_weights_are_refused_naming_the_tensor(tiny, tmp_path, name, value, low_memory):
-    def poison(a):
-        a.reshape(-1)[a.size // 2] = value
+@st.composite
+def poisoned(draw, names: list[str]) -> tuple[str, float, float]:
+    """(tensor name, nan / inf / -inf, where in the tensor as a fraction of its size)."""
+    return (draw(st.sampled_from(names)), draw(st.sampled_from([np.nan, np.inf, -np.inf])),
+            draw(st.one_of(st.just(0.5), st.floats(0, 1, exclude_max=True))))
 
-    path = with_tensor(tiny, tmp_path / "m", name, poison)
-    with pytest.raises(MinibloomError, match=rf"{name.split('.', 1)[1]}.*(nan|inf).*weights must be finite"):
-        model = minibloom.load(path, low_memory=low_memory)
-        model([[1, 2, 3]])  # low-memory reads a layer (and the rows of the embedding) when it is used
+
+TINY_NAMES = [f"transformer.h.{i}.{p}" for i in range(2) for p in (
+    "input_layernorm.weight", "input_layernorm.bias", "self_attention.query_key_value.weight",
+    "self_attention.query_key_value.bias", "self_attention.dense.weight", "self_attention.dense.bias",
+    "post_attention_layernorm.weight", "post_attention_layernorm.bias", "mlp.dense_h_to_4h.weight",
+    "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")] + [
+    "transformer.word_embeddings.weight", "transformer.word_embeddings_layernorm.weight",
+    "transformer.word_embeddings_layernorm.bias", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+
+
+@given(poison=poisoned(TINY_NAMES), low_memory=st.booleans())
+@example(poison=("transformer.h.1.mlp.dense_h_to_4h.weight", np.nan, 0.5), low_memory=False)
+@example(poison=("transformer.word_embeddings.weight", np.inf, 0.5), low_memory=True)
+@example(poison=("transformer.ln_f.bias", -np.inf, 0.5), low_memory=True)
+@example(poison=("transformer.word_embeddings.weight", np.nan, 0.99), low_memory=True)  # a row the ids do not use
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tiny, poison, low_memory):
+    name, value, where = poison
+
+    def edit(a):
+        a.reshape(-1)[int(where * a.size)] = value
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = with_tensor(tiny, os.path.join(tmp, "m"), name, edit)
+        with pytest.raises(MinibloomError, match=rf"{name.split('.', 1)[1]}.*(nan|inf).*weights must be finite"):
+            model = minibloom.load(path, low_memory=low_memory)
+            model([[1, 2, 3]])  # low-memory reads a layer (and the rows of the embedding) when it is used
 
 
 def test_large_finite_weights_are_not_mistaken_for_inf(tiny, tmp_path):

@@ -324,13 +324,13 @@ def test_diff_rejects_bad_tolerances(q8_case):
 # ---- transformers as a real port ------------------------------------------------------------------------------
 def test_transformers_half_precision_passes_and_a_dropped_mask_fails(trained):
     torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")  # hf_logits returns None without it
     ids = np.random.default_rng(9).integers(4, 2000, (2, 24))
     mask = np.ones_like(ids)
     mask[1, :7] = 0
     ref = trained(ids, mask)
     for kind in ("float16", "bfloat16", "float32"):
         out = C.hf_logits(trained.params, trained.config, ids, mask, kind)
-        assert out is not None
         v = check_logits(torch.from_numpy(out[0]).to(getattr(torch, kind)), ref, mask, input_ids=ids,
                          size=SIZE_OF(trained))
         assert v.policy.kind == kind and v.passed, v.message()

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import minibloom
 from minibloom import fast
@@ -49,6 +51,16 @@ def test_the_orientation_boundary_is_what_these_tests_cross():
     assert fast.SKINNY_ROWS == 128  # the row counts below (1, 2, 128, 129 ...) sit on both sides of it
 
 
+# ---- the axes the tests draw from (hypothesis; profile "ci" in conftest.py: derandomized, bounded) -----------------
+FLOATS = st.sampled_from([np.float32, np.float64])
+SEEDS = st.integers(0, 2**32 - 1)  # the random inputs' seed: each example draws its own data
+
+
+def leads(most: int = 300) -> st.SearchStrategy[tuple[int, ...]]:
+    """Leading shapes of up to ``most`` rows: 1-D (rows) or 2-D (batch, tokens), on both sides of SKINNY_ROWS."""
+    return st.one_of(st.tuples(st.integers(1, most)), st.tuples(st.integers(1, 4), st.integers(1, most // 2)))
+
+
 def unchanged(*arrays):
     """Copies of the inputs, to check afterwards that a primitive did not write into them."""
     return [a.copy() for a in arrays]
@@ -78,13 +90,19 @@ def test_layer_norm_is_bitwise_the_reference(rng, dtype):
 
 
 # ---- linear ----------------------------------------------------------------------------------------------------
-# leading shapes: 1 row and > 128 rows take x @ W.T; 2..128 rows take (W @ x.T).T; 2-D and 3-D inputs
-LEADS = [(1,), (2,), (7,), (128,), (129,), (300,), (1, 1), (2, 1), (4, 32), (3, 43), (2, 150)]
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("lead", LEADS, ids=lambda s: "x".join(map(str, s)))
-def test_linear_both_orientations(rng, dtype, lead):
+# leading shapes: 1 row and > 128 rows take x @ W.T; 2..128 rows take (W @ x.T).T; 2-D and 3-D inputs. The examples
+# pin each side of the boundary, 1-D and 2-D; the strategy reaches every row count from 1 to 300.
+@given(dtype=FLOATS, lead=leads(), seed=SEEDS)
+@example(dtype=np.float32, lead=(1,), seed=0)
+@example(dtype=np.float64, lead=(2,), seed=0)
+@example(dtype=np.float32, lead=(128,), seed=0)
+@example(dtype=np.float64, lead=(129,), seed=0)
+@example(dtype=np.float64, lead=(1, 1), seed=0)
+@example(dtype=np.float32, lead=(4, 32), seed=0)  # 128 rows, 2-D
+@example(dtype=np.float64, lead=(3, 43), seed=0)  # 129 rows, 2-D
+@example(dtype=np.float32, lead=(2, 150), seed=0)
+def test_linear_both_orientations(dtype, lead, seed):
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((*lead, 64)).astype(dtype)
     w, b = rng.standard_normal((96, 64)).astype(dtype), rng.standard_normal(96).astype(dtype)
     before = unchanged(x, w, b)
@@ -100,11 +118,14 @@ def test_linear_both_orientations(rng, dtype, lead):
     assert_unchanged((x, w, b), before)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("lead", [(1,), (2, 9), (3, 60)], ids=["1-row", "skinny", "ordinary"])
-@pytest.mark.parametrize("tp", [2, 4])
-def test_linear_sliced_products_are_the_references(rng, dtype, lead, tp):
+@given(dtype=FLOATS, lead=leads(most=160), tp=st.sampled_from([2, 4, 8]), seed=SEEDS)
+@example(dtype=np.float32, lead=(1,), tp=2, seed=0)
+@example(dtype=np.float64, lead=(2, 9), tp=4, seed=0)
+@example(dtype=np.float32, lead=(3, 60), tp=4, seed=0)  # 180 rows: the ordinary orientation
+@example(dtype=np.float64, lead=(129,), tp=2, seed=0)
+def test_linear_sliced_products_are_the_references(dtype, lead, tp, seed):
     """pretraining_tp with slow_but_exact: tp products over slices of the input dimension, summed in order."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((*lead, 64)).astype(dtype)
     w, b = rng.standard_normal((48, 64)).astype(dtype), rng.standard_normal(48).astype(dtype)
     got = NP.linear(x, w, b, tp=tp)
@@ -124,16 +145,29 @@ def test_the_slicing_changes_the_rounding(rng):
 
 
 # ---- linear_gelu -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("lead", [(1,), (37,), (200,), (2, 1), (4, 10), (2, 100)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("block_elems", [None, 7 * 192, 100], ids=["default-blocks", "7-row-blocks", "1-row-blocks"])
-def test_linear_gelu(rng, dtype, lead, block_elems, monkeypatch):
-    if block_elems:  # blocks of 7 rows (the last one short), or less than a row (one row per block)
-        monkeypatch.setattr(fast, "GELU_BLOCK_ELEMS", block_elems)
+# GELU_BLOCK_ELEMS: the default (every input here in one block), whole rows per block (the last block short), or
+# less than a row (one row per block)
+GELU_BLOCKS = st.one_of(st.none(), st.integers(1, 12).map(lambda rows: rows * 192), st.integers(1, 191))
+
+
+@given(dtype=FLOATS, lead=leads(most=200), block_elems=GELU_BLOCKS, seed=SEEDS)
+@example(dtype=np.float32, lead=(1,), block_elems=None, seed=0)
+@example(dtype=np.float64, lead=(37,), block_elems=7 * 192, seed=0)
+@example(dtype=np.float32, lead=(200,), block_elems=100, seed=0)
+@example(dtype=np.float64, lead=(2, 1), block_elems=100, seed=0)
+@example(dtype=np.float32, lead=(4, 10), block_elems=7 * 192, seed=0)
+@example(dtype=np.float64, lead=(2, 100), block_elems=None, seed=0)
+def test_linear_gelu(dtype, lead, block_elems, seed):
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((*lead, 48)).astype(dtype)
     w, b = rng.standard_normal((192, 48)).astype(dtype), rng.standard_normal(192).astype(dtype)
     before = unchanged(x, w, b)
-    got, ref = NP.linear_gelu(x, w, b), REF.linear_gelu(x, w, b)
+    with pytest.MonkeyPatch.context() as mp:
+        if block_elems:
+            mp.setattr(fast, "GELU_BLOCK_ELEMS", block_elems)
+        got, ref = NP.linear_gelu(x, w, b), REF.linear_gelu(x, w, b)
+        y = x.reshape(-1, 48)
+        no_bias = fast.gelu_(y.copy())
     assert got.shape == (*lead, 192) and got.dtype == dtype and got.flags.c_contiguous
     # the in-place blocked GeLU is the reference's GeLU, bitwise, on the product of the same orientation
     np.testing.assert_array_equal(got, M.gelu(NP.linear(x, w, b)))
@@ -141,8 +175,7 @@ def test_linear_gelu(rng, dtype, lead, block_elems, monkeypatch):
         np.testing.assert_array_equal(got, ref)
     else:
         assert_rel_close(got, ref, tol(dtype), "linear_gelu")
-    y = x.reshape(-1, 48)
-    np.testing.assert_array_equal(fast.gelu_(y.copy()), M.gelu(y))  # no bias: the same blocks, bitwise
+    np.testing.assert_array_equal(no_bias, M.gelu(y))  # no bias: the same blocks, bitwise
     assert_unchanged((x, w, b), before)
 
 
@@ -162,23 +195,29 @@ def test_residual_add_writes_into_its_first_argument(rng, dtype):
 
 
 # ---- head ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("bt", [(1, 1), (2, 1), (2, 20), (1, 128), (1, 129), (2, 200)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
-def test_head(rng, dtype, bt, pooled, monkeypatch):
-    if pooled:  # every logits array counts as big: > 128 rows go into pooled memory
-        monkeypatch.setattr(fast, "BUFFERS", fast.BufferPool(min_bytes=1))
+@given(dtype=FLOATS, bt=st.tuples(st.integers(1, 2), st.integers(1, 200)), pooled=st.booleans(), seed=SEEDS)
+@example(dtype=np.float32, bt=(1, 1), pooled=False, seed=0)
+@example(dtype=np.float64, bt=(2, 1), pooled=True, seed=0)
+@example(dtype=np.float32, bt=(1, 128), pooled=True, seed=0)
+@example(dtype=np.float64, bt=(1, 129), pooled=False, seed=0)
+@example(dtype=np.float32, bt=(2, 200), pooled=True, seed=0)
+def test_head(dtype, bt, pooled, seed):
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((*bt, 32)).astype(dtype)
     w = rng.standard_normal((300, 32)).astype(dtype)
     before = unchanged(x, w)
-    got, ref = NP.head(x, w), REF.head(x, w)
+    last = x[:, -1:]  # logits="last": a strided view of the last position
+    with pytest.MonkeyPatch.context() as mp:
+        if pooled:  # every logits array counts as big: > 128 rows go into pooled memory
+            mp.setattr(fast, "BUFFERS", fast.BufferPool(min_bytes=1))
+        got, ref = NP.head(x, w), REF.head(x, w)
+        last_got, last_want = NP.head(last, w), NP.head(np.ascontiguousarray(last), w)
     assert got.shape == (*bt, 300) and got.dtype == dtype and got.flags.c_contiguous
     if as_reference_computes(bt[0] * bt[1]):
         np.testing.assert_array_equal(got, ref)  # pooled or not: the same product
     else:
         assert_rel_close(got, ref, tol(dtype), "head")
-    last = x[:, -1:]  # logits="last": a strided view of the last position
-    np.testing.assert_array_equal(NP.head(last, w), NP.head(np.ascontiguousarray(last), w))
+    np.testing.assert_array_equal(last_got, last_want)
     assert_unchanged((x, w), before)
 
 
@@ -281,8 +320,8 @@ def padding_mask(kind: str, S: int) -> np.ndarray:
         row[:S // 3] = 0
     elif kind == "right":
         row[S - S // 4:] = 0
-    elif kind == "hole":  # a pad first and two in the middle
-        row[[0, S // 3, S // 3 + 1]] = 0
+    elif kind == "hole":  # a pad first and two in the middle (as many as S holds)
+        row[[i for i in (0, S // 3, S // 3 + 1) if i < S]] = 0
     return np.stack([np.ones(S, np.int64), row])
 
 
@@ -298,33 +337,46 @@ def attention_inputs(rng, mask, T, H=6, D=8, dtype=np.float64):
     return q, k, v, alibi, M.causal_mask(mask, T)
 
 
-BLOCKS = {  # SCORE_BLOCK_ELEMS, HEADS_PER_BLOCK
-    "one-block": None,
-    "small-blocks": (2 * 3 * 13, 2),  # 2 heads x 3 queries of 13 keys: edges cut heads, queries and the padding
-    "uneven-blocks": (1, 4),  # 6 heads as 4 + 2, one query per block
-}
+# (SCORE_BLOCK_ELEMS, HEADS_PER_BLOCK), None for the defaults (every input here in one block). The examples pin
+# "small" (2 heads x 3 queries of 13 keys: edges cut heads, queries and the padding) and "uneven" (one query per
+# block, 6 heads as 4 + 2); the strategy reaches any block size from one score up, with 1 to 7 heads per block.
+SMALL_BLOCKS, UNEVEN_BLOCKS = (2 * 3 * 13, 2), (1, 4)
+BLOCKS = st.one_of(st.none(), st.tuples(st.integers(1, 600), st.integers(1, 7)))
 
 
-@pytest.fixture(params=list(BLOCKS))
-def blocks(request, monkeypatch):
-    if BLOCKS[request.param]:
-        elems, heads = BLOCKS[request.param]
-        monkeypatch.setattr(fast, "SCORE_BLOCK_ELEMS", elems)
-        monkeypatch.setattr(fast, "HEADS_PER_BLOCK", heads)
-    return request.param
+def attend_with(blocks, ops, *args):
+    """``ops.attend(*args)`` with the attention blocks ``blocks`` (see BLOCKS)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if blocks:
+            mp.setattr(fast, "SCORE_BLOCK_ELEMS", blocks[0])
+            mp.setattr(fast, "HEADS_PER_BLOCK", blocks[1])
+        return ops.attend(*args)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("padding", ["none", "left", "right", "hole"])
-@pytest.mark.parametrize("S, T", [(13, 13), (13, 4), (13, 1), (40, 7), (40, 1)],
-                         ids=["prompt", "chunk-after-past", "decode", "chunk-long-past", "decode-long-past"])
-def test_attend(rng, dtype, padding, S, T, blocks):
+@st.composite
+def prompt_shapes(draw) -> tuple[int, int]:
+    """(S, T): S keys of which the last T are queries; the prompt (T = S), a chunk after a past, a decode step."""
+    S = draw(st.integers(1, 40))
+    return S, draw(st.one_of(st.just(S), st.just(1), st.integers(1, S)))
+
+
+@given(dtype=FLOATS, padding=st.sampled_from(["none", "left", "right", "hole"]), shape=prompt_shapes(),
+       H=st.integers(1, 8), blocks=BLOCKS, seed=SEEDS)
+@example(dtype=np.float32, padding="left", shape=(13, 13), H=6, blocks=None, seed=0)  # prompt
+@example(dtype=np.float64, padding="hole", shape=(13, 4), H=6, blocks=SMALL_BLOCKS, seed=0)  # chunk after a past
+@example(dtype=np.float32, padding="right", shape=(13, 1), H=6, blocks=UNEVEN_BLOCKS, seed=0)  # decode
+@example(dtype=np.float64, padding="none", shape=(40, 7), H=6, blocks=SMALL_BLOCKS, seed=0)
+@example(dtype=np.float32, padding="hole", shape=(40, 1), H=6, blocks=None, seed=0)
+@example(dtype=np.float64, padding="left", shape=(40, 40), H=6, blocks=UNEVEN_BLOCKS, seed=0)
+def test_attend(dtype, padding, shape, H, blocks, seed):
+    S, T = shape
+    rng = np.random.default_rng(seed)
     mask = padding_mask(padding, S)
-    q, k, v, alibi, allowed = attention_inputs(rng, mask, T, dtype=dtype)
+    q, k, v, alibi, allowed = attention_inputs(rng, mask, T, H=H, dtype=dtype)
     before = unchanged(q, k, v, alibi, allowed)
-    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ctx, probs = attend_with(blocks, NP, q, k, v, alibi, allowed, True)
     ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
-    assert ctx.shape == ref_ctx.shape == (2, T, 6, 8) and probs.shape == ref_probs.shape == (2, 6, T, S)
+    assert ctx.shape == ref_ctx.shape == (2, T, H, 8) and probs.shape == ref_probs.shape == (2, H, T, S)
     assert ctx.dtype == probs.dtype == dtype
     assert_rel_close(ctx, ref_ctx, tol(dtype), "context (pad queries too)")
     assert_rel_close(probs, ref_probs, tol(dtype), "attention probabilities")
@@ -333,22 +385,25 @@ def test_attend(rng, dtype, padding, S, T, blocks):
     live = np.broadcast_to(allowed.any(-1, keepdims=True), probs.shape)  # queries that see some key
     assert np.all(probs[~seen & live] == 0)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=10 * tol(dtype))
-    ctx_only, none = NP.attend(q, k, v, alibi, allowed, False)
+    ctx_only, none = attend_with(blocks, NP, q, k, v, alibi, allowed, False)
     assert none is None and REF.attend(q, k, v, alibi, allowed, False)[1] is None
     np.testing.assert_array_equal(ctx_only, ctx)  # asking for the probabilities changes nothing else
     assert_unchanged((q, k, v, alibi, allowed), before)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", list(TABLES))
-def test_fully_masked_pad_queries_attend_uniformly(rng, dtype, name, blocks):
+@given(dtype=FLOATS, name=st.sampled_from(list(TABLES)), blocks=BLOCKS, seed=SEEDS)
+@example(dtype=np.float32, name="numpy", blocks=None, seed=0)
+@example(dtype=np.float64, name="numpy", blocks=SMALL_BLOCKS, seed=0)
+@example(dtype=np.float32, name="numpy", blocks=UNEVEN_BLOCKS, seed=0)
+@example(dtype=np.float64, name="reference", blocks=None, seed=0)
+def test_fully_masked_pad_queries_attend_uniformly(dtype, name, blocks, seed):
     """A pad query with no real key at or before it sees nothing: every key gets the same finfo.min score, so the
     softmax is uniform over all S keys and the context is the mean value (the reference's and HF's result)."""
     mask = padding_mask("left", 13)
-    q, k, v, alibi, allowed = attention_inputs(rng, mask, 13, dtype=dtype)
+    q, k, v, alibi, allowed = attention_inputs(np.random.default_rng(seed), mask, 13, dtype=dtype)
     dead = ~allowed[:, 0].any(-1)  # [B, T]
     assert dead.sum() == 4 and dead[1, :4].all()
-    ctx, probs = TABLES[name].attend(q, k, v, alibi, allowed, True)
+    ctx, probs = attend_with(blocks, TABLES[name], q, k, v, alibi, allowed, True)
     uniform = np.divide(dtype(1), dtype(13))
     assert np.all(np.moveaxis(probs, 1, 2)[dead] == uniform)
     mean_v = v.mean(axis=2)  # [B, H, D], computed here
@@ -356,21 +411,25 @@ def test_fully_masked_pad_queries_attend_uniformly(rng, dtype, name, blocks):
         assert_rel_close(ctx[b, t], mean_v[b], 10 * tol(dtype), f"context of dead query {b, t}")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_attend_on_the_views_the_model_passes(rng, dtype, blocks):
+@given(dtype=FLOATS, past=st.integers(0, 20), T=st.integers(1, 12), blocks=BLOCKS, seed=SEEDS)
+@example(dtype=np.float32, past=9, T=4, blocks=None, seed=0)
+@example(dtype=np.float64, past=9, T=4, blocks=SMALL_BLOCKS, seed=0)
+@example(dtype=np.float32, past=0, T=12, blocks=UNEVEN_BLOCKS, seed=0)
+def test_attend_on_the_views_the_model_passes(dtype, past, T, blocks, seed):
     """model.attention hands attend strided views: q, k, v cut out of the fused QKV output, and with a cache k, v
     are the filled part of a bigger buffer."""
-    B, H, D, past, T = 2, 6, 8, 9, 4
+    rng = np.random.default_rng(seed)
+    B, H, D = 2, 6, 8
     mask = padding_mask("left", past + T)
     qkv = rng.standard_normal((B, T, H, 3, D)).astype(dtype)
     q = np.transpose(qkv[:, :, :, 0], (0, 2, 1, 3))
-    k_buf, v_buf = (rng.standard_normal((B, H, 32, D)).astype(dtype) for _ in range(2))
+    k_buf, v_buf = (rng.standard_normal((B, H, 40, D)).astype(dtype) for _ in range(2))
     k_buf[:, :, past:past + T] = np.transpose(qkv[:, :, :, 1], (0, 2, 1, 3))  # the new keys into the cache
     v_buf[:, :, past:past + T] = np.transpose(qkv[:, :, :, 2], (0, 2, 1, 3))
     k, v = k_buf[:, :, :past + T], v_buf[:, :, :past + T]
     alibi = M.alibi_bias(mask, M.alibi_slopes(H, dtype)).astype(dtype)
     allowed = M.causal_mask(mask, T)
-    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ctx, probs = attend_with(blocks, NP, q, k, v, alibi, allowed, True)
     ref_ctx, ref_probs = REF.attend(*(np.ascontiguousarray(a) for a in (q, k, v)), alibi, allowed, True)
     assert_rel_close(ctx, ref_ctx, tol(dtype), "context from views")
     assert_rel_close(probs, ref_probs, tol(dtype), "probabilities from views")
@@ -395,16 +454,24 @@ def other_masks(rng, T: int, S: int) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("which", ["bidirectional", "random-per-row", "causal-and-bidirectional",
-                                   "future-key-last-query-full", "dead-query-in-causal"])
-@pytest.mark.parametrize("S, T", [(13, 13), (17, 5)], ids=["prompt", "chunk-after-past"])
-def test_attend_with_any_mask_gives_the_reference_result(rng, dtype, which, S, T, blocks):
+OTHER_MASKS = ["bidirectional", "random-per-row", "causal-and-bidirectional", "future-key-last-query-full",
+               "dead-query-in-causal"]
+
+
+@given(dtype=FLOATS, which=st.sampled_from(OTHER_MASKS), shape=prompt_shapes(), blocks=BLOCKS, seed=SEEDS)
+@example(dtype=np.float32, which="bidirectional", shape=(13, 13), blocks=None, seed=0)
+@example(dtype=np.float64, which="random-per-row", shape=(17, 5), blocks=SMALL_BLOCKS, seed=0)
+@example(dtype=np.float32, which="causal-and-bidirectional", shape=(13, 13), blocks=UNEVEN_BLOCKS, seed=0)
+@example(dtype=np.float64, which="future-key-last-query-full", shape=(17, 5), blocks=None, seed=0)
+@example(dtype=np.float32, which="dead-query-in-causal", shape=(13, 13), blocks=SMALL_BLOCKS, seed=0)
+def test_attend_with_any_mask_gives_the_reference_result(dtype, which, shape, blocks, seed):
     """The fast attend cuts a block's keys only for a row whose mask is exactly causal; any other mask the reference
     accepts (bidirectional, random, a key after the query, a query that sees nothing) gives the reference's result."""
+    S, T = shape
+    rng = np.random.default_rng(seed)
     q, k, v, alibi, _ = attention_inputs(rng, np.ones((2, S), np.int64), T, dtype=dtype)
-    allowed = other_masks(np.random.default_rng(7), T, S)[which]
-    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    allowed = other_masks(rng, T, S)[which]
+    ctx, probs = attend_with(blocks, NP, q, k, v, alibi, allowed, True)
     ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
     assert_rel_close(ctx, ref_ctx, tol(dtype), f"context, {which} mask")
     assert_rel_close(probs, ref_probs, tol(dtype), f"probabilities, {which} mask")
@@ -412,13 +479,16 @@ def test_attend_with_any_mask_gives_the_reference_result(rng, dtype, which, S, T
         allowed.any(-1, keepdims=True), probs.shape)] == 0)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("mask_batch, alibi_batch", [(1, 2), (2, 1), (1, 1)])
-def test_attend_broadcasts_the_mask_and_alibi_over_the_batch(rng, dtype, mask_batch, alibi_batch, blocks):
-    S, T = 11, 11
-    q, k, v, alibi, allowed = attention_inputs(rng, np.ones((2, S), np.int64), T, dtype=dtype)
+@given(dtype=FLOATS, batches=st.sampled_from([(1, 2), (2, 1), (1, 1)]), shape=prompt_shapes(), blocks=BLOCKS,
+       seed=SEEDS)
+@example(dtype=np.float32, batches=(1, 2), shape=(11, 11), blocks=None, seed=0)
+@example(dtype=np.float64, batches=(2, 1), shape=(11, 11), blocks=SMALL_BLOCKS, seed=0)
+@example(dtype=np.float32, batches=(1, 1), shape=(11, 11), blocks=UNEVEN_BLOCKS, seed=0)
+def test_attend_broadcasts_the_mask_and_alibi_over_the_batch(dtype, batches, shape, blocks, seed):
+    (mask_batch, alibi_batch), (S, T) = batches, shape
+    q, k, v, alibi, allowed = attention_inputs(np.random.default_rng(seed), np.ones((2, S), np.int64), T, dtype=dtype)
     allowed, alibi = allowed[:mask_batch], alibi[:alibi_batch]
-    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ctx, probs = attend_with(blocks, NP, q, k, v, alibi, allowed, True)
     ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
     assert ctx.shape == (2, T, 6, 8)
     assert_rel_close(ctx, ref_ctx, tol(dtype), "context, broadcast inputs")
@@ -451,41 +521,58 @@ def unusual_inputs(rng, dtype) -> dict[str, tuple]:
 UNUSUAL = ["mask-per-head", "alibi-per-query", "kv-broadcast-over-batch", "q-broadcast-over-batch",
            "mask-gives-the-batch", "int-mask", "float-mask", "mask-2d", "mixed-dtypes", "more-queries-than-keys",
            "no-queries"]
+EACH_UNUSUAL = [  # every kind once, the dtypes and block settings in turn
+    example(dtype=(np.float32, np.float64)[i % 2], which=which, blocks=(None, SMALL_BLOCKS, UNEVEN_BLOCKS)[i % 3],
+            seed=0)
+    for i, which in enumerate(UNUSUAL)]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("which", UNUSUAL)
-def test_attend_on_any_input_the_reference_accepts(rng, dtype, which, blocks):
+def with_examples(examples):
+    """Apply hypothesis ``example`` decorators from a list."""
+    def apply(test):
+        for e in reversed(examples):
+            test = e(test)
+        return test
+    return apply
+
+
+@given(dtype=FLOATS, which=st.sampled_from(UNUSUAL), blocks=BLOCKS, seed=SEEDS)
+@with_examples(EACH_UNUSUAL)
+def test_attend_on_any_input_the_reference_accepts(dtype, which, blocks, seed):
     """fast.attend is a drop-in: masks and biases per head or per query, q, k, v broadcasting against each other, a
     non-bool mask, mixed dtypes, more queries than keys (the causal pattern then leaves queries seeing nothing) give
     the reference's shapes, dtypes and values."""
-    q, k, v, alibi, allowed = unusual_inputs(rng, dtype)[which]
+    q, k, v, alibi, allowed = unusual_inputs(np.random.default_rng(seed), dtype)[which]
     before = unchanged(q, k, v, alibi, allowed)
-    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ctx, probs = attend_with(blocks, NP, q, k, v, alibi, allowed, True)
     ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
     assert ctx.shape == ref_ctx.shape and probs.shape == ref_probs.shape, which
     assert ctx.dtype == ref_ctx.dtype and probs.dtype == ref_probs.dtype, which
     if ref_ctx.size:
         assert_rel_close(ctx, ref_ctx, tol(dtype), f"context, {which}")
         assert_rel_close(probs, ref_probs, tol(dtype), f"probabilities, {which}")
-    np.testing.assert_array_equal(NP.attend(q, k, v, alibi, allowed, False)[0], ctx)
+    np.testing.assert_array_equal(attend_with(blocks, NP, q, k, v, alibi, allowed, False)[0], ctx)
     assert_unchanged((q, k, v, alibi, allowed), before)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("bias", ["minus-inf", "lowest", "nan"])
-def test_attend_causal_rows_whose_visible_keys_weigh_nothing(rng, dtype, bias, blocks):
+@given(dtype=FLOATS, bias=st.sampled_from(["minus-inf", "lowest", "nan"]), blocks=BLOCKS, seed=SEEDS)
+@example(dtype=np.float32, bias="minus-inf", blocks=None, seed=0)
+@example(dtype=np.float64, bias="lowest", blocks=SMALL_BLOCKS, seed=0)
+@example(dtype=np.float32, bias="nan", blocks=UNEVEN_BLOCKS, seed=0)
+@example(dtype=np.float64, bias="minus-inf", blocks=UNEVEN_BLOCKS, seed=0)
+def test_attend_causal_rows_whose_visible_keys_weigh_nothing(dtype, bias, blocks, seed):
     """A causal row's blocks skip the keys after each query, which the reference weighs exp(finfo.min - row max):
     exactly 0 only while the row max is well above finfo.min. A query whose visible scores are all -inf, or
     finfo.min, gives every key it may not see the same weight in the reference (and NaN spreads over the row), so
     the fast attend must not skip them."""
     S = T = 13
-    q, k, v, alibi, allowed = attention_inputs(rng, np.ones((2, S), np.int64), T, dtype=dtype)
+    q, k, v, alibi, allowed = attention_inputs(np.random.default_rng(seed), np.ones((2, S), np.int64), T,
+                                               dtype=dtype)
     value = {"minus-inf": -np.inf, "lowest": float(np.finfo(dtype).min), "nan": np.nan}[bias]  # "lowest": an
     # additive mask in the bias, as HF builds one
     alibi = alibi.copy()
     alibi[1, :, 0, :4] = value  # queries 0..3 of row 1 see only these keys (row 0 is the control)
-    ctx, probs = NP.attend(q, k, v, alibi, allowed, True)
+    ctx, probs = attend_with(blocks, NP, q, k, v, alibi, allowed, True)
     ref_ctx, ref_probs = REF.attend(q, k, v, alibi, allowed, True)
     if bias == "nan":  # the same NaNs, the rest as the reference
         np.testing.assert_array_equal(np.isnan(probs), np.isnan(ref_probs))

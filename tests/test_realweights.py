@@ -133,7 +133,7 @@ def need(repo_id: str, revision: str | None = None, needs: tuple[str, ...] = ("c
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fixtures: one bloom-560m in memory at a time (float64 alone is 4.5 GB); pytest groups the tests by dtype
+# Fixtures: one bloom-560m in memory at a time (float64 alone: 560M parameters x 8 bytes); tests grouped by dtype
 
 
 class _OneModel:
