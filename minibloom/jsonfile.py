@@ -21,7 +21,7 @@ from .errors import MinibloomError, shown
 from .textfile import read_bytes  # a regular file only (a FIFO would block), its size checked before reading
 
 MAX_DEPTH = 64  # real BLOOM configs nest 3 levels deep, tokenizer.json about 6
-MAX_BYTES = 64 * 2**20  # tokenizer.json of BLOOM's 250880-token vocabulary is ~14 MB
+MAX_BYTES = 64 * 2**20  # several times BLOOM's own tokenizer.json (250880 tokens)
 
 
 def check_depth(text: str, where: str, max_depth: int = MAX_DEPTH) -> None:

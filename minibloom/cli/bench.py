@@ -16,7 +16,8 @@ Builds a random float32 checkpoint of the exact bloom-560m shape (2.24 GB, in $T
 then measures minibloom and transformers alternately in the same run, best of several rounds: batch-1 and batch-8
 greedy decode, a 512-token forward with all logits, time to first token after a 512-token prompt, cold start to the
 first token, load time and peak RSS, next to a NumPy sgemv (bandwidth roofline) and sgemm (compute floor) measured
-in the same rounds. Needs transformers and torch for the comparison; takes several minutes and ~8 GB of RAM.
+in the same rounds. Needs transformers and torch for the comparison; takes minutes and several GB of RAM (the checkpoint
+is written once, then read by both engines).
 Thread counts come from the environment (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS).
 """
 

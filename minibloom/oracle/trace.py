@@ -119,7 +119,7 @@ def load_trace(path: str | os.PathLike) -> dict:
 
 
 MAX_LAYERS = 4096  # layer indices in member names (every BLOOM has at most 70)
-MAX_COMPRESSION = 200  # uncompressed / compressed size a big member may claim (float traces compress < 10x)
+MAX_COMPRESSION = 200  # uncompressed / compressed size a big member may claim (float data compresses far less)
 
 
 def _memory_bytes() -> int:
