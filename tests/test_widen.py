@@ -244,6 +244,7 @@ def test_the_package_works_without_the_extension(monkeypatch):
     import minibloom.formats
 
     monkeypatch.setattr(native, "_kernels", None)
+    monkeypatch.setattr(native, "_loaded", native._loaded)  # restored afterwards with the kernels
     monkeypatch.setitem(sys.modules, "minibloom.formats._widen", None)  # importing it now raises ImportError
     monkeypatch.delattr(minibloom.formats, "_widen", raising=False)
     monkeypatch.delenv("MINIBLOOM_NATIVE", raising=False)

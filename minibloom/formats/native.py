@@ -86,50 +86,37 @@ def _self_check(kernels: dict) -> bool:
     return True
 
 
-def _load() -> dict:
-    global reason, _loaded
-    kernels = _try_load()
-    _loaded = reason
-    return kernels
-
-
-def _try_load() -> dict:
-    global reason
+def _load() -> tuple[dict, str]:
+    """The checked kernels ({} if they cannot be used) and why they are (or are not) in use."""
     if not enabled():
-        reason = f"MINIBLOOM_NATIVE={os.environ.get('MINIBLOOM_NATIVE')}"
-        return {}
+        return {}, f"MINIBLOOM_NATIVE={os.environ.get('MINIBLOOM_NATIVE')}"
     try:
         from . import _widen
     except ImportError as e:
-        reason = f"the C extension minibloom.formats._widen is not built ({e}): the NumPy passes run"
-        return {}
+        return {}, f"the C extension minibloom.formats._widen is not built ({e}): the NumPy passes run"
     if getattr(_widen, "simd", "c") == "c":
-        reason = "the CPU lacks AVX2 + F16C (the extension's plain C loops would not beat the NumPy passes)"
-        return {}
+        return {}, "the CPU lacks AVX2 + F16C (the extension's plain C loops would not beat the NumPy passes)"
     kernels = {("F16", "float32"): _widen.f16_f32, ("F16", "float64"): _widen.f16_f64,
                ("BF16", "float32"): _widen.bf16_f32, ("BF16", "float64"): _widen.bf16_f64}
     try:
         good = _self_check(kernels)
     except (TypeError, ValueError, BufferError) as e:  # an extension from another build with other signatures
-        reason = f"the C extension does not take this version's arguments ({e})"
-        return {}
+        return {}, f"the C extension does not take this version's arguments ({e})"
     if not good:
-        reason = "the C kernels disagree with NumPy on this machine"
-        return {}
-    reason = f"in use ({_widen.simd})"
-    return kernels
+        return {}, "the C kernels disagree with NumPy on this machine"
+    return kernels, f"in use ({_widen.simd})"
 
 
 def kernel(code: str, dtype) -> Kernel | None:
     """The C loop widening ``code`` ("F16" / "BF16") to ``dtype`` (float32 / float64), or None (see the module doc)."""
-    global _kernels, reason
+    global _kernels, _loaded, reason
     if _switch() in OFF:  # read at every call: switching it off later in the process takes effect at once
         reason = f"MINIBLOOM_NATIVE={os.environ.get('MINIBLOOM_NATIVE')}"
         return None
     if _kernels is None:
         with _lock:
             if _kernels is None:
-                _kernels = _load()
+                _kernels, _loaded = _load()
     reason = _loaded
     try:
         return _kernels.get((code, np.dtype(dtype).name))
