@@ -10,7 +10,7 @@ max_memory="16GB")`` (the spirit of accelerate's ``max_memory``) splits the weig
   map in its stored dtype as a ``LazyMatrix``. The linear primitive's ``x @ W.mT`` on it widens a block of W's rows
   into a reused buffer that stays in cache, multiplies it, and goes on to the next block (``LazyMatrix.rmatmul_t``);
   a whole matrix is never widened. Few input rows (decoding) are memory-bound: each core takes its share of the rows,
-  one block at a time, widening it (straight through ``native``'s machine-code loop where there is one, which also
+  one block at a time, widening it (straight through ``native``'s C kernel where there is one, which also
   flags inf and NaN) and multiplying it on that core alone (``backend.blas_threads``). Many rows
   (a long prompt) are compute-bound: every core widens a bigger block together and BLAS multiplies it on all cores.
   The embedding rows a forward pass needs are gathered from the map.
@@ -187,17 +187,15 @@ class LazyMatrix:
         buf = scratch(step * cols, self.dtype, "lazy")
         done = lo  # rows up to here have had their mapped pages released
         batch = max(step, RELEASE_BYTES // max(1, self.raw.strides[0]))
-        # whole blocks go straight to the machine-code loop (if there is one): per-block Python work is what two
-        # threads contend for (the GIL) while the loop itself runs at memory speed. The loop flags a block holding an
+        # whole blocks go straight to the C kernel (if there is one): per-block Python work is what two threads
+        # contend for (the GIL) while the kernel itself runs at memory speed. The kernel flags a block holding an
         # inf or NaN, which the general path then widens again and names (so it checks as it goes)
-        fn = (native.kernel(self.stored, self.dtype) if self.full and self.stored in ("F16", "BF16")
-              and step * cols % native.BLOCK == 0 else None)
+        fn = native.kernel(self.stored, self.dtype) if self.full and self.stored in ("F16", "BF16") else None
         if fn is not None:
-            src_at, row_bytes = self.raw.__array_interface__["data"][0], self.raw.strides[0]
-            whole, buf_at = buf.reshape(step, cols), buf.__array_interface__["data"][0]
+            bits, whole = self.raw.view(np.uint16), buf.reshape(step, cols)
         for a in range(lo, hi, step):
             b = min(hi, a + step)
-            if fn is not None and b - a == step and not fn(src_at + a * row_bytes, buf_at, step * cols):
+            if fn is not None and b - a == step and not fn(bits[a:b], whole):
                 block = whole
             else:  # the general path (it also names an inf / NaN found in a flagged block)
                 block = self._widen(self.raw[a:b], buf[:(b - a) * cols].reshape(b - a, cols), check or fn is not None,

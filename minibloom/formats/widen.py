@@ -10,11 +10,11 @@ Both formats embed in IEEE binary32 (IEEE 754-2008, section 3.6; bfloat16 is by 
   NaN (e = 31) come out as finite numbers of magnitude >= 65536 instead, above every finite binary16 (<= 65504): a
   block that holds one is redone with NumPy's own cast.
 
-NumPy's ``astype`` converts binary16 one element at a time (about 1 GB/s of input on a 2-core VM); the four vectorized
-passes above, run on blocks that stay in the L2 cache and on every core (NumPy releases the GIL inside each pass),
-widen 1.5-2.8x faster there. Where the CPU has them (x86-64 with AVX2 + F16C), ``native``'s machine-code loops do
-each block instead, with the conversion instructions themselves, about twice as fast again; the NumPy passes remain
-the portable path (``benchmarks/widen.py`` measures every candidate, ``ml_dtypes``' bfloat16 cast too).
+NumPy's ``astype`` converts binary16 one element at a time; the four vectorized passes above, run on blocks that
+stay in the L2 cache and on every core (NumPy releases the GIL inside each pass), are faster, and are the portable
+path. Where the optional C extension is built and the CPU has AVX2 + F16C, ``native``'s kernels do each block
+instead, with the conversion instructions themselves, in one pass (``benchmarks/widen.py`` measures every candidate,
+``ml_dtypes``' bfloat16 cast too; ``MINIBLOOM_NATIVE=0`` switches the kernels off).
 float64 goes through float32 (exact: every float32 is a float64), the block still in cache. The results equal
 ``astype`` bit for bit, NaN payloads included (``tests/test_widen.py`` checks all 65536 patterns of both formats).
 """
@@ -109,19 +109,13 @@ def _nonfinite(flat: np.ndarray, where: str, offset: int) -> None:
         raise MinibloomError(f"{where}: holds {flat[i]} at flat index {offset + i} (weights must be finite)")
 
 
-def _widen_native(fn, src: np.ndarray, code: str, out: np.ndarray, where: str | None, offset: int) -> None:
-    """``_widen_range`` with a machine-code loop (``native``); a block it flags (inf/NaN) is redone with NumPy."""
-    if src.itemsize != 2 or not src.flags.c_contiguous:  # a kernel reads 2 bytes per element: nothing past the end
-        raise MinibloomError(f"widen: the machine-code path needs contiguous 16-bit values, got {src.dtype}")
-    src_at, out_at = src.__array_interface__["data"][0], out.__array_interface__["data"][0]
+def _widen_native(fn: native.Kernel, src: np.ndarray, code: str, out: np.ndarray, where: str | None,
+                  offset: int) -> None:
+    """``_widen_range`` with a C kernel (``native``); a block it flags (inf/NaN) is redone with NumPy."""
+    bits = src.view(np.uint16)  # the stored patterns (the kernel checks the size and contiguity of both arrays)
     for lo in range(0, src.size, CHUNK):
         hi = min(src.size, lo + CHUNK)
-        body = lo + (hi - lo) // native.BLOCK * native.BLOCK
-        flagged = body > lo and fn(src_at + lo * 2, out_at + lo * out.itemsize, body - lo)
-        if body < hi:  # the last few elements
-            out[body:hi] = reference(src[body:hi], code, out.dtype)
-            flagged = flagged or not np.isfinite(out[body:hi]).all()
-        if flagged:
+        if fn(bits[lo:hi], out[lo:hi]):
             out[lo:hi] = reference(src[lo:hi], code, out.dtype)
             if where is not None:
                 _nonfinite(out[lo:hi], where, offset + lo)
@@ -130,7 +124,8 @@ def _widen_native(fn, src: np.ndarray, code: str, out: np.ndarray, where: str | 
 def _widen_range(src: np.ndarray, code: str, out: np.ndarray, where: str | None, offset: int,
                  finite: bool = False) -> None:
     """Widen the flat 1-d ``src`` into the flat contiguous ``out`` block by block (one thread)."""
-    fn = native.kernel(code, out.dtype) if src.flags.c_contiguous and out.flags.c_contiguous else None
+    fn = native.kernel(code, out.dtype) if src.flags.c_contiguous and out.flags.c_contiguous \
+        and src.itemsize == 2 else None
     if fn is not None:
         return _widen_native(fn, src, code, out, where, offset)
     wide = out.dtype != np.float32
