@@ -19,38 +19,44 @@ import shutil
 import sys
 import time
 
-from minibloom.bench import child_json as _child
+import child
 
 
-RUN = """
-import json, time, numpy as np
-from minibloom.bench import peak_rss
-import minibloom
-W = np.random.default_rng(0).standard_normal((1 << 18, 1024), dtype=np.float32)  # 1 GiB
-x = np.ones(1024, np.float32)
-best, t_end = float("inf"), time.perf_counter() + 1.0
-while time.perf_counter() < t_end:
-    t = time.perf_counter(); W @ x; best = min(best, time.perf_counter() - t)
-bandwidth = W.nbytes / best
-del W
-from minibloom.backend import empty_private
-fresh = empty_private((1 << 28,), np.float32)  # 1 GiB the kernel has not handed out yet
-t = time.perf_counter(); fresh.reshape(-1, 1024)[:, 0] = 0; fresh_rate = fresh.nbytes / (time.perf_counter() - t)
-del fresh
-t = time.perf_counter()
-m = minibloom.load({path!r}, progress=False)
-load_s = time.perf_counter() - t
-weights = sum(a.nbytes for a in [m.params["word_embeddings"]["weight"]] + [w for p in m.params["h"] for w in (
-    p["self_attention"]["query_key_value"]["weight"], p["self_attention"]["dense"]["weight"],
-    p["mlp"]["dense_h_to_4h"]["weight"], p["mlp"]["dense_4h_to_h"]["weight"])])
-ids = np.random.default_rng(0).integers(5, m.vocab_size, (1, 16))
-m.generate(ids, max_new_tokens=2, eos_token_id=[])  # warm-up
-times = []
-m.generate(ids, max_new_tokens={new} + 1, eos_token_id=[], callback=lambda nxt: times.append(time.perf_counter()))
-rate = {new} / (times[-1] - times[0])
-print(json.dumps({{"load_s": load_s, "decode_tok_s": rate, "bandwidth": bandwidth, "weight_bytes": weights,
-                  "peak_rss": peak_rss(), "fresh_rate": fresh_rate}}))
-"""
+def load_and_decode(path: str, new: int) -> dict:
+    """This machine's sgemv bandwidth and fresh-memory rate, then the load and ``new`` greedy tokens."""
+    import numpy as np
+
+    import minibloom
+    from minibloom.backend import empty_private
+    from minibloom.bench import peak_rss
+
+    W = np.random.default_rng(0).standard_normal((1 << 18, 1024), dtype=np.float32)  # 1 GiB
+    x = np.ones(1024, np.float32)
+    best, t_end = float("inf"), time.perf_counter() + 1.0
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        W @ x
+        best = min(best, time.perf_counter() - t)
+    bandwidth = W.nbytes / best
+    del W
+    fresh = empty_private((1 << 28,), np.float32)  # 1 GiB the kernel has not handed out yet
+    t = time.perf_counter()
+    fresh.reshape(-1, 1024)[:, 0] = 0
+    fresh_rate = fresh.nbytes / (time.perf_counter() - t)
+    del fresh
+    t = time.perf_counter()
+    m = minibloom.load(path, progress=False)
+    load_s = time.perf_counter() - t
+    p = m.params
+    weights = sum(a.nbytes for a in [p["word_embeddings"]["weight"]] + [w for layer in p["h"] for w in (
+        layer["self_attention"]["query_key_value"]["weight"], layer["self_attention"]["dense"]["weight"],
+        layer["mlp"]["dense_h_to_4h"]["weight"], layer["mlp"]["dense_4h_to_h"]["weight"])])
+    ids = np.random.default_rng(0).integers(5, m.vocab_size, (1, 16))
+    m.generate(ids, max_new_tokens=2, eos_token_id=[])  # warm-up
+    times = []
+    m.generate(ids, max_new_tokens=new + 1, eos_token_id=[], callback=lambda nxt: times.append(time.perf_counter()))
+    return {"load_s": load_s, "decode_tok_s": new / (times[-1] - times[0]), "bandwidth": bandwidth,
+            "weight_bytes": weights, "peak_rss": peak_rss(), "fresh_rate": fresh_rate}
 
 
 def main(argv=None) -> int:
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
                     pass
             print(f"{args.shape} {dtype}: file {size / 1e9:.2f} GB (ready in {time.perf_counter() - t:.0f} s)",
                   flush=True)
-            d = _child(RUN.format(path=path, new=args.new))
+            d = child.run(__file__, "load_and_decode", path=path, new=args.new)
             roof = d["bandwidth"] / d["weight_bytes"]
             print(f"  load {d['load_s']:.2f} s ({size / d['load_s'] / 1e9:.2f} GB/s of {dtype}); decode "
                   f"{d['decode_tok_s']:.2f} tok/s = {d['decode_tok_s'] / roof:.1%} of the roofline {roof:.2f} tok/s "
@@ -92,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if child.serve({"load_and_decode": load_and_decode}) else main())

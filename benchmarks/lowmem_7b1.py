@@ -26,52 +26,56 @@ import shutil
 import sys
 import time
 
-from minibloom.bench import child_json as _child
+import child
 
 
-DECODE = """
-import json, sys, time, numpy as np
-from minibloom.bench import peak_rss
-import minibloom
-t = time.perf_counter()
-m = minibloom.load({path!r}, low_memory=True, progress=False{budget})
-load_s = time.perf_counter() - t
-h = m.params["h"]
-resident = getattr(h, "resident", 0)  # layers kept widened (none in versions without a budget)
-ids = np.random.default_rng(0).integers(5, m.vocab_size, (1, 16))
-times = []
-out = m.generate(ids, max_new_tokens={new}, eos_token_id=[], callback=lambda nxt: times.append(time.perf_counter()))
-t0 = times[0]
-print(json.dumps({{"load_s": load_s, "first_token_s": t0 - t - load_s, "tokens": out[0, 16:].tolist(),
-                  "decode_tok_s": ({new} - 1) / (times[-1] - t0) if {new} > 1 else None, "peak_rss": peak_rss(),
-                  "resident": resident, "layers": len(h)}}))
-"""
+def decode(path: str, new: int, max_memory: str | None) -> dict:
+    """Low-memory float32 load and greedy decode: a 16-token prompt, then ``new`` tokens."""
+    import numpy as np
 
-FORWARD64 = """
-import json, sys, time, numpy as np
-from minibloom.bench import peak_rss
-import minibloom
-m = minibloom.load({path!r}, dtype="float64", low_memory=True, progress=False{budget})
-ids = np.random.default_rng(1).integers(5, m.vocab_size, (1, 512))
-t = time.perf_counter()
-logits = m(ids)
-dt = time.perf_counter() - t
-c = m.config
-T, C, V, L = 512, c.hidden_size, m.vocab_size, c.n_layer
-flops = 2 * T * (12 * C * C * L + V * C)  # the forward's matrix products
-a, b = np.random.default_rng(2).standard_normal((2, T, 4 * C)), np.random.default_rng(3).standard_normal((4 * C, C))
-best = min(_timed(lambda: a[0] @ b) for _ in range(3))  # [T, 4C] @ [4C, C]: an MLP product, float64
-rate = 2 * T * 4 * C * C / best
-print(json.dumps({{"forward_s": dt, "shape": list(logits.shape), "dtype": str(logits.dtype),
-                  "finite": bool(np.isfinite(logits).all()), "peak_rss": peak_rss(), "dgemm_gflops": rate / 1e9,
-                  "floor_s": flops / rate}}))
-"""
-TIMED = """
-def _timed(f):
+    import minibloom
+    from minibloom.bench import peak_rss
+
+    budget = {} if max_memory is None else {"max_memory": max_memory}
     t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
-"""
+    m = minibloom.load(path, low_memory=True, progress=False, **budget)
+    load_s = time.perf_counter() - t
+    h = m.params["h"]
+    ids = np.random.default_rng(0).integers(5, m.vocab_size, (1, 16))
+    times = []
+    out = m.generate(ids, max_new_tokens=new, eos_token_id=[], callback=lambda nxt: times.append(time.perf_counter()))
+    return {"load_s": load_s, "first_token_s": times[0] - t - load_s, "tokens": out[0, 16:].tolist(),
+            "decode_tok_s": (new - 1) / (times[-1] - times[0]) if new > 1 else None, "peak_rss": peak_rss(),
+            "resident": getattr(h, "resident", 0), "layers": len(h)}  # resident: layers kept widened
+
+
+def forward64(path: str, max_memory: str | None) -> dict:
+    """Low-memory float64 load and one 512-token forward keeping all logits, with its dgemm floor."""
+    import numpy as np
+
+    import minibloom
+    from minibloom.bench import peak_rss
+
+    budget = {} if max_memory is None else {"max_memory": max_memory}
+    m = minibloom.load(path, dtype="float64", low_memory=True, progress=False, **budget)
+    ids = np.random.default_rng(1).integers(5, m.vocab_size, (1, 512))
+    t = time.perf_counter()
+    logits = m(ids)
+    dt = time.perf_counter() - t
+    c = m.config
+    T, C, V, L = 512, c.hidden_size, m.vocab_size, c.n_layer
+    flops = 2 * T * (12 * C * C * L + V * C)  # the forward's matrix products
+    a = np.random.default_rng(2).standard_normal((T, 4 * C))
+    b = np.random.default_rng(3).standard_normal((4 * C, C))
+    best = float("inf")
+    for _ in range(3):  # [T, 4C] @ [4C, C]: an MLP product, float64
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    rate = 2 * T * 4 * C * C / best
+    return {"forward_s": dt, "shape": list(logits.shape), "dtype": str(logits.dtype),
+            "finite": bool(np.isfinite(logits).all()), "peak_rss": peak_rss(), "dgemm_gflops": rate / 1e9,
+            "floor_s": flops / rate}
 
 
 def main(argv=None) -> int:
@@ -96,20 +100,18 @@ def main(argv=None) -> int:
     with open(os.path.join(args.dir, "model.safetensors"), "rb") as f:  # warm the page cache
         while f.read(64 << 20):
             pass
-    budget = "" if args.max_memory is None else f", max_memory={args.max_memory!r}"
     size = os.path.getsize(os.path.join(args.dir, "model.safetensors"))
     hidden, n_layer, n_head = SHAPES[args.shape]
     print(f"{args.shape} shape (hidden {hidden}, {n_layer} layers, {n_head} heads), float16 file {size / 1e9:.2f} GB "
           f"(ready in {time.perf_counter() - t:.0f} s); float32 would be {2 * size / 1e9:.1f} GB", flush=True)
     try:
-        d = _child(DECODE.format(path=args.dir, new=args.new, budget=budget))
+        d = child.run(__file__, "decode", path=args.dir, new=args.new, max_memory=args.max_memory)
         print(f"low-memory float32 greedy decode ({d.get('resident', 0)} of {d.get('layers', n_layer)} layers "
               f"resident): load {d['load_s']:.2f} s, 16-token prompt -> first token {d['first_token_s']:.2f} s, then "
               f"{d['decode_tok_s'] or float('nan'):.3f} tok/s; peak RSS {d['peak_rss'] / 1e9:.2f} GB; tokens "
               f"{d['tokens']}", flush=True)
         if not args.skip_forward64:
-            code = FORWARD64.format(path=args.dir, budget=budget)
-            f = _child(code.replace("import minibloom\n", "import minibloom\n" + TIMED, 1))
+            f = child.run(__file__, "forward64", path=args.dir, max_memory=args.max_memory)
             print(f"low-memory float64 512-token forward (all logits {f['shape']} {f['dtype']}, finite "
                   f"{f['finite']}): {f['forward_s']:.1f} s; dgemm floor {f['floor_s']:.1f} s (products at "
                   f"{f['dgemm_gflops']:.1f} GFLOP/s) -> {f['forward_s'] / f['floor_s']:.2f}x the floor; peak RSS "
@@ -121,4 +123,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if child.serve({"decode": decode, "forward64": forward64}) else main())

@@ -20,41 +20,36 @@ import shutil
 import sys
 import time
 
-from minibloom.bench import child_json as _child
+import child
 
 
-RUN = """
-import json, time, numpy as np
-from minibloom.bench import peak_rss
-import minibloom
-m = minibloom.load({path!r}, dtype={dtype!r}, max_memory={budget!r}, progress=False)
-layers, stamps = m.params["h"], []
+def forward_slice(path: str, dtype: str, budget: str, tokens: int, out: str) -> dict:
+    """Load with ``budget`` and one ``tokens``-token forward, stamping when each layer is asked for; the head alone;
+    the logits saved to ``out``."""
+    import numpy as np
 
+    import minibloom
+    from minibloom.bench import peak_rss
 
-class Timed(type(layers)):  # stamps the moment the forward pass asks for each layer
-    def __getitem__(self, i):
-        stamps.append(time.perf_counter())
-        return layers[i]
+    m = minibloom.load(path, dtype=dtype, max_memory=budget, progress=False)
+    layers, stamps = m.params["h"], []
 
+    class Timed(type(layers)):  # stamps the moment the forward pass asks for each layer
+        def __getitem__(self, i):
+            stamps.append(time.perf_counter())
+            return layers[i]
 
-m.params["h"] = Timed(layers.layers, layers.resident)
-ids = np.random.default_rng(1).integers(5, m.vocab_size, (1, {tokens}))
-t = time.perf_counter()
-logits = m(ids)
-total = time.perf_counter() - t
-x = np.random.default_rng(2).standard_normal(({tokens}, m.config.hidden_size)).astype(logits.dtype)
-t = time.perf_counter()
-m.primitives.head(x[None], m.params["word_embeddings"]["weight"])
-head = time.perf_counter() - t
-np.save({out!r}, logits)
-print(json.dumps({{"total_s": total, "head_s": head, "stamps": [s - stamps[0] for s in stamps],
-                  "peak_rss": peak_rss()}}))
-"""
-
-
-def _run(path: str, dtype: str, budget: str, tokens: int, out: str) -> dict:
-    code = RUN.format(path=path, dtype=dtype, budget=budget, tokens=tokens, out=out)
-    return _child(code)
+    m.params["h"] = Timed(layers.layers, layers.resident)
+    ids = np.random.default_rng(1).integers(5, m.vocab_size, (1, tokens))
+    t = time.perf_counter()
+    logits = m(ids)
+    total = time.perf_counter() - t
+    x = np.random.default_rng(2).standard_normal((tokens, m.config.hidden_size)).astype(logits.dtype)
+    t = time.perf_counter()
+    m.primitives.head(x[None], m.params["word_embeddings"]["weight"])
+    head = time.perf_counter() - t
+    np.save(out, logits)
+    return {"total_s": total, "head_s": head, "stamps": [s - stamps[0] for s in stamps], "peak_rss": peak_rss()}
 
 
 def main(argv=None) -> int:
@@ -85,7 +80,8 @@ def main(argv=None) -> int:
         res = {}
         for dtype in ("float64", "float32"):
             out = os.path.join(args.dir, f"logits-{dtype}.npy")
-            d = res[dtype] = _run(args.dir, dtype, args.max_memory, args.tokens, out)
+            d = res[dtype] = child.run(__file__, "forward_slice", path=args.dir, dtype=dtype, budget=args.max_memory,
+                                       tokens=args.tokens, out=out)
             d["logits"] = np.load(out)
             layer = d["stamps"][1]
             rest = d["total_s"] - layer  # embedding gather + LayerNorm before stamp 0 are tiny; layer 1 + head after
@@ -110,4 +106,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if child.serve({"forward_slice": forward_slice}) else main())
