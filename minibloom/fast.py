@@ -245,6 +245,8 @@ def attend(q, k, v, alibi, allowed, probs: bool = False):
       finfo.min / 2: a block whose row maximum is lower, -inf or NaN is recomputed over all S keys with its mask.
       Any other row (padding, a bidirectional or arbitrary mask, a query that sees nothing) is masked in full.
     """
+    if _one_query(q, k, v, alibi, allowed):
+        return attend_one(q, k, v, alibi, allowed, probs)
     if not _blockwise(q, k, v, alibi, allowed):
         return M.attend(q, k, v, alibi, allowed, probs)
     B, H, T, D = q.shape
@@ -279,6 +281,49 @@ def attend(q, k, v, alibi, allowed, probs: bool = False):
                 _attend_block(q[b, h, t0:t1], k[b, h], v[b, h], alibi[b, h], out, scale, allowed[b, :, t0:t1],
                               None if weights is None else weights[b, h, t0:t1])
     return ctx, weights
+
+
+def _one_query(q, k, v, alibi, allowed) -> bool:
+    """Whether ``attend_one`` takes these inputs: one query per row (q [B, H, 1, D]), k and v [B, H, S, D], all four
+    arrays of one float dtype, ``alibi`` and ``allowed`` broadcasting to the scores' shape [B, H, 1, S]."""
+    if type(q) is not np.ndarray or q.ndim != 4 or q.shape[2] != 1 or type(k) is not np.ndarray \
+            or type(v) is not np.ndarray or type(alibi) is not np.ndarray:
+        return False
+    dt = q.dtype
+    if dt.kind != "f" or k.dtype != dt or v.dtype != dt or alibi.dtype != dt or k.shape != v.shape or k.ndim != 4:
+        return False
+    B, H, _, D = q.shape
+    S = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or 0 in q.shape or S == 0:
+        return False
+    scores = (B, H, 1, S)
+    return _broadcasts_to(alibi.shape, scores) and _broadcasts_to(np.shape(allowed), scores)
+
+
+def attend_one(q, k, v, alibi, allowed, probs: bool = False):
+    """``model.attend`` for one query per row (decoding): the reference's operations in its order, on one scores
+    array [B, H, 1, S] updated in place (bitwise equal to the reference). No blocking, no causal cut (a single
+    last query sees every key the mask allows) and no broadcast copy of the mask: the mask is applied only where it
+    hides a key (a left-padded row), and read as truthiness as the reference's ``where`` does.
+
+    q [B, H, 1, D], k and v [B, H, S, D], alibi and allowed broadcasting to [B, H, 1, S] (``_one_query``) ->
+    context [B, 1, H, D] (C-ordered) and the probabilities [B, H, 1, S] when ``probs``.
+    """
+    scores = np.matmul(q, k.mT)  # [B, H, 1, S]
+    np.multiply(scores, 1.0 / math.sqrt(q.shape[-1]), out=scores)
+    np.add(alibi, scores, out=scores)
+    allowed = np.asarray(allowed)
+    if not allowed.all():
+        hidden = np.logical_not(allowed) if allowed.dtype == bool else allowed == 0
+        np.copyto(scores, np.finfo(scores.dtype).min, where=hidden)
+    top = np.maximum.reduce(scores, axis=-1, keepdims=True)
+    np.subtract(scores, top, out=scores)
+    np.exp(scores, out=scores)
+    np.divide(scores, np.add.reduce(scores, axis=-1, keepdims=True), out=scores)
+    B, H, _, D = q.shape
+    ctx = np.empty((B, 1, H, D), q.dtype)
+    np.matmul(scores, v, out=ctx.reshape(B, H, 1, D))  # [B, H, 1, D] and [B, 1, H, D] share their memory order
+    return ctx, (scores if probs else None)
 
 
 @lru_cache(maxsize=16)
