@@ -9,7 +9,9 @@ exists once, in ``minibloom.model``. ``tests/test_primitives.py`` holds every en
   added in place;
 - ``linear_gelu``: the bias add and the tanh GeLU run in place, a block of rows at a time (``GELU_BLOCK_ELEMS``), in
   the reference's order of operations (bitwise equal for the same product);
-- ``attend``: per batch row, group of heads and block of queries (a block fits in the L2 cache), for the shapes
+- ``attend``: one query per row (decoding's step, ``attend_one``): the reference's operations in its order on one
+  [B, H, 1, S] scores array updated in place, the mask applied only where it hides a key (bitwise equal). More
+  queries: per batch row, group of heads and block of queries (a block fits in the L2 cache), for the shapes
   ``model.forward`` passes (q [B, H, T, D], k and v [B, H, S, D] of one float dtype, a mask broadcasting to
   [B, 1, T, S] and ALiBi to [B, H, 1, S]; it checks them, and any other input the reference accepts gets the
   reference's computation). A row whose mask is exactly the causal pattern (query t sees keys up to ``S - T + t``,
@@ -48,16 +50,15 @@ def _mean(x: np.ndarray) -> np.ndarray:
     costs more than the arithmetic on the single rows of decoding."""
     if x.dtype == np.float16:  # np.mean sums float16 in float32
         return np.mean(x, axis=-1, keepdims=True)
-    s = np.add.reduce(x, axis=-1, keepdims=True)
+    s = np.add.reduce(x, -1, None, None, True)  # positional: the keyword parsing costs as much as a row's sum
     np.divide(s, x.shape[-1], out=s)
     return s
 
 
 def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
     """``model.layer_norm`` with one temporary: (x - mean) / sqrt(var + eps) * weight + bias."""  # [N, C]
-    xc = x - _mean(x)
-    sq = xc * xc
-    var = _mean(sq)
+    xc = np.subtract(x, _mean(x))
+    var = _mean(np.multiply(xc, xc))
     np.add(var, eps, out=var)
     np.sqrt(var, out=var)
     np.divide(xc, var, out=xc)
@@ -70,11 +71,12 @@ def gelu_(x: np.ndarray, bias=None) -> np.ndarray:
     """``model.gelu(x + bias)`` in place, in its order of operations:
     x*0.5 * (1 + tanh(0.79788456*x * (1 + 0.044715*x*x))).
 
-    Works through ``x`` [N, F] a block of rows at a time, so the bias add and the two temporaries stay in cache.
+    Works through ``x`` [N, F] a block of rows at a time, so the bias add and the two temporaries stay in cache
+    (decoding's few rows are one block).
     """
     rows = max(1, GELU_BLOCK_ELEMS // x.shape[-1])
     for r in range(0, x.shape[0], rows):
-        xb = x[r:r + rows]
+        xb = x if rows >= x.shape[0] else x[r:r + rows]
         if bias is not None:
             np.add(xb, bias, out=xb)
         t = np.multiply(xb, 0.044715)
@@ -101,19 +103,24 @@ def matmul_t(x2: np.ndarray, w) -> np.ndarray:
     return x2 @ w.mT
 
 
+def _reshape(x, shape: tuple[int, ...]) -> np.ndarray:
+    """``np.reshape`` (the method for an ndarray: the function's dispatch costs more than a decoding row's add)."""
+    return x.reshape(shape) if type(x) is np.ndarray else np.reshape(x, shape)
+
+
 def linear(x: np.ndarray, weight, bias, tp: int = 1) -> np.ndarray:
     """``model.linear``: x @ weight.T + bias, the bias added in place."""  # [..., in] -> [..., out]
     if tp > 1:  # HF's sliced products (pretraining_tp with slow_but_exact): as the reference computes them
         return M.linear(x, weight, bias, tp)
-    y = matmul_t(np.reshape(x, (-1, x.shape[-1])), weight)
+    y = matmul_t(_reshape(x, (-1, x.shape[-1])), weight)
     np.add(y, bias, out=y)
-    return np.reshape(y, (*x.shape[:-1], weight.shape[0]))
+    return _reshape(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def linear_gelu(x: np.ndarray, weight, bias) -> np.ndarray:
     """``model.linear_gelu``: the product, then the bias add and GeLU in place, block by block."""
-    y = gelu_(matmul_t(np.reshape(x, (-1, x.shape[-1])), weight), bias)
-    return np.reshape(y, (*x.shape[:-1], weight.shape[0]))
+    y = gelu_(matmul_t(_reshape(x, (-1, x.shape[-1])), weight), bias)
+    return _reshape(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def residual_add(a: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -337,7 +344,7 @@ def causal_mask(T: int, S: int) -> np.ndarray:
 def head(x: np.ndarray, weight) -> np.ndarray:
     """``model.head``: x [B, T, C] @ weight.T -> [B, T, V] (``logits_product``)."""
     B, T, C = x.shape
-    return np.reshape(logits_product(np.reshape(x, (-1, C)), weight), (B, T, weight.shape[0]))
+    return _reshape(logits_product(_reshape(x, (-1, C)), weight), (B, T, weight.shape[0]))
 
 
 def logits_product(x2: np.ndarray, head) -> np.ndarray:
