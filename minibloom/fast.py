@@ -57,8 +57,16 @@ def _mean(x: np.ndarray) -> np.ndarray:
 
 def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
     """``model.layer_norm`` with one temporary: (x - mean) / sqrt(var + eps) * weight + bias."""  # [N, C]
-    xc = np.subtract(x, _mean(x))
-    var = _mean(np.multiply(xc, xc))
+    if type(x) is not np.ndarray or x.dtype == np.float16:
+        xc = np.subtract(x, _mean(x))
+        var = _mean(np.multiply(xc, xc))
+    else:  # _mean written out: a decoding step runs this twice per layer
+        C = x.shape[-1]
+        xc = np.add.reduce(x, -1, None, None, True)
+        np.divide(xc, C, out=xc)
+        xc = np.subtract(x, xc)
+        var = np.add.reduce(np.multiply(xc, xc), -1, None, None, True)
+        np.divide(var, C, out=var)
     np.add(var, eps, out=var)
     np.sqrt(var, out=var)
     np.divide(xc, var, out=xc)
@@ -304,7 +312,9 @@ def _one_query(q, k, v, alibi, allowed) -> bool:
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or 0 in q.shape or S == 0:
         return False
     scores = (B, H, 1, S)
-    return _broadcasts_to(alibi.shape, scores) and _broadcasts_to(np.shape(allowed), scores)
+    mask = allowed.shape if type(allowed) is np.ndarray else np.shape(allowed)
+    return (alibi.shape == scores or _broadcasts_to(alibi.shape, scores)) \
+        and (mask == (B, 1, 1, S) or _broadcasts_to(mask, scores))  # the shapes model.forward builds, then others
 
 
 def attend_one(q, k, v, alibi, allowed, probs: bool = False):

@@ -138,3 +138,38 @@ def test_one_query_attention_can_fail(rng):
     k2[5, 2, 9, 3] = np.nextafter(k2[5, 2, 9, 3], np.inf)
     with pytest.raises(AssertionError):
         np.testing.assert_array_equal(NP.attend(q, k2, v, alibi, allowed)[0], REF.attend(q, k, v, alibi, allowed)[0])
+
+
+# ---- the rest of a decoding step ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 8])
+def test_layer_norm_and_residual_at_decode_shapes_are_bitwise(rng, dtype, B):
+    C = 96
+    stream = (rng.standard_normal((B, 5, C)) * 3 + 1).astype(dtype)
+    w, b = (1 + 0.2 * rng.standard_normal(C)).astype(dtype), (0.1 * rng.standard_normal(C)).astype(dtype)
+    for x in (stream[:, :1].copy(), stream[:, -1:]):  # a step's [B, 1, C], and logits="last"'s strided view
+        before = x.copy()
+        assert_same(NP.layer_norm(x, w, b, 1e-5), REF.layer_norm(x, w, b, 1e-5), dtype, "layer_norm")
+        np.testing.assert_array_equal(x, before)
+        a = NP.layer_norm(x, w, b, 1e-5)  # a fresh branch output, as the model passes residual_add
+        want = REF.residual_add(a, x)
+        assert_same(NP.residual_add(a, x), want, dtype, "residual_add")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 8])
+def test_linear_gelu_and_head_at_decode_shapes(rng, dtype, B):
+    """One row: the reference's orientation (bitwise); a few rows: (W @ x.T).T, within rounding."""
+    C, F, V = 64, 256, 1000
+    x = rng.standard_normal((B, 1, C)).astype(dtype)
+    w1, b1 = (0.1 * rng.standard_normal((F, C))).astype(dtype), (0.1 * rng.standard_normal(F)).astype(dtype)
+    head = (0.1 * rng.standard_normal((V, C))).astype(dtype)
+    got = {"linear": NP.linear(x, w1, b1), "linear_gelu": NP.linear_gelu(x, w1, b1), "head": NP.head(x, head)}
+    want = {"linear": REF.linear(x, w1, b1), "linear_gelu": REF.linear_gelu(x, w1, b1), "head": REF.head(x, head)}
+    for name in got:
+        assert got[name].shape == want[name].shape and got[name].dtype == dtype, name
+        assert got[name].flags.c_contiguous, name
+        if B == 1 or dtype == np.float16:  # float16 products are NumPy's own loop in either orientation
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        else:
+            assert_rel_close(got[name], want[name], tol(dtype), f"{name}, {B} rows")
