@@ -9,7 +9,9 @@ exists once, in ``minibloom.model``. ``tests/test_primitives.py`` holds every en
   added in place;
 - ``linear_gelu``: the bias add and the tanh GeLU run in place, a block of rows at a time (``GELU_BLOCK_ELEMS``), in
   the reference's order of operations (bitwise equal for the same product);
-- ``attend``: per batch row, group of heads and block of queries (a block fits in the L2 cache), for the shapes
+- ``attend``: one query per row (decoding's step, ``attend_one``): the reference's operations in its order on one
+  [B, H, 1, S] scores array updated in place, the mask applied only where it hides a key (bitwise equal). More
+  queries: per batch row, group of heads and block of queries (a block fits in the L2 cache), for the shapes
   ``model.forward`` passes (q [B, H, T, D], k and v [B, H, S, D] of one float dtype, a mask broadcasting to
   [B, 1, T, S] and ALiBi to [B, H, 1, S]; it checks them, and any other input the reference accepts gets the
   reference's computation). A row whose mask is exactly the causal pattern (query t sees keys up to ``S - T + t``,
@@ -48,16 +50,23 @@ def _mean(x: np.ndarray) -> np.ndarray:
     costs more than the arithmetic on the single rows of decoding."""
     if x.dtype == np.float16:  # np.mean sums float16 in float32
         return np.mean(x, axis=-1, keepdims=True)
-    s = np.add.reduce(x, axis=-1, keepdims=True)
+    s = np.add.reduce(x, -1, None, None, True)  # positional: the keyword parsing costs as much as a row's sum
     np.divide(s, x.shape[-1], out=s)
     return s
 
 
 def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
     """``model.layer_norm`` with one temporary: (x - mean) / sqrt(var + eps) * weight + bias."""  # [N, C]
-    xc = x - _mean(x)
-    sq = xc * xc
-    var = _mean(sq)
+    if type(x) is not np.ndarray or x.dtype == np.float16:
+        xc = np.subtract(x, _mean(x))
+        var = _mean(np.multiply(xc, xc))
+    else:  # _mean written out: a decoding step runs this twice per layer
+        C = x.shape[-1]
+        xc = np.add.reduce(x, -1, None, None, True)
+        np.divide(xc, C, out=xc)
+        xc = np.subtract(x, xc)
+        var = np.add.reduce(np.multiply(xc, xc), -1, None, None, True)
+        np.divide(var, C, out=var)
     np.add(var, eps, out=var)
     np.sqrt(var, out=var)
     np.divide(xc, var, out=xc)
@@ -70,11 +79,12 @@ def gelu_(x: np.ndarray, bias=None) -> np.ndarray:
     """``model.gelu(x + bias)`` in place, in its order of operations:
     x*0.5 * (1 + tanh(0.79788456*x * (1 + 0.044715*x*x))).
 
-    Works through ``x`` [N, F] a block of rows at a time, so the bias add and the two temporaries stay in cache.
+    Works through ``x`` [N, F] a block of rows at a time, so the bias add and the two temporaries stay in cache
+    (decoding's few rows are one block).
     """
     rows = max(1, GELU_BLOCK_ELEMS // x.shape[-1])
     for r in range(0, x.shape[0], rows):
-        xb = x[r:r + rows]
+        xb = x if rows >= x.shape[0] else x[r:r + rows]
         if bias is not None:
             np.add(xb, bias, out=xb)
         t = np.multiply(xb, 0.044715)
@@ -101,19 +111,24 @@ def matmul_t(x2: np.ndarray, w) -> np.ndarray:
     return x2 @ w.mT
 
 
+def _reshape(x, shape: tuple[int, ...]) -> np.ndarray:
+    """``np.reshape`` (the method for an ndarray: the function's dispatch costs more than a decoding row's add)."""
+    return x.reshape(shape) if type(x) is np.ndarray else np.reshape(x, shape)
+
+
 def linear(x: np.ndarray, weight, bias, tp: int = 1) -> np.ndarray:
     """``model.linear``: x @ weight.T + bias, the bias added in place."""  # [..., in] -> [..., out]
     if tp > 1:  # HF's sliced products (pretraining_tp with slow_but_exact): as the reference computes them
         return M.linear(x, weight, bias, tp)
-    y = matmul_t(np.reshape(x, (-1, x.shape[-1])), weight)
+    y = matmul_t(_reshape(x, (-1, x.shape[-1])), weight)
     np.add(y, bias, out=y)
-    return np.reshape(y, (*x.shape[:-1], weight.shape[0]))
+    return _reshape(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def linear_gelu(x: np.ndarray, weight, bias) -> np.ndarray:
     """``model.linear_gelu``: the product, then the bias add and GeLU in place, block by block."""
-    y = gelu_(matmul_t(np.reshape(x, (-1, x.shape[-1])), weight), bias)
-    return np.reshape(y, (*x.shape[:-1], weight.shape[0]))
+    y = gelu_(matmul_t(_reshape(x, (-1, x.shape[-1])), weight), bias)
+    return _reshape(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def residual_add(a: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -245,6 +260,8 @@ def attend(q, k, v, alibi, allowed, probs: bool = False):
       finfo.min / 2: a block whose row maximum is lower, -inf or NaN is recomputed over all S keys with its mask.
       Any other row (padding, a bidirectional or arbitrary mask, a query that sees nothing) is masked in full.
     """
+    if _one_query(q, k, v, alibi, allowed):
+        return attend_one(q, k, v, alibi, allowed, probs)
     if not _blockwise(q, k, v, alibi, allowed):
         return M.attend(q, k, v, alibi, allowed, probs)
     B, H, T, D = q.shape
@@ -281,6 +298,51 @@ def attend(q, k, v, alibi, allowed, probs: bool = False):
     return ctx, weights
 
 
+def _one_query(q, k, v, alibi, allowed) -> bool:
+    """Whether ``attend_one`` takes these inputs: one query per row (q [B, H, 1, D]), k and v [B, H, S, D], all four
+    arrays of one float dtype, ``alibi`` and ``allowed`` broadcasting to the scores' shape [B, H, 1, S]."""
+    if type(q) is not np.ndarray or q.ndim != 4 or q.shape[2] != 1 or type(k) is not np.ndarray \
+            or type(v) is not np.ndarray or type(alibi) is not np.ndarray:
+        return False
+    dt = q.dtype
+    if dt.kind != "f" or k.dtype != dt or v.dtype != dt or alibi.dtype != dt or k.shape != v.shape or k.ndim != 4:
+        return False
+    B, H, _, D = q.shape
+    S = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or 0 in q.shape or S == 0:
+        return False
+    scores = (B, H, 1, S)
+    mask = allowed.shape if type(allowed) is np.ndarray else np.shape(allowed)
+    return (alibi.shape == scores or _broadcasts_to(alibi.shape, scores)) \
+        and (mask == (B, 1, 1, S) or _broadcasts_to(mask, scores))  # the shapes model.forward builds, then others
+
+
+def attend_one(q, k, v, alibi, allowed, probs: bool = False):
+    """``model.attend`` for one query per row (decoding): the reference's operations in its order, on one scores
+    array [B, H, 1, S] updated in place (bitwise equal to the reference). No blocking, no causal cut (a single
+    last query sees every key the mask allows) and no broadcast copy of the mask: the mask is applied only where it
+    hides a key (a left-padded row), and read as truthiness as the reference's ``where`` does.
+
+    q [B, H, 1, D], k and v [B, H, S, D], alibi and allowed broadcasting to [B, H, 1, S] (``_one_query``) ->
+    context [B, 1, H, D] (C-ordered) and the probabilities [B, H, 1, S] when ``probs``.
+    """
+    scores = np.matmul(q, k.mT)  # [B, H, 1, S]
+    np.multiply(scores, 1.0 / math.sqrt(q.shape[-1]), out=scores)
+    np.add(alibi, scores, out=scores)
+    allowed = np.asarray(allowed)
+    if not allowed.all():
+        hidden = np.logical_not(allowed) if allowed.dtype == bool else allowed == 0
+        np.copyto(scores, np.finfo(scores.dtype).min, where=hidden)
+    top = np.maximum.reduce(scores, axis=-1, keepdims=True)
+    np.subtract(scores, top, out=scores)
+    np.exp(scores, out=scores)
+    np.divide(scores, np.add.reduce(scores, axis=-1, keepdims=True), out=scores)
+    B, H, _, D = q.shape
+    ctx = np.empty((B, 1, H, D), q.dtype)
+    np.matmul(scores, v, out=ctx.reshape(B, H, 1, D))  # [B, H, 1, D] and [B, 1, H, D] share their memory order
+    return ctx, (scores if probs else None)
+
+
 @lru_cache(maxsize=16)
 def causal_mask(T: int, S: int) -> np.ndarray:
     """[T, S] booleans: query t (the last T of S positions) sees keys 0 .. S - T + t."""
@@ -292,7 +354,7 @@ def causal_mask(T: int, S: int) -> np.ndarray:
 def head(x: np.ndarray, weight) -> np.ndarray:
     """``model.head``: x [B, T, C] @ weight.T -> [B, T, V] (``logits_product``)."""
     B, T, C = x.shape
-    return np.reshape(logits_product(np.reshape(x, (-1, C)), weight), (B, T, weight.shape[0]))
+    return _reshape(logits_product(_reshape(x, (-1, C)), weight), (B, T, weight.shape[0]))
 
 
 def logits_product(x2: np.ndarray, head) -> np.ndarray:

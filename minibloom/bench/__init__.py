@@ -11,14 +11,15 @@ What it does:
 2. starts two long-lived worker processes, one per engine, each loading the model once (load time measured there);
 3. runs every measurement in rounds, engines alternating (the order flips each round) and the machine's limits
    measured in the same rounds (a large NumPy sgemv for the memory-bandwidth roofline, a large sgemm for the
-   compute floor), and minibloom's two 512-token forward passes reduced to their matrix products (what they would
-   take if nothing else cost time); keeps the best of the rounds; a shared, noisy machine affects both engines
-   alike, so the ratios are the meaningful figures;
+   compute floor), and minibloom's two 512-token forward passes and its batch-1 and batch-8 decoding reduced to
+   their matrix products (what they would take if nothing else cost time); keeps the best of the rounds; a shared,
+   noisy machine affects both engines alike, so the ratios are the meaningful figures;
 4. measures cold start (fresh ``python`` process: imports, load, one generated token) and peak RSS of a session in
-   fresh processes, alternating too;
+   fresh processes (``minibloom.bench.children``), alternating too;
 5. prints every figure for both engines, their ratio, minibloom's decode as a fraction of the bandwidth roofline and
-   its forward passes as a fraction of the sgemm floor, how much of each pass is products and how close to the
-   floor it could come with the rest split perfectly over both cores, and each performance target with PASS/FAIL.
+   its forward passes as a fraction of the sgemm floor; decoding's split per step (products, the non-product rest,
+   the roofline fraction); how much of each pass is products and how close to the floor it could come with the
+   rest split perfectly over both cores; and each performance target with PASS/FAIL.
 
 Both engines run greedy decoding through their ``generate`` (minibloom: ``Bloom.generate``; transformers:
 ``model.generate(do_sample=False)``), with no eos stop so every run produces the same number of tokens.
@@ -39,7 +40,8 @@ import time
 
 import numpy as np
 
-from .errors import MinibloomError
+from ..errors import MinibloomError
+from . import children
 
 DEFAULT_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "minibloom-bench", "bloom-560m-f32")
 
@@ -61,8 +63,8 @@ def ensure_checkpoint(directory: str, shape: str = "bloom-560m", dtype=np.float3
     """A random checkpoint of a released shape in ``directory``, written once (tensor by tensor, never a second copy
     in RAM: a bloom-7b1-shaped float16 file is ~14 GB) and reused when the directory already holds a complete one.
     ``dtype``: a NumPy float dtype or "bfloat16"; ``n_layer``: fewer layers than the shape has (a slice of it)."""
-    from .config import BloomConfig
-    from .formats.weights import write_random_checkpoint
+    from ..config import BloomConfig
+    from ..formats.weights import write_random_checkpoint
 
     if os.path.isfile(os.path.join(directory, "config.json")) and os.path.isfile(
             os.path.join(directory, "model.safetensors")):
@@ -78,11 +80,10 @@ def ensure_checkpoint(directory: str, shape: str = "bloom-560m", dtype=np.float3
 
 def child_json(code: str) -> dict:
     """Run ``code`` in a fresh Python with the minibloom this module belongs to (first on PYTHONPATH: the child runs
-    outside any checkout, so that the current directory cannot shadow it); its last stdout line, parsed as JSON."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True, env=env,
-                         cwd=os.path.dirname(root) or "/").stdout
+    outside any checkout, so that the current directory cannot shadow it); its last stdout line, parsed as JSON.
+    For the other scripts in ``benchmarks/``; this benchmark's own fresh processes are ``children``."""
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True,
+                         env=children.environment(), cwd=os.path.dirname(children.ROOT) or "/").stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -104,7 +105,7 @@ def _blas_threads_info() -> list[dict]:
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
-        from .backend import _openblas_function
+        from ..backend import _openblas_function
 
         get = _openblas_function("get_num_threads")
         if get is None:
@@ -119,7 +120,7 @@ def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
 
 class MinibloomEngine:
     def __init__(self, path: str):
-        from . import bloom as minibloom
+        from .. import bloom as minibloom
 
         t = time.perf_counter()
         self.model = minibloom.load(path, progress=False)
@@ -149,19 +150,34 @@ class MinibloomEngine:
         logits are wanted, as ``model.forward`` does), then the head for every position or for the last one
         (with the NumPy head primitive's ``logits_product``). What the pass would take if attention, LayerNorm, GeLU
         and the adds took no time."""
-        from . import fast
+        self._products(length, 1 if logits == "last" else None)
+
+    def decode_products(self, batch: int) -> None:
+        """Only the matrix products of ``generate``'s decoding of ``batch`` rows (the ``decode`` measurement): the
+        prompt's pass (``batch`` x ``PROMPT`` rows, the last layer's last three maps and the head for the last
+        position of each row), then ``NEW - 1`` steps of one row per sequence. What decoding would take if everything
+        but the products took no time: the rest of its time is the work around them."""
+        self._products(batch * PROMPT, batch)
+        for _ in range(NEW - 1):
+            self._products(batch, batch)
+
+    def _products(self, rows: int, keep: int | None) -> None:
+        """The products of one forward pass over ``rows`` positions, the last layer's last three maps and the head
+        for the last ``keep`` of them (all when None)."""
+        from .. import fast
 
         P = self.model.params
-        x, h = self.product_inputs(length)
+        x, h = self.product_inputs(LONG)
+        n = rows if keep is None else keep
         for i, p in enumerate(P["h"]):
             attn, mlp = p["self_attention"], p["mlp"]
-            fast.matmul_t(x, attn["query_key_value"]["weight"])  # keys and values are made for every position
-            n = 1 if logits == "last" and i == len(P["h"]) - 1 else length
-            fast.matmul_t(x[:n], attn["dense"]["weight"])
-            fast.matmul_t(x[:n], mlp["dense_h_to_4h"]["weight"])
-            fast.matmul_t(h[:n], mlp["dense_4h_to_h"]["weight"])
+            fast.matmul_t(x[:rows], attn["query_key_value"]["weight"])  # keys and values are made for every position
+            m = n if i == len(P["h"]) - 1 else rows
+            fast.matmul_t(x[:m], attn["dense"]["weight"])
+            fast.matmul_t(x[:m], mlp["dense_h_to_4h"]["weight"])
+            fast.matmul_t(h[:m], mlp["dense_4h_to_h"]["weight"])
         head = P["lm_head"]["weight"] if "lm_head" in P else P["word_embeddings"]["weight"]  # [V, C]
-        fast.logits_product(x if logits == "all" else x[-1:], head)
+        fast.logits_product(x[:n], head)
 
 
 class TransformersEngine:
@@ -214,6 +230,8 @@ def worker(engine: str, path: str) -> None:
             eng.first_token(_ids(1, LONG, eng.vocab))
         elif op == "products":
             eng.products(LONG, cmd["logits"])
+        elif op == "decode_products":
+            eng.decode_products(cmd["batch"])
         elif op == "warmup":
             eng.generate(_ids(1, 4, eng.vocab), 2)
             if engine == "minibloom":
@@ -311,53 +329,26 @@ class Limits:
 # ---------------------------------------------------------------------------------------------------------------
 # Fresh-process measurements: cold start to first token, peak RSS of a session
 
-COLD = {
-    "minibloom": """
-import minibloom, numpy as np
-m = minibloom.load({path!r}, progress=False)
-ids = np.arange(100, 116)[None, :]
-print("TOKEN", int(m.generate(ids, max_new_tokens=1)[0, -1]), flush=True)
-""",
-    "transformers": """
-import torch, transformers
-m = transformers.AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32)
-ids = torch.arange(100, 116)[None, :]
-with torch.no_grad():
-    out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=3)
-print("TOKEN", int(out[0, -1]), flush=True)
-""",
-}
-
-SESSION = """
-import sys, time, numpy as np
-from minibloom.bench import _ids, peak_rss, MinibloomEngine, TransformersEngine
-eng = ({cls})({path!r})
-eng.first_token(_ids(1, {long}, eng.vocab))       # 512-token prompt -> first token
-eng.generate(_ids(1, {prompt}, eng.vocab), {new})  # batch-1 decode
-a = peak_rss()
-eng.forward_all(_ids(1, {long}, eng.vocab))       # plus one 512-token forward keeping all logits
-b = peak_rss()
-print("RSS", a, b, flush=True)
-"""
-
-
 def cold_start(engine: str, path: str) -> float:
+    """Seconds from starting a fresh Python (``children.cold``) to its first generated token."""
+    cmd, env = children.command("cold", engine, path)
     t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", COLD[engine].format(path=path)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in p.stdout:
         if line.startswith("TOKEN"):
             dt = time.perf_counter() - t
             break
     else:
-        raise RuntimeError(f"{engine}: cold-start script failed (exit code {p.wait()})")
+        raise RuntimeError(f"{engine}: cold-start child failed (exit code {p.wait()})")
     p.wait()
     return dt
 
 
 def session_rss(engine: str, path: str) -> tuple[int, int]:
-    cls = "MinibloomEngine" if engine == "minibloom" else "TransformersEngine"
-    code = SESSION.format(cls=cls, path=path, long=LONG, prompt=PROMPT, new=NEW)
-    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True).stdout
+    """Peak RSS of a session in a fresh process (``children.session``): after the prompt and decoding, and after
+    an all-logits forward pass too."""
+    cmd, env = children.command("session", engine, path)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
     a, b = out.split("RSS")[1].split()
     return int(a), int(b)
 
@@ -423,6 +414,9 @@ def run(directory: str = DEFAULT_DIR, rounds: int = 3, cold_rounds: int = 3, ski
                     keep(e, key, workers[e].ask(op, **kw)["s"])
             for logits in ("last", "all"):  # the same passes' matrix products alone (minibloom's weights)
                 keep("minibloom", f"products_{logits}", workers["minibloom"].ask("products", logits=logits)["s"])
+            for batch in (1, BATCH):  # and decoding's
+                keep("minibloom", f"products_decode{batch}", workers["minibloom"].ask("decode_products",
+                                                                                      batch=batch)["s"])
             print(f"round {r + 1}/{rounds}: " + ", ".join(f"{e[:2]} {k} {v:.2f}s" for (e, k), v in fastest.items()),
                   flush=True)
         limits.measure()
@@ -456,6 +450,20 @@ def products_breakdown(ttft: float, products_last: float, floor_last: float, for
             f"({floor_all / products_all:.1%} of the floor) + {rest_all:.2f} s. With the rest split perfectly over "
             f"both cores: first token >= {(products_last + rest_last / 2) / floor_last:.2f}x the floor, all-logits "
             f"forward <= {floor_all / (products_all + rest_all / 2):.1%} of it")
+
+
+def decode_split(decode: float, products: float, batch: int, weight_bytes: int, gbps: float) -> str:
+    """Where batch-``batch`` decoding's time goes: ``decode`` seconds for ``NEW`` steps, of which ``products``
+    seconds are its matrix products alone (timed back to back in the same run); the rest is the work around them
+    (attention, LayerNorm, GeLU, adds, the cache, Python). Per step, against the roofline: one pass over the
+    weights at the measured sgemv bandwidth."""
+    step, prod = decode / NEW, products / NEW
+    rest = step - prod
+    roof = weight_bytes / (gbps * 1e9)
+    rows = "token" if batch == 1 else f"step of {batch} tokens"
+    return (f"batch-{batch} decode per {rows}: {step * 1e3:.1f} ms = matrix products {prod * 1e3:.1f} ms "
+            f"({roof / prod:.1%} of the roofline alone) + non-product {rest * 1e3:.1f} ms ({rest / step:.1%} of "
+            f"the step); decode = {roof / step:.1%} of the sgemv roofline")
 
 
 def report(res: dict, engines: list[str]) -> None:
@@ -521,6 +529,11 @@ def report(res: dict, engines: list[str]) -> None:
         print(f"against the best single calls instead: decode {mb_tps / peak_roof:.1%}, all-logits forward "
               f"{peak_floor_all / val('minibloom', 'forward_all'):.1%}, time to first token "
               f"{val('minibloom', 'ttft') / peak_floor_last:.2f}x")
+    if "minibloom:products_decode1" in b:
+        print(decode_split(val("minibloom", "decode1"), b["minibloom:products_decode1"], 1, res["weight_bytes"],
+                           res["gbps"]))
+        print(decode_split(val("minibloom", "decode8"), b[f"minibloom:products_decode{BATCH}"], BATCH,
+                           res["weight_bytes"], res["gbps"]))
     if "minibloom:products_last" in b:
         print(products_breakdown(val("minibloom", "ttft"), b["minibloom:products_last"], floor_last,
                                  val("minibloom", "forward_all"), b["minibloom:products_all"], floor_all))
@@ -576,6 +589,3 @@ def main(argv=None) -> int:
             json.dump(res, f, indent=2)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
