@@ -78,15 +78,6 @@ def ensure_checkpoint(directory: str, shape: str = "bloom-560m", dtype=np.float3
 # Worker side: one process per engine, commands as JSON lines on stdin, answers on stdout
 
 
-def child_json(code: str) -> dict:
-    """Run ``code`` in a fresh Python with the minibloom this module belongs to (first on PYTHONPATH: the child runs
-    outside any checkout, so that the current directory cannot shadow it); its last stdout line, parsed as JSON.
-    For the other scripts in ``benchmarks/``; this benchmark's own fresh processes are ``children``."""
-    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True,
-                         env=children.environment(), cwd=os.path.dirname(children.ROOT) or "/").stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def peak_rss() -> int:
     """This process's peak resident set in bytes: VmHWM (ru_maxrss would carry the parent's peak across exec)."""
     try:
@@ -146,36 +137,33 @@ class MinibloomEngine:
 
     def products(self, length: int, logits: str) -> None:
         """Only the matrix products of a ``length``-token forward pass, back to back, on the model's own weights: each
-        layer's four linear maps for every position (the last layer's last three for one position when only the last
-        logits are wanted, as ``model.forward`` does), then the head for every position or for the last one
-        (with the NumPy head primitive's ``logits_product``). What the pass would take if attention, LayerNorm, GeLU
+        layer's four linear maps for every position, then the head for every position or for the last one (as
+        ``model.forward`` does, with the NumPy head primitive's ``logits_product``). What the pass would take if attention, LayerNorm, GeLU
         and the adds took no time."""
         self._products(length, 1 if logits == "last" else None)
 
     def decode_products(self, batch: int) -> None:
         """Only the matrix products of ``generate``'s decoding of ``batch`` rows (the ``decode`` measurement): the
-        prompt's pass (``batch`` x ``PROMPT`` rows, the last layer's last three maps and the head for the last
-        position of each row), then ``NEW - 1`` steps of one row per sequence. What decoding would take if everything
+        prompt's pass (``batch`` x ``PROMPT`` rows, the head for the last position of each row), then ``NEW - 1`` steps of one row per sequence. What decoding would take if everything
         but the products took no time: the rest of its time is the work around them."""
         self._products(batch * PROMPT, batch)
         for _ in range(NEW - 1):
             self._products(batch, batch)
 
     def _products(self, rows: int, keep: int | None) -> None:
-        """The products of one forward pass over ``rows`` positions, the last layer's last three maps and the head
-        for the last ``keep`` of them (all when None)."""
+        """The products of one forward pass over ``rows`` positions, and the head for the last ``keep`` of them (all
+        when None)."""
         from .. import fast
 
         P = self.model.params
         x, h = self.product_inputs(LONG)
         n = rows if keep is None else keep
-        for i, p in enumerate(P["h"]):
+        for p in P["h"]:
             attn, mlp = p["self_attention"], p["mlp"]
-            fast.matmul_t(x[:rows], attn["query_key_value"]["weight"])  # keys and values are made for every position
-            m = n if i == len(P["h"]) - 1 else rows
-            fast.matmul_t(x[:m], attn["dense"]["weight"])
-            fast.matmul_t(x[:m], mlp["dense_h_to_4h"]["weight"])
-            fast.matmul_t(h[:m], mlp["dense_4h_to_h"]["weight"])
+            fast.matmul_t(x[:rows], attn["query_key_value"]["weight"])
+            fast.matmul_t(x[:rows], attn["dense"]["weight"])
+            fast.matmul_t(x[:rows], mlp["dense_h_to_4h"]["weight"])
+            fast.matmul_t(h[:rows], mlp["dense_4h_to_h"]["weight"])
         head = P["lm_head"]["weight"] if "lm_head" in P else P["word_embeddings"]["weight"]  # [V, C]
         fast.logits_product(x[:n], head)
 
