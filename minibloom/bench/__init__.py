@@ -138,14 +138,15 @@ class MinibloomEngine:
     def products(self, length: int, logits: str) -> None:
         """Only the matrix products of a ``length``-token forward pass, back to back, on the model's own weights: each
         layer's four linear maps for every position, then the head for every position or for the last one (as
-        ``model.forward`` does, with the NumPy head primitive's ``logits_product``). What the pass would take if attention, LayerNorm, GeLU
-        and the adds took no time."""
+        ``model.forward`` does, with the NumPy head primitive's ``logits_product``). What the pass would take if
+        attention, LayerNorm, GeLU and the adds took no time."""
         self._products(length, 1 if logits == "last" else None)
 
     def decode_products(self, batch: int) -> None:
         """Only the matrix products of ``generate``'s decoding of ``batch`` rows (the ``decode`` measurement): the
-        prompt's pass (``batch`` x ``PROMPT`` rows, the head for the last position of each row), then ``NEW - 1`` steps of one row per sequence. What decoding would take if everything
-        but the products took no time: the rest of its time is the work around them."""
+        prompt's pass (``batch`` x ``PROMPT`` rows, the head for the last position of each row), then ``NEW - 1``
+        steps of one row per sequence. What decoding would take if everything but the products took no time: the rest
+        of its time is the work around them."""
         self._products(batch * PROMPT, batch)
         for _ in range(NEW - 1):
             self._products(batch, batch)
