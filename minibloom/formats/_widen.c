@@ -123,6 +123,12 @@ MB_TARGET static inline void bf16_step(const uint16_t *src, __m256 *lo, __m256 *
     *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16));
 }
 
+MB_TARGET static inline void store_f32(float *dst, __m256 lo, __m256 hi)
+{
+    _mm256_storeu_ps(dst, lo);
+    _mm256_storeu_ps(dst + 8, hi);
+}
+
 MB_TARGET static inline void store_f64(double *dst, __m256 lo, __m256 hi)
 {
     _mm256_storeu_pd(dst, _mm256_cvtps_pd(_mm256_castps256_ps128(lo)));
@@ -131,41 +137,26 @@ MB_TARGET static inline void store_f64(double *dst, __m256 lo, __m256 hi)
     _mm256_storeu_pd(dst + 12, _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1)));
 }
 
-#define MB_F32_LOOP(name, step, tail)                                                                                \
-    MB_TARGET static int name(const uint16_t *src, float *dst, size_t n)                                            \
+/* One loop per (source format, destination type): `step` reads 16 values, `store` writes them, `tail` does the rest */
+#define MB_LOOP(name, out_t, step, store, tail)                                                                      \
+    MB_TARGET static int name(const uint16_t *src, out_t *dst, size_t n)                                            \
     {                                                                                                               \
         __m256i seen = _mm256_setzero_si256();                                                                      \
         __m256 lo, hi;                                                                                              \
         size_t i = 0;                                                                                               \
         for (; i + 16 <= n; i += 16) {                                                                              \
             step(src + i, &lo, &hi, &seen);                                                                         \
-            _mm256_storeu_ps(dst + i, lo);                                                                          \
-            _mm256_storeu_ps(dst + i + 8, hi);                                                                      \
+            store(dst + i, lo, hi);                                                                                 \
         }                                                                                                           \
         int flag = !_mm256_testz_si256(seen, seen);                                                                 \
         _mm256_zeroupper();                                                                                         \
         return tail(src + i, dst + i, n - i) | flag;                                                                \
     }
 
-#define MB_F64_LOOP(name, step, tail)                                                                                \
-    MB_TARGET static int name(const uint16_t *src, double *dst, size_t n)                                           \
-    {                                                                                                               \
-        __m256i seen = _mm256_setzero_si256();                                                                      \
-        __m256 lo, hi;                                                                                              \
-        size_t i = 0;                                                                                               \
-        for (; i + 16 <= n; i += 16) {                                                                              \
-            step(src + i, &lo, &hi, &seen);                                                                         \
-            store_f64(dst + i, lo, hi);                                                                             \
-        }                                                                                                           \
-        int flag = !_mm256_testz_si256(seen, seen);                                                                 \
-        _mm256_zeroupper();                                                                                         \
-        return tail(src + i, dst + i, n - i) | flag;                                                                \
-    }
-
-MB_F32_LOOP(f16_f32_avx2, f16_step, f16_f32_c)
-MB_F64_LOOP(f16_f64_avx2, f16_step, f16_f64_c)
-MB_F32_LOOP(bf16_f32_avx2, bf16_step, bf16_f32_c)
-MB_F64_LOOP(bf16_f64_avx2, bf16_step, bf16_f64_c)
+MB_LOOP(f16_f32_avx2, float, f16_step, store_f32, f16_f32_c)
+MB_LOOP(f16_f64_avx2, double, f16_step, store_f64, f16_f64_c)
+MB_LOOP(bf16_f32_avx2, float, bf16_step, store_f32, bf16_f32_c)
+MB_LOOP(bf16_f64_avx2, double, bf16_step, store_f64, bf16_f64_c)
 #endif
 
 /* ---- the Python functions ------------------------------------------------------------------------------------ */
